@@ -1,0 +1,170 @@
+//! The wire format spoken between the proxy and a replica process over a Unix domain socket.
+//!
+//! Every message is one frame: a 4-byte big-endian length `N`, then `N` bytes made of a one-byte
+//! [`Kind`] and the payload. The proxy sends one [`Kind::Predict`] and waits for exactly one
+//! terminal answer ([`Kind::ResultOk`] or [`Kind::ResultErr`]) before it sends anything else, so a
+//! replica never holds two requests. Frames of kinds a peer does not know are skipped, which lets
+//! later versions add replica-to-proxy messages (model metrics) before the terminal answer without
+//! breaking older proxies.
+//!
+//! Payloads are JSON. A `Predict` payload is the caller's `request` value byte for byte and a
+//! `ResultOk` payload is the function's return value already encoded, so the proxy splices them into
+//! HTTP bodies without parsing them again.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; a replica announces it in its [`Ready`] frame.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Bytes in a frame header: the 4-byte length and the kind byte.
+pub const HEADER_LEN: usize = 5;
+
+/// Upper bound on any frame, so a corrupt length can never make a peer allocate without limit.
+pub const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Replica → proxy, once: the module imported and the function resolved. Payload: [`Ready`].
+    Ready = 1,
+    /// Replica → proxy, once, then the replica exits: loading failed. Payload: [`ModelError`].
+    LoadFailed = 2,
+    /// Replica → proxy: the function returned. Payload: its JSON-encoded return value.
+    ResultOk = 3,
+    /// Replica → proxy: the call failed. Payload: [`ModelError`].
+    ResultErr = 4,
+    /// Replica → proxy: answer to [`Kind::Ping`]. Empty payload.
+    Pong = 5,
+    /// Proxy → replica: call the function. Payload: the JSON request object.
+    Predict = 16,
+    /// Proxy → replica: are you alive and idle? Empty payload.
+    Ping = 17,
+}
+
+impl Kind {
+    pub fn from_u8(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            1 => Kind::Ready,
+            2 => Kind::LoadFailed,
+            3 => Kind::ResultOk,
+            4 => Kind::ResultErr,
+            5 => Kind::Pong,
+            16 => Kind::Predict,
+            17 => Kind::Ping,
+            _ => return None,
+        })
+    }
+}
+
+/// Encodes a frame header for a payload of `payload_len` bytes.
+pub fn encode_header(kind: Kind, payload_len: usize) -> [u8; HEADER_LEN] {
+    let len = u32::try_from(payload_len + 1).expect("frame length fits in u32");
+    let l = len.to_be_bytes();
+    [l[0], l[1], l[2], l[3], kind as u8]
+}
+
+/// A decoded frame header: the raw kind byte and the payload length that follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: u8,
+    pub payload_len: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError(pub &'static str);
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Decodes a frame header, refusing empty and oversized frames.
+pub fn decode_header(bytes: [u8; HEADER_LEN]) -> Result<Header, FrameError> {
+    let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len == 0 {
+        return Err(FrameError("frame without a kind byte"));
+    }
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError("frame larger than the protocol allows"));
+    }
+    Ok(Header {
+        kind: bytes[4],
+        payload_len: len - 1,
+    })
+}
+
+/// Payload of [`Kind::Ready`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ready {
+    pub protocol: u32,
+    pub pid: u32,
+    pub python_version: String,
+}
+
+/// Payload of [`Kind::ResultErr`] and [`Kind::LoadFailed`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelError {
+    pub kind: ModelErrorKind,
+    /// Python exception type, e.g. `ZeroDivisionError`.
+    pub exception: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelErrorKind {
+    /// The function raised.
+    Exception,
+    /// The function returned something JSON cannot represent (a set, NaN, an arbitrary object).
+    NotSerializable,
+    /// The request payload was not valid JSON (the proxy validates it, so this is a bug).
+    BadRequest,
+    /// Importing the module or resolving the function failed.
+    Load,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let h = encode_header(Kind::Predict, 42);
+        assert_eq!(
+            decode_header(h),
+            Ok(Header {
+                kind: Kind::Predict as u8,
+                payload_len: 42
+            })
+        );
+        assert_eq!(Kind::from_u8(h[4]), Some(Kind::Predict));
+    }
+
+    #[test]
+    fn rejects_empty_and_oversized_frames() {
+        assert!(decode_header([0, 0, 0, 0, 3]).is_err());
+        let too_big = ((MAX_FRAME_BYTES + 2) as u32).to_be_bytes();
+        assert!(decode_header([too_big[0], too_big[1], too_big[2], too_big[3], 3]).is_err());
+    }
+
+    #[test]
+    fn unknown_kinds_are_none() {
+        assert_eq!(Kind::from_u8(200), None);
+        for k in [
+            Kind::Ready,
+            Kind::LoadFailed,
+            Kind::ResultOk,
+            Kind::ResultErr,
+            Kind::Pong,
+            Kind::Predict,
+            Kind::Ping,
+        ] {
+            assert_eq!(Kind::from_u8(k as u8), Some(k));
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! `modelgate`: runs the server (`modelgate serve`).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use modelgate::config::{Config, Overrides};
+
+/// Exit status for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "modelgate",
+    version,
+    about = "Serve Python model functions over HTTP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and its replicas. Without --config, serves the bundled examples
+    /// (paths relative to the working directory).
+    Serve {
+        /// TOML configuration file (see config/modelgate.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address; overrides server.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Check the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MODELGATE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            check,
+        } => serve(config, listen, check),
+    }
+}
+
+fn serve(config_path: Option<PathBuf>, listen: Option<String>, check: bool) -> ExitCode {
+    let overrides = Overrides {
+        listen,
+        env: std::env::vars().collect(),
+    };
+    let config = match &config_path {
+        Some(path) => Config::from_file(path, &overrides),
+        None => Config::embedded(Path::new("."), &overrides),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(err) => {
+            eprintln!("modelgate: {err}");
+            if config_path.is_none() {
+                eprintln!("modelgate: without --config, run from the repository root so ./examples is found");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match replica_runtime_path(&config) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("modelgate: {msg}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check {
+        println!("configuration ok: {} model(s)", config.models.len());
+        return ExitCode::SUCCESS;
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let metrics = match modelgate::metrics::install() {
+            Ok(h) => h,
+            Err(err) => {
+                eprintln!("modelgate: metrics: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(&config.server.listen).await {
+            Ok(l) => l,
+            Err(err) => {
+                eprintln!("modelgate: cannot listen on {}: {err}", config.server.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().expect("bound listener has an address");
+        let models = modelgate::served_models(&config);
+        for m in &models {
+            if m.generated_key {
+                println!(
+                    "model {:?}: access key {} (generated; set access_key in the config to keep it)",
+                    &*m.spec.name, m.access_key
+                );
+            } else {
+                println!("model {:?}: access key from the configuration", &*m.spec.name);
+            }
+        }
+        println!("modelgate listening on http://{addr}");
+        tracing::info!(%addr, "listening");
+        match modelgate::run(config, models, listener, runtime, metrics, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("modelgate: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn replica_runtime_path(config: &Config) -> Result<PathBuf, String> {
+    let path = match &config.server.replica_runtime {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot locate own executable: {e}"))?
+            .with_file_name("replica-runtime"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "replica runtime not found at {} (build it with `cargo build -p replica-runtime`, or set server.replica_runtime)",
+            path.display()
+        ))
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,123 @@
+//! Every metric name, its description, and the Prometheus exposition.
+//!
+//! Labels are bounded: model names and replica slot ids come from configuration, codes from the
+//! fixed set in `error`. Replica CPU and memory are read from `/proc` at scrape time, so an idle
+//! proxy does no periodic work for them.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::replica::Slot;
+
+pub const REQUESTS: &str = "modelgate_requests_total";
+pub const REQUEST_DURATION: &str = "modelgate_request_duration_seconds";
+pub const QUEUE_WAIT: &str = "modelgate_queue_wait_seconds";
+pub const REQUEST_SIZE: &str = "modelgate_request_size_bytes";
+pub const RESPONSE_SIZE: &str = "modelgate_response_size_bytes";
+pub const QUEUE_DEPTH: &str = "modelgate_queue_depth";
+pub const REPLICA_BUSY: &str = "modelgate_replica_busy";
+pub const REPLICA_RESTARTS: &str = "modelgate_replica_restarts_total";
+pub const REPLICA_CPU: &str = "modelgate_replica_cpu_seconds_total";
+pub const REPLICA_MEMORY: &str = "modelgate_replica_memory_bytes";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const SIZE_BUCKETS: &[f64] = &[
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+];
+
+/// Installs the global recorder; returns the handle that renders `/metrics`.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), SIZE_BUCKETS)?
+        .install_recorder()?;
+    describe_counter!(
+        REQUESTS,
+        "Prediction requests answered, by model, replica and result code"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request head to response"
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time a request waited for a free replica"
+    );
+    describe_histogram!(REQUEST_SIZE, Unit::Bytes, "Prediction request body size");
+    describe_histogram!(RESPONSE_SIZE, Unit::Bytes, "Prediction response body size");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting for a replica");
+    describe_gauge!(REPLICA_BUSY, "1 while the replica handles a request");
+    describe_counter!(REPLICA_RESTARTS, "Replica process restarts, by reason");
+    Ok(handle)
+}
+
+fn proc_stats(pid: i32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: f64 = fields.get(21)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as f64;
+    Some(((utime + stime) / ticks, rss_pages * page))
+}
+
+/// Called when a slot's process ends: folds its last observed CPU time into the slot's total,
+/// so the counter never goes backwards across restarts.
+pub fn retire_replica_cpu(slot: &Slot) {
+    let pgid = slot.pgid();
+    let now = if pgid > 0 {
+        proc_stats(pgid).map(|s| s.0)
+    } else {
+        None
+    };
+    let mut cpu = slot.cpu.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(now) = now {
+        cpu.current = cpu.current.max(now);
+    }
+    cpu.retired += cpu.current;
+    cpu.current = 0.0;
+}
+
+/// Appends the replica CPU counter and memory gauge, read from `/proc` now, to an exposition.
+///
+/// They are written here rather than through the registry because the `metrics` counter type is
+/// an integer and CPU seconds need fractions.
+pub fn render_replicas<'a>(out: &mut String, slots: impl Iterator<Item = &'a Slot>) {
+    use std::fmt::Write;
+    let mut cpu_lines = String::new();
+    let mut mem_lines = String::new();
+    for slot in slots {
+        let pgid = slot.pgid();
+        let (now_cpu, rss) = if pgid > 0 {
+            proc_stats(pgid).unwrap_or((0.0, 0.0))
+        } else {
+            (0.0, 0.0)
+        };
+        let total = {
+            let mut cpu = slot.cpu.lock().unwrap_or_else(|p| p.into_inner());
+            cpu.current = cpu.current.max(now_cpu);
+            cpu.retired + cpu.current
+        };
+        let labels = format!("model=\"{}\",replica=\"{}\"", slot.model, slot.id);
+        let _ = writeln!(cpu_lines, "{REPLICA_CPU}{{{labels}}} {total}");
+        let _ = writeln!(mem_lines, "{REPLICA_MEMORY}{{{labels}}} {rss}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {REPLICA_CPU} CPU time used by the replica's processes\n# TYPE {REPLICA_CPU} counter\n{cpu_lines}# HELP {REPLICA_MEMORY} Resident memory of the replica process\n# TYPE {REPLICA_MEMORY} gauge\n{mem_lines}"
+    );
+}

@@ -1,0 +1,419 @@
+//! Starts, watches, kills and restarts the replica processes of a model.
+//!
+//! Each replica slot has one task running the loop: spawn `replica-runtime` in its own process
+//! group, accept its connection, wait for `Ready`, hand the connection to the pool, then wait for
+//! the process to exit (or for shutdown). Failures back off exponentially; a slot whose module
+//! fails to load, or whose processes keep dying soon after starting, is marked failed so the model
+//! answers 503 instead of queueing callers for nothing. It keeps retrying at the longest backoff,
+//! so a fixed model directory recovers without a restart of modelgate.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use modelgate_protocol::{Kind, ModelError};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::pool::{Pool, SlotHealth};
+use crate::replica::{KillReason, ReplicaConn, Slot};
+
+/// First restart delay after a failure; doubles per consecutive failure.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest restart delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Consecutive failures after which a slot counts as crash-looping (and stops taking waiters).
+const CRASH_LOOP_THRESHOLD: u32 = 3;
+/// A process that ran this long before dying resets the failure count.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How long a stopping replica gets after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Longest log line kept from a replica; the rest of the line is dropped and counted.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
+/// How replica processes are started, shared by every model.
+#[derive(Debug)]
+pub struct ReplicaSettings {
+    pub runtime: PathBuf,
+    /// Private (0700) directory for the per-process sockets.
+    pub socket_dir: PathBuf,
+    pub start_timeout: Duration,
+    next_socket: AtomicU64,
+}
+
+impl ReplicaSettings {
+    pub fn new(runtime: PathBuf, socket_dir: PathBuf, start_timeout: Duration) -> Self {
+        ReplicaSettings {
+            runtime,
+            socket_dir,
+            start_timeout,
+            next_socket: AtomicU64::new(0),
+        }
+    }
+}
+
+/// What a model's replicas run.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: Arc<str>,
+    pub dir: PathBuf,
+    pub file: String,
+    pub function: String,
+    pub replicas: usize,
+    pub env: BTreeMap<String, String>,
+}
+
+/// A model's running replicas.
+pub struct ModelReplicas {
+    pub pool: Arc<Pool>,
+    pub slots: Vec<Arc<Slot>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ModelReplicas {
+    /// Waits for every slot task to stop its process (after `stop` fired).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the replica slots of one model; they run until `stop` turns true.
+pub fn start_model(
+    spec: Arc<ModelSpec>,
+    pool: Arc<Pool>,
+    settings: Arc<ReplicaSettings>,
+    stop: watch::Receiver<bool>,
+) -> ModelReplicas {
+    let slots: Vec<Arc<Slot>> = (0..spec.replicas)
+        .map(|i| Arc::new(Slot::new(spec.name.clone(), i)))
+        .collect();
+    let tasks = slots
+        .iter()
+        .enumerate()
+        .map(|(index, slot)| {
+            tokio::spawn(run_slot(SlotTask {
+                index,
+                slot: slot.clone(),
+                spec: spec.clone(),
+                pool: pool.clone(),
+                settings: settings.clone(),
+                stop: stop.clone(),
+            }))
+        })
+        .collect();
+    ModelReplicas { pool, slots, tasks }
+}
+
+struct SlotTask {
+    index: usize,
+    slot: Arc<Slot>,
+    spec: Arc<ModelSpec>,
+    pool: Arc<Pool>,
+    settings: Arc<ReplicaSettings>,
+    stop: watch::Receiver<bool>,
+}
+
+/// How one process of a slot ended.
+enum Outcome {
+    Stopped,
+    LoadFailed,
+    StartFailed(String),
+    Exited {
+        ran_for: Duration,
+        reason: &'static str,
+    },
+}
+
+async fn run_slot(mut task: SlotTask) {
+    let mut generation = 0u64;
+    let mut failures = 0u32;
+    loop {
+        if *task.stop.borrow() {
+            break;
+        }
+        generation += 1;
+        let outcome = run_process(&mut task, generation).await;
+        let reason = match outcome {
+            Outcome::Stopped => break,
+            Outcome::LoadFailed => {
+                // Importing is deterministic: waiting for a retry would only delay the 503.
+                failures = failures.max(CRASH_LOOP_THRESHOLD);
+                "load_failed"
+            }
+            Outcome::StartFailed(err) => {
+                tracing::error!(replica = %task.slot.id, generation, "replica failed to start: {err}");
+                failures += 1;
+                "start_failed"
+            }
+            Outcome::Exited { ran_for, reason } => {
+                if reason == "timeout" {
+                    // The proxy killed a replica that was working as designed: restart at once.
+                    failures = 0;
+                } else if ran_for >= STABLE_AFTER {
+                    failures = 1;
+                } else {
+                    failures += 1;
+                }
+                reason
+            }
+        };
+        metrics::counter!(
+            crate::metrics::REPLICA_RESTARTS,
+            "model" => task.slot.model.to_string(),
+            "replica" => task.slot.id.to_string(),
+            "reason" => reason
+        )
+        .increment(1);
+        let health = if failures >= CRASH_LOOP_THRESHOLD {
+            SlotHealth::Failed
+        } else {
+            SlotHealth::Starting
+        };
+        task.pool.set_health(task.index, health);
+        let delay = backoff(failures);
+        tracing::warn!(
+            replica = %task.slot.id, generation, reason, failures,
+            "replica restarting in {delay:?}{}",
+            if health == SlotHealth::Failed { " (crash loop: model marked unavailable)" } else { "" }
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = task.stop.changed() => break,
+        }
+    }
+    task.pool.set_health(task.index, SlotHealth::Stopped);
+}
+
+fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 1u32 << (failures - 1).min(16);
+    (INITIAL_BACKOFF * factor).min(MAX_BACKOFF)
+}
+
+async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
+    let settings = &task.settings;
+    let n = settings.next_socket.fetch_add(1, Ordering::Relaxed);
+    let socket = settings.socket_dir.join(format!("r{n}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(err) => return Outcome::StartFailed(format!("bind {}: {err}", socket.display())),
+    };
+    let _cleanup = RemoveOnDrop(socket.clone());
+
+    let spec = &task.spec;
+    let mut cmd = Command::new(&settings.runtime);
+    cmd.arg("serve")
+        .arg("--connect")
+        .arg(&socket)
+        .arg("--dir")
+        .arg(&spec.dir)
+        .arg("--file")
+        .arg(&spec.file)
+        .arg("--function")
+        .arg(&spec.function)
+        .envs(&spec.env)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("MODELGATE_MODEL", &*spec.name)
+        .env("MODELGATE_REPLICA_ID", &*task.slot.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kill also takes whatever the model forked.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(err) => {
+            return Outcome::StartFailed(format!("spawn {}: {err}", settings.runtime.display()))
+        }
+    };
+    let pid = child.id().unwrap_or(0) as i32;
+    task.slot.begin_process(pid);
+    let slot = &task.slot;
+    tracing::info!(replica = %slot.id, generation, pid, "replica starting");
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump_log(out, slot.id.clone(), generation, "stdout"));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump_log(err, slot.id.clone(), generation, "stderr"));
+    }
+
+    let started = Instant::now();
+    let handshake = async {
+        let (stream, _) = listener.accept().await?;
+        let mut conn = ReplicaConn::new(slot.clone(), generation, stream);
+        let (kind, payload) = conn.read_frame().await.map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((conn, kind, payload))
+    };
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(settings.start_timeout, handshake) => r,
+        status = child.wait() => {
+            slot.end_process();
+            return Outcome::StartFailed(format!("exited before connecting: {}", describe_exit(status)));
+        }
+        _ = task.stop.changed() => {
+            stop_process(slot, &mut child).await;
+            return Outcome::Stopped;
+        }
+    };
+    let conn = match handshake {
+        Err(_elapsed) => {
+            slot.kill(KillReason::ProtocolError);
+            let _ = child.wait().await;
+            slot.end_process();
+            return Outcome::StartFailed(format!("not ready within {:?}", settings.start_timeout));
+        }
+        Ok(Err(err)) => {
+            slot.kill(KillReason::ProtocolError);
+            let _ = child.wait().await;
+            slot.end_process();
+            return Outcome::StartFailed(format!("handshake: {err}"));
+        }
+        Ok(Ok((conn, kind, payload))) => match Kind::from_u8(kind) {
+            Some(Kind::Ready) => conn,
+            Some(Kind::LoadFailed) => {
+                let why = serde_json::from_slice::<ModelError>(&payload)
+                    .map(|e| format!("{}: {}", e.exception, e.message))
+                    .unwrap_or_else(|_| "unreadable load error".into());
+                tracing::error!(replica = %slot.id, generation, "model failed to load: {why}");
+                let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
+                slot.kill(KillReason::Shutdown);
+                let _ = child.wait().await;
+                slot.end_process();
+                return Outcome::LoadFailed;
+            }
+            _ => {
+                slot.kill(KillReason::ProtocolError);
+                let _ = child.wait().await;
+                slot.end_process();
+                return Outcome::StartFailed("first frame was not Ready".into());
+            }
+        },
+    };
+    tracing::info!(
+        replica = %slot.id, generation, pid,
+        "replica ready in {:.0} ms", started.elapsed().as_secs_f64() * 1e3
+    );
+    task.pool.set_health(task.index, SlotHealth::Ready);
+    task.pool.release(conn);
+    let ready_at = Instant::now();
+
+    tokio::select! {
+        status = child.wait() => {
+            task.pool.remove_idle(&slot.id);
+            crate::metrics::retire_replica_cpu(slot);
+            slot.end_process();
+            let reason = match slot.take_kill_reason() {
+                KillReason::Timeout => "timeout",
+                KillReason::ProtocolError => "protocol_error",
+                KillReason::Shutdown => "stopped",
+                KillReason::None => "exited",
+            };
+            tracing::warn!(replica = %slot.id, generation, reason, "replica process ended: {}", describe_exit(status));
+            Outcome::Exited { ran_for: ready_at.elapsed(), reason }
+        }
+        _ = task.stop.changed() => {
+            task.pool.remove_idle(&slot.id);
+            stop_process(slot, &mut child).await;
+            Outcome::Stopped
+        }
+    }
+}
+
+/// SIGTERM to the process group, SIGKILL after a grace period, then reap.
+async fn stop_process(slot: &Slot, child: &mut Child) {
+    let pgid = slot.pgid();
+    if pgid > 0 {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        slot.kill(KillReason::Shutdown);
+        let _ = child.wait().await;
+    }
+    // Whatever else the model left in its group goes too.
+    slot.kill(KillReason::Shutdown);
+    crate::metrics::retire_replica_cpu(slot);
+    slot.end_process();
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "ended".into(),
+        },
+        Err(err) => format!("wait failed: {err}"),
+    }
+}
+
+/// Copies a replica's output into the log, one event per line, bounding line length.
+async fn pump_log(
+    reader: impl AsyncRead + Unpin,
+    replica: Arc<str>,
+    generation: u64,
+    stream: &'static str,
+) {
+    let mut reader = BufReader::with_capacity(16 * 1024, reader);
+    let mut line: Vec<u8> = Vec::new();
+    let mut dropped = 0usize;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(buf) => buf,
+        };
+        let (chunk, consumed, complete) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = MAX_LOG_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        dropped += chunk.len().saturating_sub(room);
+        reader.consume(consumed);
+        if complete {
+            emit(&replica, generation, stream, &line, dropped);
+            line.clear();
+            dropped = 0;
+        }
+    }
+    if !line.is_empty() {
+        emit(&replica, generation, stream, &line, dropped);
+    }
+}
+
+fn emit(replica: &str, generation: u64, stream: &'static str, line: &[u8], dropped: usize) {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches('\r');
+    if dropped > 0 {
+        tracing::info!(target: "replica", replica, generation, stream, "{text} [line truncated, {dropped} bytes dropped]");
+    } else {
+        tracing::info!(target: "replica", replica, generation, stream, "{text}");
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

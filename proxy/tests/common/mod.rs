@@ -1,0 +1,204 @@
+//! Test harness: starts the real `modelgate` binary (which spawns real `replica-runtime`
+//! processes) on 127.0.0.1 with a config written for the test, and talks to it over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADD_KEY: &str = "test-add-key-0123456789";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+}
+
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// A model table for the config; `function` is in `tests/fixtures/models/funcs.py` by default.
+pub fn model(name: &str, function: &str, replicas: u32) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nfile = \"funcs.py\"\nfunction = \"{function}\"\nreplicas = {replicas}\naccess_key = \"{}\"\nenv = {{ GREETING = \"hi\" }}\n",
+        fixtures().display(),
+        key_for(name)
+    )
+}
+
+pub fn key_for(name: &str) -> String {
+    format!("key-for-{name}-0123456789")
+}
+
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts modelgate with `[server]` settings `server` and the given model tables, and waits
+    /// until it listens. Replicas may still be starting.
+    pub fn start(server: &str, models: &[String]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("modelgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n{}",
+                models.join("\n")
+            ),
+        )
+        .unwrap();
+        Self::start_with(&["serve", "--config", config.to_str().unwrap()], dir)
+    }
+
+    pub fn start_with(args: &[&str], dir: tempfile::TempDir) -> Server {
+        let log = dir.path().join("modelgate.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(args)
+            .env("MODELGATE_LOG", "info")
+            .env_remove("MODEL_REQUEST_TIMEOUT_SECONDS")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start modelgate");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("modelgate listening on http://") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "modelgate did not start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        Server {
+            child,
+            addr,
+            dir,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` says every model has a ready replica.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not ready in time; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn predict(
+        &self,
+        client: &reqwest::Client,
+        key: &str,
+        request: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = client
+            .post(self.url("/model"))
+            .json(&serde_json::json!({ "accessKey": key, "request": request }))
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        let body = resp.json().await.expect("JSON body");
+        (status, body)
+    }
+
+    /// Value of one sample of the exposition, e.g. `modelgate_requests_total{model="a",...}`.
+    pub async fn metric(&self, name_and_labels: &str) -> Option<f64> {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Direct children of the modelgate process (the replica processes).
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.child.id();
+        let mut kids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
+                continue;
+            };
+            let ppid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|v| v.trim().parse::<u32>().ok());
+            if ppid == Some(pid) {
+                kids.push(p);
+            }
+        }
+        kids
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "modelgate did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// True while a process with this pid exists (zombies count as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,904 @@
+//! The serving path end to end: real modelgate, real replica processes, real HTTP.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{key_for, model, Server};
+use serde_json::json;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn predicts_over_http1_and_h2c() {
+    let server = Server::start("", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let (status, body) = server
+        .predict(&client(), &key_for("add"), json!({"a": 3, "b": 5}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"success": true, "response": 8, "replicaId": "add-0"})
+    );
+
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = h2
+        .post(server.url("/model"))
+        .json(&json!({"accessKey": key_for("add"), "request": {"a": 40, "b": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["response"], 42);
+}
+
+#[tokio::test]
+async fn json_values_round_trip_through_python() {
+    let server = Server::start("", &[model("echo", "echo", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    // Sent as raw text so integers beyond 64 bits are not rounded by the client.
+    let request = r#"{"big": 123456789012345678901234567890, "neg": -98765432109876543210, "f": 0.1, "e": 1.5e-300, "s": "héllo ✓ \"quoted\"", "t": true, "f2": false, "n": null, "nested": {"list": [1, [2, {"x": []}], {}]}}"#;
+    let resp = c
+        .post(server.url("/model"))
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"accessKey": "{}", "request": {request}}}"#,
+            key_for("echo")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("123456789012345678901234567890"), "{text}");
+    assert!(text.contains("-98765432109876543210"), "{text}");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(request).unwrap();
+    assert_eq!(body["response"], expected);
+}
+
+#[tokio::test]
+async fn non_json_return_values_are_model_errors_and_the_replica_keeps_serving() {
+    let server = Server::start("", &[model("nj", "not_json", 1), model("add", "add", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    for kind in ["set", "nan", "object"] {
+        let (status, body) = server
+            .predict(&c, &key_for("nj"), json!({"kind": kind}))
+            .await;
+        assert_eq!(status, 500, "{kind}: {body}");
+        assert_eq!(body["success"], false);
+        assert_eq!(body["error"]["code"], "model.error");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not JSON-serializable"),
+            "{body}"
+        );
+    }
+    let pids = server.children();
+    let (status, _) = server
+        .predict(&c, &key_for("nj"), json!({"kind": "set"}))
+        .await;
+    assert_eq!(status, 500);
+    assert_eq!(server.children(), pids, "no replica was restarted");
+}
+
+#[tokio::test]
+async fn bad_envelopes_are_400_and_unknown_keys_401_without_calling_the_replica() {
+    let server = Server::start("", &[model("echo", "echo", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let key = key_for("echo");
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("not json".into(), 400, "request.invalid"),
+        (
+            r#"{"request": {"marker": "m400a"}}"#.into(),
+            400,
+            "request.invalid",
+        ),
+        (
+            format!(r#"{{"accessKey": "{key}"}}"#),
+            400,
+            "request.invalid",
+        ),
+        (
+            format!(r#"{{"accessKey": "{key}", "request": [1, 2]}}"#),
+            400,
+            "request.invalid",
+        ),
+        (
+            r#"{"accessKey": 7, "request": {"marker": "m400b"}}"#.into(),
+            400,
+            "request.invalid",
+        ),
+        (
+            r#"{"accessKey": "nope-nope-nope-nope", "request": {"marker": "m401"}}"#.into(),
+            401,
+            "access_key.invalid",
+        ),
+    ];
+    for (body, status, code) in &cases {
+        let resp = c
+            .post(server.url("/model"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), *status, "{body}");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["success"], false);
+        assert_eq!(v["error"]["code"], *code, "{body}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // A valid call is logged by the replica; the rejected ones never reached it.
+    let (status, _) = server.predict(&c, &key, json!({"marker": "m200"})).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.logs().contains("called with marker m200") {
+        assert!(
+            Instant::now() < deadline,
+            "replica output not captured:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = server.logs();
+    for m in ["m400a", "m400b", "m401"] {
+        assert!(
+            !logs.contains(&format!("marker {m}")),
+            "replica was called for {m}"
+        );
+    }
+    assert_eq!(
+        server
+            .metric(r#"modelgate_requests_total{model="",replica="",code="access_key.invalid"}"#)
+            .await,
+        Some(1.0)
+    );
+}
+
+/// Sends raw bytes and returns the status line and body of the answer.
+fn raw_exchange(addr: &str, head: &str, body_chunks: Vec<Vec<u8>>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // The server may answer (and close) before the body is all sent: write from another thread
+    // and ignore the broken pipe that follows.
+    let sender = std::thread::spawn(move || {
+        for chunk in body_chunks {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                response.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&response);
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text[..end].lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    });
+                    if let Some(len) = len {
+                        if response.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    drop(stream);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413_by_content_length_and_while_streaming() {
+    let server = Server::start("max_request_bytes = 65536", &[model("echo", "echo", 1)]);
+    server.wait_ready().await;
+    let addr = server.addr.clone();
+    let key = key_for("echo");
+    tokio::task::spawn_blocking(move || {
+        // Announced too large: refused from the headers alone, no body sent at all.
+        let head = "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65537\r\n\r\n".to_string();
+        let (status, body) = raw_exchange(&addr, &head, vec![]);
+        assert_eq!(status, 413, "{body}");
+        assert!(body.contains("request.too_large"), "{body}");
+
+        // Chunked, no length announced: refused once the running total passes the cap.
+        let head = "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_string();
+        let mut chunks = vec![];
+        let prefix = format!(r#"{{"accessKey":"{key}","request":{{"pad":""#);
+        chunks.push(format!("{:x}\r\n{prefix}\r\n", prefix.len()).into_bytes());
+        let pad = "x".repeat(8192);
+        for _ in 0..64 {
+            chunks.push(format!("{:x}\r\n{pad}\r\n", pad.len()).into_bytes());
+        }
+        chunks.push(b"0\r\n\r\n".to_vec());
+        let (status, body) = raw_exchange(&addr, &head, chunks);
+        assert_eq!(status, 413, "{body}");
+        assert!(body.contains("request.too_large"), "{body}");
+
+        // Just under the cap, chunked, is accepted.
+        let head = "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_string();
+        let body = format!(r#"{{"accessKey":"{key}","request":{{"pad":"{}"}}}}"#, "y".repeat(60_000));
+        let chunks = body
+            .as_bytes()
+            .chunks(7000)
+            .map(|c| [format!("{:x}\r\n", c.len()).into_bytes(), c.to_vec(), b"\r\n".to_vec()].concat())
+            .chain(std::iter::once(b"0\r\n\r\n".to_vec()))
+            .collect();
+        let (status, body) = raw_exchange(&addr, &head, chunks);
+        assert_eq!(status, 200, "{body}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn default_cap_is_5mb() {
+    let server = Server::start("", &[model("echo", "echo", 1)]);
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let head = "POST /model HTTP/1.1\r\nHost: x\r\nContent-Length: 5242881\r\n\r\n";
+        let (status, body) = raw_exchange(&addr, head, vec![]);
+        assert_eq!(status, 413, "{body}");
+        assert!(body.contains("5242880"), "{body}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn busy_model_answers_429_with_retry_after() {
+    let server = Server::start(
+        "queue_timeout_secs = 0.5\nmax_queue = 2",
+        &[model("slow", "slow", 1)],
+    );
+    server.wait_ready().await;
+    let c = client();
+    let url = server.url("/model");
+    let key = key_for("slow");
+    let first = tokio::spawn({
+        let (c, url, key) = (c.clone(), url.clone(), key.clone());
+        async move {
+            c.post(url)
+                .json(&json!({"accessKey": key, "request": {"secs": 2}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Queue timeout: waits 0.5 s for the only replica, which is busy for 2 s.
+    let started = Instant::now();
+    let resp = c
+        .post(&url)
+        .json(&json!({"accessKey": key, "request": {"secs": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model.busy");
+    assert_eq!(first.await.unwrap(), 200);
+
+    // Queue full: one running, two waiting, the fourth is refused at once.
+    let mut running = Vec::new();
+    for secs in [1.5, 0.0, 0.0] {
+        let (c, url, key) = (c.clone(), url.clone(), key.clone());
+        running.push(tokio::spawn(async move {
+            c.post(url)
+                .json(&json!({"accessKey": key, "request": {"secs": secs}}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let resp = c
+        .post(&url)
+        .json(&json!({"accessKey": key, "request": {"secs": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "queue-full refusal must not wait"
+    );
+    let mut statuses = Vec::new();
+    for r in running {
+        statuses.push(r.await.unwrap());
+    }
+    assert_eq!(statuses[0], 200);
+}
+
+#[tokio::test]
+async fn exceptions_are_500_and_the_replica_keeps_serving() {
+    let server = Server::start("", &[model("boom", "boom", 1), model("add", "add", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let pids = server.children();
+    for _ in 0..3 {
+        let (status, body) = server.predict(&c, &key_for("boom"), json!({"x": 42})).await;
+        assert_eq!(status, 500);
+        assert_eq!(body["error"]["code"], "model.error");
+        assert_eq!(body["error"]["message"], "ValueError: bad input: 42");
+    }
+    assert_eq!(server.children(), pids, "no replica was restarted");
+    let logs = server.logs();
+    assert!(logs.contains("Traceback (most recent call last)"), "{logs}");
+    assert!(logs.contains("replica=\"boom-0\""), "{logs}");
+}
+
+#[tokio::test]
+async fn dead_replica_gives_502_then_is_replaced() {
+    let server = Server::start("", &[model("die", "die", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let (status, body) = server.predict(&c, &key_for("die"), json!({})).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "model.shutdown");
+    // The replacement comes up after a short backoff; requests meanwhile wait in the queue.
+    let resp = c
+        .post(server.url("/model"))
+        .json(&json!({"accessKey": key_for("die"), "request": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "the replacement serves (and dies) again"
+    );
+    assert_eq!(
+        server
+            .metric(
+                r#"modelgate_replica_restarts_total{model="die",replica="die-0",reason="exited"}"#
+            )
+            .await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn replica_death_then_working_replica() {
+    // One model whose function dies only on request; the same replica slot must serve afterwards.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.py"),
+        "import os\n\ndef f(args):\n    if args.get('die'):\n        os._exit(1)\n    return {'pid': os.getpid()}\n",
+    )
+    .unwrap();
+    let table = format!(
+        "[[models]]\nname = \"m\"\npath = \"{}\"\nfile = \"m.py\"\nfunction = \"f\"\naccess_key = \"{}\"\n",
+        dir.path().display(),
+        key_for("m")
+    );
+    let server = Server::start("", &[table]);
+    server.wait_ready().await;
+    let c = client();
+    let (_, before) = server.predict(&c, &key_for("m"), json!({})).await;
+    let (status, body) = server
+        .predict(&c, &key_for("m"), json!({"die": true}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("model.shutdown"))
+    );
+    let (status, after) = server.predict(&c, &key_for("m"), json!({})).await;
+    assert_eq!(status, 200, "{after}");
+    assert_ne!(
+        before["response"]["pid"], after["response"]["pid"],
+        "a new process serves"
+    );
+}
+
+#[tokio::test]
+async fn import_failure_makes_the_model_unavailable() {
+    let table = format!(
+        "[[models]]\nname = \"broken\"\npath = \"{}\"\nfile = \"broken_import.py\"\nfunction = \"predict\"\naccess_key = \"{}\"\n",
+        common::fixtures().display(),
+        key_for("broken")
+    );
+    let server = Server::start("", &[table, model("add", "add", 1)]);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = server.predict(&c, &key_for("broken"), json!({})).await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "model.unavailable");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = reqwest::get(server.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let v: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(v["not_ready"], json!(["broken"]));
+    let logs = server.logs();
+    assert!(
+        logs.contains("ModuleNotFoundError: No module named 'module_that_does_not_exist'"),
+        "{logs}"
+    );
+    // The healthy model is unaffected.
+    let (status, _) = server
+        .predict(&c, &key_for("add"), json!({"a": 1, "b": 1}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn timeout_kills_the_replica_with_504_and_a_fresh_one_serves() {
+    let server = Server::start("request_timeout_secs = 1", &[model("hang", "hang", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let pids = server.children();
+    let started = Instant::now();
+    let (status, body) = server.predict(&c, &key_for("hang"), json!({})).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "model.timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The killed process is gone and a new one takes its place.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| common::alive(*p)) {
+        assert!(Instant::now() < deadline, "timed-out replica still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let restarts =
+        r#"modelgate_replica_restarts_total{model="hang",replica="hang-0",reason="timeout"}"#;
+    while server.metric(restarts).await != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "restart not counted as a timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.wait_ready().await;
+    let now = server.children();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now, pids, "a new replica process serves");
+}
+
+#[tokio::test]
+async fn timeout_from_environment_and_next_request_works() {
+    // MODEL_REQUEST_TIMEOUT_SECONDS overrides the file; the replica killed for the timeout is
+    // replaced and the next request succeeds.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout_secs = 30\n{}",
+            model("slow", "slow", 1)
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    let server = {
+        let log = dir.path().join("modelgate.log");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(["serve", "--config", &cfg])
+            .env("MODEL_REQUEST_TIMEOUT_SECONDS", "0.7")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let addr = loop {
+            line.clear();
+            assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0);
+            if let Some(a) = line.trim().strip_prefix("modelgate listening on http://") {
+                break a.to_owned();
+            }
+        };
+        Server {
+            child,
+            addr,
+            dir,
+            log,
+        }
+    };
+    server.wait_ready().await;
+    let c = client();
+    let (status, body) = server
+        .predict(&c, &key_for("slow"), json!({"secs": 5}))
+        .await;
+    assert_eq!(status, 504, "{body}");
+    let (status, body) = server
+        .predict(&c, &key_for("slow"), json!({"secs": 0, "seq": 9}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"]["seq"], 9);
+}
+
+#[tokio::test]
+async fn fifo_order_under_contention_and_spread_over_replicas() {
+    let server = Server::start("", &[model("slow", "slow", 1), model("two", "slow", 2)]);
+    server.wait_ready().await;
+    let c = client();
+    // One replica, requests sent 30 ms apart while it is busy: they must finish in send order.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for seq in 0..8 {
+        let (c, url, key, tx) = (c.clone(), server.url("/model"), key_for("slow"), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .json(&json!({"accessKey": key, "request": {"secs": 0.1, "seq": seq}}))
+                .send()
+                .await
+                .unwrap();
+            let v: serde_json::Value = r.json().await.unwrap();
+            tx.send(v["response"]["seq"].as_i64().unwrap()).unwrap();
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    drop(tx);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut order = Vec::new();
+    while let Some(s) = rx.recv().await {
+        order.push(s);
+    }
+    assert_eq!(order, (0..8).collect::<Vec<_>>());
+
+    // Two replicas, two concurrent slow requests: both replicas work at once.
+    let started = Instant::now();
+    let two = key_for("two");
+    let a = server.predict(&c, &two, json!({"secs": 0.6}));
+    let b = server.predict(&c, &two, json!({"secs": 0.6}));
+    let ((sa, va), (sb, vb)) = tokio::join!(a, b);
+    assert_eq!((sa, sb), (200, 200));
+    assert_ne!(va["replicaId"], vb["replicaId"]);
+    assert!(
+        started.elapsed() < Duration::from_millis(1100),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_sent() {
+    let server = Server::start("", &[model("add", "add", 1), model("boom", "boom", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    for i in 0..7 {
+        assert_eq!(
+            server
+                .predict(&c, &key_for("add"), json!({"a": i, "b": 1}))
+                .await
+                .0,
+            200
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(server.predict(&c, &key_for("boom"), json!({})).await.0, 500);
+    }
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    assert_eq!(
+        sample(r#"modelgate_requests_total{model="add",replica="add-0",code="ok"}"#),
+        7.0
+    );
+    assert_eq!(
+        sample(r#"modelgate_requests_total{model="boom",replica="boom-0",code="model.error"}"#),
+        3.0
+    );
+    assert_eq!(
+        sample(r#"modelgate_request_duration_seconds_count{model="add"}"#),
+        7.0
+    );
+    assert_eq!(
+        sample(r#"modelgate_queue_wait_seconds_count{model="add"}"#),
+        7.0
+    );
+    assert_eq!(
+        sample(r#"modelgate_request_size_bytes_count{model="boom"}"#),
+        3.0
+    );
+    assert_eq!(
+        sample(r#"modelgate_response_size_bytes_count{model="add"}"#),
+        7.0
+    );
+    assert_eq!(sample(r#"modelgate_queue_depth{model="add"}"#), 0.0);
+    assert_eq!(
+        sample(r#"modelgate_replica_busy{model="add",replica="add-0"}"#),
+        0.0
+    );
+    assert!(sample(r#"modelgate_replica_memory_bytes{model="add",replica="add-0"}"#) > 1e6);
+    assert!(sample(r#"modelgate_replica_cpu_seconds_total{model="add",replica="add-0"}"#) > 0.0);
+    assert!(
+        text.contains("# TYPE modelgate_request_duration_seconds histogram"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn replica_output_environment_and_working_directory() {
+    let server = Server::start("", &[model("chatty", "chatty", 1), model("env", "env", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let (status, _) = server
+        .predict(&c, &key_for("chatty"), json!({"text": "xyzzy-17"}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = server.predict(&c, &key_for("env"), json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["response"]["greeting"], "hi");
+    assert_eq!(body["response"]["data"], "hello from data.txt");
+    assert_eq!(body["response"]["replica"], "env-0");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = server.logs();
+        let out = logs.lines().any(|l| {
+            l.contains("to stdout: xyzzy-17")
+                && l.contains("replica=\"chatty-0\"")
+                && l.contains("stream=\"stdout\"")
+        });
+        let err = logs.lines().any(|l| {
+            l.contains("to stderr: xyzzy-17")
+                && l.contains("replica=\"chatty-0\"")
+                && l.contains("stream=\"stderr\"")
+        });
+        if out && err {
+            break;
+        }
+        assert!(Instant::now() < deadline, "output not captured:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_leaves_no_child() {
+    let mut server = Server::start("shutdown_grace_secs = 10", &[model("slow", "slow", 2)]);
+    server.wait_ready().await;
+    let children = server.children();
+    assert_eq!(children.len(), 2, "two replica processes");
+    let c = client();
+    let in_flight = tokio::spawn({
+        let (c, url, key) = (c.clone(), server.url("/model"), key_for("slow"));
+        async move {
+            let r = c
+                .post(url)
+                .json(&json!({"accessKey": key, "request": {"secs": 1, "seq": 5}}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "in-flight request finished: {body}");
+    assert_eq!(body["response"]["seq"], 5);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = server.wait_exit(Duration::from_secs(20));
+        (s, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{:?}", status.0);
+    for pid in children {
+        assert!(!common::alive(pid), "replica {pid} survived shutdown");
+    }
+    // New connections are refused once it is gone.
+    assert!(TcpStream::connect(&status.1.addr).is_err());
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_clients() {
+    let server = Server::start("header_read_timeout_secs = 1", &[model("add", "add", 1)]);
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"POST /model HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        // The server gives up on the headers and closes (possibly after a 408).
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_json_errors() {
+    let server = Server::start("", &[model("add", "add", 1)]);
+    let c = client();
+    let r = c.get(server.url("/model")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "method.not_allowed");
+    let r = c.get(server.url("/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "route.not_found");
+    let r = c.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn invalid_config_exits_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    // The port is held by this test: a config error must be reported before any bind attempt.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{addr}\"\nqueue_timeout_secs = -1\n{}",
+            model("add", "add", 42)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("queue_timeout_secs"), "{err}");
+    assert!(err.contains("replicas must be between 1 and 9"), "{err}");
+    assert!(!err.contains("cannot listen"), "{err}");
+}
+
+#[tokio::test]
+async fn bundled_examples_serve_add_and_iris() {
+    // The iris example needs model.pkl from fit.py (scikit-learn); run it in a copy.
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("examples");
+    for sub in ["add_numbers", "iris"] {
+        let from = common::examples().join(sub);
+        std::fs::create_dir_all(copy.join(sub)).unwrap();
+        for entry in std::fs::read_dir(&from).unwrap().flatten() {
+            if entry
+                .path()
+                .extension()
+                .is_some_and(|e| e == "py" || e == "txt")
+            {
+                std::fs::copy(entry.path(), copy.join(sub).join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    let fit = std::process::Command::new("python3")
+        .arg("fit.py")
+        .current_dir(copy.join("iris"))
+        .output()
+        .unwrap();
+    assert!(
+        fit.status.success(),
+        "fit.py failed (is scikit-learn installed?): {}",
+        String::from_utf8_lossy(&fit.stderr)
+    );
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\n[[models]]\nname = \"add\"\npath = \"examples/add_numbers\"\nfile = \"add_numbers.py\"\nfunction = \"add\"\n\n[[models]]\nname = \"iris\"\npath = \"examples/iris\"\nfile = \"predict.py\"\nfunction = \"predict\"\n";
+    std::fs::write(work.path().join("modelgate.toml"), config).unwrap();
+    let cfg = work.path().join("modelgate.toml");
+    // Keys are generated and printed at start-up.
+    let log = work.path().join("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut keys = std::collections::HashMap::new();
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "modelgate exited"
+        );
+        if let Some(a) = line.trim().strip_prefix("modelgate listening on http://") {
+            break a.to_owned();
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.len() > 4 && words[0] == "model" && words[3] == "key" {
+            keys.insert(
+                words[1].trim_matches(|c| c == '"' || c == ':').to_owned(),
+                words[4].to_owned(),
+            );
+        }
+    };
+    let server = Server {
+        child,
+        addr,
+        dir: work,
+        log,
+    };
+    server.wait_ready().await;
+    assert_eq!(keys.len(), 2);
+    for key in keys.values() {
+        assert!(key.len() >= 32 && key.bytes().all(|b| b.is_ascii_alphanumeric()));
+    }
+    assert_ne!(keys["add"], keys["iris"]);
+    let c = client();
+    let (status, body) = server
+        .predict(&c, &keys["add"], json!({"a": 3, "b": 5}))
+        .await;
+    assert_eq!((status, body["response"].clone()), (200, json!(8)));
+    let (status, body) = server
+        .predict(&c, &keys["iris"], json!({"petal_length": 4.0}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let width = body["response"]["petal_width"].as_f64().unwrap();
+    assert!(
+        (1.0..1.6).contains(&width),
+        "petal width {width} for length 4.0"
+    );
+}

@@ -1,0 +1,168 @@
+//! `replica-runtime`: loads one model function into an embedded CPython and serves it.
+//!
+//! `serve` connects to the Unix socket the proxy is listening on, imports the model, says
+//! [`Kind::Ready`] (or [`Kind::LoadFailed`] with the traceback on stderr) and then answers one
+//! request at a time until the proxy closes the socket. `check` only imports the module and resolves
+//! the function, for build-time validation.
+//!
+//! The model's own stdout and stderr are this process's, which the proxy reads line by line into
+//! the replica's log.
+#![forbid(unsafe_code)]
+
+mod python;
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use modelgate_protocol::{self as protocol, Kind, ModelError, Ready};
+
+#[derive(Parser)]
+#[command(name = "replica-runtime", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve predictions to the proxy listening on `--connect`.
+    Serve {
+        /// Unix socket the proxy listens on for this replica.
+        #[arg(long)]
+        connect: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Import the module and resolve the function, then exit 0 (or 1 with the traceback).
+    Check {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory; it becomes the working directory and is put first on `sys.path`.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Python file inside the model directory, e.g. `predict.py`.
+    #[arg(long)]
+    file: String,
+    /// Function in that file that takes the request dict and returns the response.
+    #[arg(long)]
+    function: String,
+    /// Further directories for `sys.path`, after the model directory (e.g. installed dependencies).
+    #[arg(long = "python-path")]
+    python_path: Vec<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { model } => match load(&model) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("replica-runtime: {}: {}", err.exception, err.message);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { connect, model } => {
+            // The interpreter lives on this thread for the life of the process: it owns the model,
+            // reads requests from the socket and answers them, so a request costs no thread hop.
+            let stream = match UnixStream::connect(&connect) {
+                Ok(s) => s,
+                Err(err) => {
+                    eprintln!(
+                        "replica-runtime: cannot connect to {}: {err}",
+                        connect.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            match serve(stream, &model) {
+                Ok(code) => code,
+                Err(err) => {
+                    eprintln!("replica-runtime: connection to proxy failed: {err}");
+                    ExitCode::from(3)
+                }
+            }
+        }
+    }
+}
+
+fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {
+    std::env::set_current_dir(&model.dir).map_err(|err| ModelError {
+        kind: protocol::ModelErrorKind::Load,
+        exception: "OSError".into(),
+        message: format!(
+            "cannot enter model directory {}: {err}",
+            model.dir.display()
+        ),
+    })?;
+    let dir = std::env::current_dir().unwrap_or_else(|_| model.dir.clone());
+    let mut path = vec![dir];
+    path.extend(model.python_path.iter().cloned());
+    python::Model::load(&path, &model.file, &model.function)
+}
+
+fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
+    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
+    let mut writer = BufWriter::with_capacity(64 * 1024, stream);
+
+    let model = match load(model_args) {
+        Ok(m) => m,
+        Err(err) => {
+            write_json_frame(&mut writer, Kind::LoadFailed, &err)?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let ready = Ready {
+        protocol: protocol::PROTOCOL_VERSION,
+        pid: std::process::id(),
+        python_version: model.python_version(),
+    };
+    write_json_frame(&mut writer, Kind::Ready, &ready)?;
+
+    let mut payload = Vec::new();
+    loop {
+        let mut header = [0u8; protocol::HEADER_LEN];
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            // The proxy closed the socket: it is stopping this replica or has gone away.
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(ExitCode::SUCCESS),
+            Err(err) => return Err(err),
+        }
+        let header = protocol::decode_header(header)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        payload.clear();
+        payload.resize(header.payload_len, 0);
+        reader.read_exact(&mut payload)?;
+        match Kind::from_u8(header.kind) {
+            Some(Kind::Predict) => match model.predict(&payload) {
+                Ok(response) => write_frame(&mut writer, Kind::ResultOk, &response)?,
+                Err(err) => write_json_frame(&mut writer, Kind::ResultErr, &err)?,
+            },
+            Some(Kind::Ping) => write_frame(&mut writer, Kind::Pong, &[])?,
+            // Unknown frames are skipped so newer proxies can add messages.
+            _ => {}
+        }
+    }
+}
+
+fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
+    w.write_all(&protocol::encode_header(kind, payload.len()))?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+fn write_json_frame<T: serde::Serialize>(
+    w: &mut impl Write,
+    kind: Kind,
+    value: &T,
+) -> io::Result<()> {
+    let payload = serde_json::to_vec(value).expect("protocol types serialise");
+    write_frame(w, kind, &payload)
+}
