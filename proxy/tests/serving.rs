@@ -902,3 +902,51 @@ async fn bundled_examples_serve_add_and_iris() {
         "petal width {width} for length 4.0"
     );
 }
+
+#[tokio::test]
+async fn crash_loop_backs_off_and_marks_the_model_unavailable() {
+    let table = format!(
+        "[[models]]\nname = \"loop\"\npath = \"{}\"\nfile = \"crashloop.py\"\nfunction = \"predict\"\naccess_key = \"{}\"\n",
+        common::fixtures().display(),
+        key_for("loop")
+    );
+    let server = Server::start("queue_timeout_secs = 30", &[table]);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = server.predict(&c, &key_for("loop"), json!({})).await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "model.unavailable");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never marked unavailable: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restarts = server
+        .metric(
+            r#"modelgate_replica_restarts_total{model="loop",replica="loop-0",reason="exited"}"#,
+        )
+        .await
+        .unwrap();
+    assert!(restarts >= 3.0, "{restarts}");
+    // The delays between restarts grow instead of spinning.
+    let delays: Vec<f64> = server
+        .logs()
+        .lines()
+        .filter_map(|l| l.split("replica restarting in ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|d| {
+            d.strip_suffix("ms")
+                .and_then(|v| v.parse::<f64>().ok())
+                .or_else(|| {
+                    d.strip_suffix('s')
+                        .and_then(|v| v.parse::<f64>().ok().map(|s| s * 1e3))
+                })
+        })
+        .collect();
+    assert!(delays.len() >= 3, "{delays:?}");
+    assert!(delays.windows(2).all(|w| w[1] > w[0]), "{delays:?}");
+}

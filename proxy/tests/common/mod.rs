@@ -147,6 +147,18 @@ impl Server {
         })
     }
 
+    /// Waits (up to 10 s) until a sample reaches `want`; returns the last value seen.
+    pub async fn wait_metric(&self, name_and_labels: &str, want: f64) -> Option<f64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(name_and_labels).await;
+            if v == Some(want) || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Direct children of the modelgate process (the replica processes).
     pub fn children(&self) -> Vec<u32> {
         let pid = self.child.id();

@@ -1,0 +1,22 @@
+# modelgate image: the proxy, the replica runtime and the bundled examples.
+#   docker build -t modelgate . && docker run -p 8080:8080 modelgate
+# Debian 12's python3 is CPython 3.11, the interpreter replica-runtime links against.
+
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends python3-dev && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN PYO3_PYTHON=python3 cargo build --release -p modelgate -p replica-runtime
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpython3.11 python3 python3-pip python3-sklearn \
+ && rm -rf /var/lib/apt/lists/*
+RUN useradd --system --home /srv/modelgate modelgate
+WORKDIR /srv/modelgate
+COPY --from=build /src/target/release/modelgate /src/target/release/replica-runtime /usr/local/bin/
+COPY examples ./examples
+RUN cd examples/iris && python3 fit.py && chown -R modelgate /srv/modelgate
+USER modelgate
+EXPOSE 8080
+ENTRYPOINT ["modelgate", "serve", "--listen", "0.0.0.0:8080"]
