@@ -116,6 +116,27 @@ impl Server {
         }
     }
 
+    /// Waits until every listed replica slot has reported ready at least once (per the log).
+    pub async fn wait_replicas_ready(&self, ids: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let logs = self.logs();
+            let all = ids.iter().all(|id| {
+                logs.lines().any(|l| {
+                    l.contains("replica ready in") && l.contains(&format!("replica={id} "))
+                })
+            });
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replicas {ids:?} not ready; log:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn predict(
         &self,
         client: &reqwest::Client,
