@@ -10,6 +10,7 @@ key="smoke-add-key-0123456789abcdef"
 cat > "$work/modelgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
+data_dir = "data"
 [[models]]
 name = "add"
 path = "$PWD/examples/add_numbers"

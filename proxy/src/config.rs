@@ -21,7 +21,30 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     #[serde(default)]
+    pub builds: BuildsConfig,
+    #[serde(default)]
     pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildsConfig {
+    /// Interpreter used for `pip install` and build scripts. Default `python3`.
+    pub python: PathBuf,
+    /// Largest single file a build accepts, in bytes. Default 52428800 (50 MB).
+    pub max_file_bytes: u64,
+    /// Seconds a pip install or build script may run. Default 1800.
+    pub timeout_secs: f64,
+}
+
+impl Default for BuildsConfig {
+    fn default() -> Self {
+        BuildsConfig {
+            python: "python3".into(),
+            max_file_bytes: 50 * 1024 * 1024,
+            timeout_secs: 1800.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +72,9 @@ pub struct ServerConfig {
     pub replica_runtime: Option<PathBuf>,
     /// Most concurrent HTTP/2 streams per connection. Default 256.
     pub max_concurrent_streams: u32,
+    /// Directory of the store, builds and caches, relative to the config file. Default `./data`
+    /// in the working directory; `--data-dir` overrides.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +91,7 @@ impl Default for ServerConfig {
             max_replicas: 9,
             replica_runtime: None,
             max_concurrent_streams: 256,
+            data_dir: None,
         }
     }
 }
@@ -99,6 +126,7 @@ fn one() -> u32 {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
     /// Environment variables (only `MODEL_REQUEST_TIMEOUT_SECONDS` is read).
     pub env: BTreeMap<String, String>,
 }
@@ -157,6 +185,11 @@ impl Config {
         if let Some(listen) = &overrides.listen {
             config.server.listen = listen.clone();
         }
+        config.server.data_dir = match (&overrides.data_dir, &config.server.data_dir) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(dir)) => Some(base.join(dir)),
+            (None, None) => Some(PathBuf::from("data")),
+        };
         for model in &mut config.models {
             if model.path.is_relative() {
                 model.path = base.join(&model.path);
@@ -208,8 +241,8 @@ impl Config {
                 s.max_replicas
             ));
         }
-        if self.models.is_empty() {
-            errors.push("no [[models]] declared".into());
+        if !(self.builds.timeout_secs.is_finite() && self.builds.timeout_secs > 0.0) {
+            errors.push("builds.timeout_secs must be positive".into());
         }
         let mut names = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
@@ -277,6 +310,12 @@ impl ServerConfig {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+    /// The resolved data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("data"))
     }
     pub fn replica_start_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.replica_start_timeout_secs)

@@ -41,6 +41,24 @@ pub enum ApiError {
     MethodNotAllowed { allowed: &'static str },
     #[error("internal error")]
     Internal,
+    #[error("{0} not found")]
+    ResourceNotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl From<modelgate_control::store::StoreError> for ApiError {
+    fn from(e: modelgate_control::store::StoreError) -> Self {
+        use modelgate_control::store::StoreError;
+        match e {
+            StoreError::NotFound(what) => ApiError::ResourceNotFound(what),
+            StoreError::Conflict(msg) => ApiError::Conflict(msg),
+            StoreError::Backend(msg) => {
+                tracing::error!("store: {msg}");
+                ApiError::Internal
+            }
+        }
+    }
 }
 
 impl ApiError {
@@ -57,6 +75,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::ResourceNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -75,6 +95,8 @@ impl ApiError {
             ApiError::NotFound(_) => "route.not_found",
             ApiError::MethodNotAllowed { .. } => "method.not_allowed",
             ApiError::Internal => "internal.error",
+            ApiError::ResourceNotFound(_) => "resource.not_found",
+            ApiError::Conflict(_) => "resource.conflict",
         }
     }
 

@@ -4,7 +4,9 @@
 //! thin CLI over it.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod keys;
 pub mod metrics;
@@ -21,12 +23,21 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use modelgate_control::builds::BuildSettings;
+use modelgate_control::store::{SqliteStore, Store};
+
 use crate::config::Config;
+use crate::control::{ControlPlane, DeploySettings};
 use crate::pool::Pool;
 use crate::predict::PredictLimits;
-use crate::routing::{ModelMetrics, ModelRoute, Routes, RoutingSnapshot};
+use crate::routing::{ModelMetrics, ModelRoute, Routes};
 use crate::server::{App, ConnSettings};
 use crate::supervisor::{ModelSpec, ReplicaSettings};
+
+/// Now, as an RFC 3339 timestamp (UTC).
+pub fn now_rfc3339() -> String {
+    modelgate_control::store::now()
+}
 
 /// A model as it will be served, with its access key settled.
 pub struct ServedModel {
@@ -44,6 +55,8 @@ pub fn served_models(config: &Config) -> Vec<ServedModel> {
         .map(|m| ServedModel {
             spec: ModelSpec {
                 name: m.name.as_str().into(),
+                replica_prefix: m.name.clone(),
+                python_path: Vec::new(),
                 dir: m.path.clone(),
                 file: m.file.clone(),
                 function: m.function.clone(),
@@ -70,16 +83,27 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let server = &config.server;
+    let data_dir = server.data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let store: Arc<dyn Store> = {
+        let path = data_dir.join("modelgate.db");
+        Arc::new(tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??)
+    };
+    tracing::info!(data_dir = %data_dir.display(), "store open");
+
     let socket_dir = keys::private_runtime_dir()?;
     let settings = Arc::new(ReplicaSettings::new(
-        runtime,
+        runtime.clone(),
         socket_dir.clone(),
         server.replica_start_timeout(),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
+    // Models declared in the configuration run for the life of the process.
     let mut running = Vec::new();
-    let mut entries = Vec::new();
+    let mut statics = Vec::new();
     for model in models {
         let spec = Arc::new(model.spec);
         let pool = Arc::new(Pool::new(
@@ -99,14 +123,49 @@ pub async fn run(
             metrics: ModelMetrics::new(&spec.name, &replicas.slots),
             slots: replicas.slots.clone(),
         });
-        entries.push((model.access_key, route));
+        statics.push((model.access_key, route));
         running.push(replicas);
     }
     let routes = Arc::new(Routes::default());
-    routes.publish(RoutingSnapshot::new(entries));
+    let control = Arc::new(ControlPlane::new(
+        store,
+        BuildSettings {
+            data_dir: data_dir.clone(),
+            python: config.builds.python.clone(),
+            replica_runtime: runtime,
+            max_file_bytes: config.builds.max_file_bytes,
+            step_timeout: std::time::Duration::from_secs_f64(config.builds.timeout_secs),
+        },
+        DeploySettings {
+            max_queue: server.max_queue,
+            max_replicas: server.max_replicas,
+            start_timeout: server.replica_start_timeout(),
+            drain_timeout: server.shutdown_grace(),
+            global_env: Default::default(),
+        },
+        settings,
+        routes.clone(),
+        statics,
+    ));
+    control
+        .publish()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    control
+        .restore()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    let api_enabled = listener.local_addr()?.ip().is_loopback();
+    if !api_enabled {
+        tracing::warn!(
+            "/api/v2 is disabled: it is only served on loopback listeners until API keys exist"
+        );
+    }
     let app = Arc::new(App {
         routes: routes.clone(),
+        control: control.clone(),
+        api_enabled,
         limits: PredictLimits {
             max_request_bytes: server.max_request_bytes,
             request_timeout: server.request_timeout(),
@@ -123,6 +182,7 @@ pub async fn run(
 
     tracing::info!("stopping replicas");
     let _ = stop_tx.send(true);
+    control.shutdown().await;
     for replicas in running {
         replicas.join().await;
     }

@@ -32,6 +32,10 @@ enum Command {
         /// Listen address; overrides server.listen.
         #[arg(long)]
         listen: Option<String>,
+        /// Data directory (store, builds, dependency cache); overrides server.data_dir.
+        /// Default ./data.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// Check the configuration and exit.
         #[arg(long)]
         check: bool,
@@ -52,14 +56,21 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             listen,
+            data_dir,
             check,
-        } => serve(config, listen, check),
+        } => serve(config, listen, data_dir, check),
     }
 }
 
-fn serve(config_path: Option<PathBuf>, listen: Option<String>, check: bool) -> ExitCode {
+fn serve(
+    config_path: Option<PathBuf>,
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    check: bool,
+) -> ExitCode {
     let overrides = Overrides {
         listen,
+        data_dir,
         env: std::env::vars().collect(),
     };
     let config = match &config_path {

@@ -170,6 +170,31 @@ impl Pool {
         }
     }
 
+    /// Number of slots with a ready process.
+    pub fn ready_count(&self) -> usize {
+        self.lock()
+            .health
+            .iter()
+            .filter(|h| **h == SlotHealth::Ready)
+            .count()
+    }
+
+    /// True when any slot has failed to load or is crash-looping.
+    pub fn any_failed(&self) -> bool {
+        self.lock().health.contains(&SlotHealth::Failed)
+    }
+
+    /// True when nobody waits and every ready replica is back in the idle set: nothing in flight.
+    pub fn drained(&self) -> bool {
+        let st = self.lock();
+        let ready = st
+            .health
+            .iter()
+            .filter(|h| **h == SlotHealth::Ready)
+            .count();
+        st.waiters.iter().all(|w| w.is_closed()) && st.idle.len() >= ready
+    }
+
     /// True when at least one replica is ready.
     pub fn is_ready(&self) -> bool {
         self.lock().health.contains(&SlotHealth::Ready)

@@ -41,7 +41,12 @@ pub struct Slot {
     pub busy: Gauge,
     /// CPU seconds of the slot's processes, for `modelgate_replica_cpu_seconds_total`.
     pub cpu: Mutex<CpuTotals>,
+    /// The last [`LOG_LINES`] lines the slot's processes printed, for the replica log API.
+    log: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Lines of output kept per replica slot.
+pub const LOG_LINES: usize = 2000;
 
 #[derive(Debug, Default)]
 pub struct CpuTotals {
@@ -52,8 +57,9 @@ pub struct CpuTotals {
 }
 
 impl Slot {
-    pub fn new(model: Arc<str>, index: usize) -> Slot {
-        let id: Arc<str> = format!("{model}-{index}").into();
+    /// A slot with id `<prefix>-<index>`.
+    pub fn new(model: Arc<str>, prefix: &str, index: usize) -> Slot {
+        let id: Arc<str> = format!("{prefix}-{index}").into();
         let busy = metrics::gauge!(
             crate::metrics::REPLICA_BUSY,
             "model" => model.to_string(),
@@ -67,6 +73,7 @@ impl Slot {
             kill_reason: AtomicU8::new(0),
             busy,
             cpu: Mutex::new(CpuTotals::default()),
+            log: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -98,6 +105,24 @@ impl Slot {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+
+    /// Keeps a line of the replica's output, dropping the oldest beyond [`LOG_LINES`].
+    pub fn push_log(&self, line: String) {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() == LOG_LINES {
+            log.pop_front();
+        }
+        log.push_back(line);
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn take_kill_reason(&self) -> KillReason {

@@ -24,6 +24,9 @@ use crate::routing::Routes;
 /// Shared state of the HTTP front.
 pub struct App {
     pub routes: Arc<Routes>,
+    /// The control plane, whose REST API is served under `/api/v2` when `api_enabled`.
+    pub control: Arc<crate::control::ControlPlane>,
+    pub api_enabled: bool,
     pub limits: PredictLimits,
     pub metrics: PrometheusHandle,
 }
@@ -41,6 +44,13 @@ impl App {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/model") => predict::handle(&self.routes, self.limits, req).await,
             (_, "/model") => ApiError::MethodNotAllowed { allowed: "POST" }.into_response(),
+            (_, path) if path == "/api/v2" || path.starts_with("/api/v2/") => {
+                if self.api_enabled {
+                    crate::api::handle(&self.control, req).await
+                } else {
+                    ApiError::NotFound("/api/v2 (the API is served on loopback listeners only until API keys exist)".into()).into_response()
+                }
+            }
             (&Method::GET, "/metrics") => self.render_metrics(),
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &br#"{"status":"ok"}"#[..]),
             (&Method::GET, "/readyz") => self.readiness(),
@@ -74,7 +84,8 @@ impl App {
         let not_ready: Vec<&str> = snapshot
             .models()
             .iter()
-            .filter(|m| !m.pool.is_ready())
+            // Models with no replicas (stopped, never deployed) are not expected to be ready.
+            .filter(|m| !m.slots.is_empty() && !m.pool.is_ready())
             .map(|m| &*m.name)
             .collect();
         let ready = not_ready.is_empty();

@@ -63,6 +63,10 @@ impl ReplicaSettings {
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub name: Arc<str>,
+    /// Replica ids are `<prefix>-<index>`: the model name, plus the deployment when there is one.
+    pub replica_prefix: String,
+    /// Directories added to `sys.path` after the model directory (installed dependencies).
+    pub python_path: Vec<PathBuf>,
     pub dir: PathBuf,
     pub file: String,
     pub function: String,
@@ -94,7 +98,7 @@ pub fn start_model(
     stop: watch::Receiver<bool>,
 ) -> ModelReplicas {
     let slots: Vec<Arc<Slot>> = (0..spec.replicas)
-        .map(|i| Arc::new(Slot::new(spec.name.clone(), i)))
+        .map(|i| Arc::new(Slot::new(spec.name.clone(), &spec.replica_prefix, i)))
         .collect();
     let tasks = slots
         .iter()
@@ -223,6 +227,11 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
         .arg(&spec.file)
         .arg("--function")
         .arg(&spec.function)
+        .args(
+            spec.python_path
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--python-path"), p.as_os_str()]),
+        )
         .envs(&spec.env)
         .env("PYTHONUNBUFFERED", "1")
         .env("MODELGATE_MODEL", &*spec.name)
@@ -244,10 +253,10 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
     let slot = &task.slot;
     tracing::info!(replica = %slot.id, generation, pid, "replica starting");
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump_log(out, slot.id.clone(), generation, "stdout"));
+        tokio::spawn(pump_log(out, slot.clone(), generation, "stdout"));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump_log(err, slot.id.clone(), generation, "stderr"));
+        tokio::spawn(pump_log(err, slot.clone(), generation, "stderr"));
     }
 
     let started = Instant::now();
@@ -369,7 +378,7 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
 /// Copies a replica's output into the log, one event per line, bounding line length.
 async fn pump_log(
     reader: impl AsyncRead + Unpin,
-    replica: Arc<str>,
+    replica: Arc<Slot>,
     generation: u64,
     stream: &'static str,
 ) {
@@ -400,14 +409,15 @@ async fn pump_log(
     }
 }
 
-fn emit(replica: &str, generation: u64, stream: &'static str, line: &[u8], dropped: usize) {
+fn emit(slot: &Slot, generation: u64, stream: &'static str, line: &[u8], dropped: usize) {
     let text = String::from_utf8_lossy(line);
-    let text = text.trim_end_matches('\r');
+    let mut text = text.trim_end_matches('\r').to_owned();
     if dropped > 0 {
-        tracing::info!(target: "replica", replica, generation, stream, "{text} [line truncated, {dropped} bytes dropped]");
-    } else {
-        tracing::info!(target: "replica", replica, generation, stream, "{text}");
+        text.push_str(&format!(" [line truncated, {dropped} bytes dropped]"));
     }
+    let replica = &*slot.id;
+    tracing::info!(target: "replica", replica, generation, stream, "{text}");
+    slot.push_log(format!("{} {stream} {text}", crate::now_rfc3339()));
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -522,7 +522,7 @@ async fn timeout_from_environment_and_next_request_works() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nrequest_timeout_secs = 30\n{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\nrequest_timeout_secs = 30\n{}",
             model("slow", "slow", 1)
         ),
     )
@@ -853,7 +853,7 @@ async fn bundled_examples_serve_add_and_iris() {
         "fit.py failed (is scikit-learn installed?): {}",
         String::from_utf8_lossy(&fit.stderr)
     );
-    let config = "[server]\nlisten = \"127.0.0.1:0\"\n[[models]]\nname = \"add\"\npath = \"examples/add_numbers\"\nfile = \"add_numbers.py\"\nfunction = \"add\"\n\n[[models]]\nname = \"iris\"\npath = \"examples/iris\"\nfile = \"predict.py\"\nfunction = \"predict\"\n";
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[models]]\nname = \"add\"\npath = \"examples/add_numbers\"\nfile = \"add_numbers.py\"\nfunction = \"add\"\n\n[[models]]\nname = \"iris\"\npath = \"examples/iris\"\nfile = \"predict.py\"\nfunction = \"predict\"\n";
     std::fs::write(work.path().join("modelgate.toml"), config).unwrap();
     let cfg = work.path().join("modelgate.toml");
     // Keys are generated and printed at start-up.

@@ -46,7 +46,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n{}",
+                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n{}",
                 models.join("\n")
             ),
         )

@@ -1,0 +1,539 @@
+//! The REST API under `/api/v2`: projects → models → builds → deployments, JSON in and out.
+//!
+//! Handlers validate input, call the store on the blocking pool and the [`ControlPlane`] for
+//! anything that runs (builds, deployments) or changes routing. The API is served only on a
+//! loopback listener until API keys exist (see ARCHITECTURE.md).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use modelgate_control::builds::BuildPaths;
+use modelgate_control::store::{
+    deployment_status as ds, Build, BuildStatus, Deployment, Model, NewDeployment, NewModel,
+    NewProject, Project,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::control::{blocking, ControlPlane};
+use crate::error::{json_response, ApiError, Body};
+
+/// Largest JSON body the API accepts.
+const MAX_JSON_BYTES: usize = 1024 * 1024;
+
+pub async fn handle(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Response<Body> {
+    match route(cp, req).await {
+        Ok(resp) => resp,
+        Err(err) => err.into_response(),
+    }
+}
+
+fn ok(status: StatusCode, value: serde_json::Value) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(
+        status,
+        serde_json::to_vec(&value).unwrap_or_default(),
+    ))
+}
+
+fn id(segment: &str, what: &'static str) -> Result<i64, ApiError> {
+    segment
+        .parse()
+        .map_err(|_| ApiError::ResourceNotFound(what))
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_JSON_BYTES)
+        .collect()
+        .await
+        .map_err(|_| ApiError::TooLarge {
+            limit: MAX_JSON_BYTES as u64,
+        })?
+        .to_bytes();
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segs: Vec<&str> = path
+        .strip_prefix("/api/v2")
+        .unwrap_or("")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let method = req.method().clone();
+    match (method, segs.as_slice()) {
+        (Method::GET, ["projects"]) => {
+            let store = cp.store.clone();
+            let list = blocking(move || store.projects()).await?;
+            ok(StatusCode::OK, json!({ "projects": list }))
+        }
+        (Method::POST, ["projects"]) => create_project(cp, read_json(req).await?).await,
+        (Method::GET, ["projects", p]) => {
+            let pid = id(p, "project")?;
+            let store = cp.store.clone();
+            ok(
+                StatusCode::OK,
+                json!(blocking(move || store.project(pid)).await?),
+            )
+        }
+        (Method::GET, ["projects", p, "models"]) => {
+            let pid = id(p, "project")?;
+            let store = cp.store.clone();
+            let models = blocking(move || {
+                store.project(pid)?;
+                store.models(pid)
+            })
+            .await?;
+            let list: Vec<_> = models.iter().map(model_json).collect();
+            ok(StatusCode::OK, json!({ "models": list }))
+        }
+        (Method::POST, ["projects", p, "models"]) => {
+            create_model(cp, id(p, "project")?, read_json(req).await?).await
+        }
+        (method, ["projects", p, "models", m, rest @ ..]) => {
+            let (pid, mid) = (id(p, "project")?, id(m, "model")?);
+            let store = cp.store.clone();
+            let model = blocking(move || {
+                let model = store.model(mid)?;
+                if model.project_id != pid {
+                    return Err(modelgate_control::store::StoreError::NotFound("model"));
+                }
+                Ok(model)
+            })
+            .await?;
+            model_routes(cp, method, model, rest, req).await
+        }
+        (_, _) => Err(ApiError::NotFound(path.chars().take(200).collect())),
+    }
+}
+
+async fn model_routes(
+    cp: &Arc<ControlPlane>,
+    method: Method,
+    model: Model,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    match (method, rest) {
+        (Method::GET, []) => ok(StatusCode::OK, model_json(&model)),
+        (Method::DELETE, []) => delete_model(cp, model).await,
+        (Method::POST, ["access_key"]) => {
+            let key = crate::keys::generate_access_key();
+            let store = cp.store.clone();
+            let mid = model.id;
+            let model = blocking(move || store.set_access_key(mid, &key)).await?;
+            // Published before answering: the old key fails from the very next request.
+            cp.publish().await?;
+            ok(StatusCode::OK, model_json(&model))
+        }
+        (Method::GET, ["builds"]) => {
+            let store = cp.store.clone();
+            let mid = model.id;
+            let builds = blocking(move || store.builds(mid)).await?;
+            ok(StatusCode::OK, json!({ "builds": builds }))
+        }
+        (Method::POST, ["builds"]) => create_build(cp, &model, read_json(req).await?).await,
+        (Method::GET, ["builds", b]) => {
+            let build = owned_build(cp, &model, b).await?;
+            ok(StatusCode::OK, json!(build))
+        }
+        (Method::GET, ["builds", b, "log"]) => {
+            let build = owned_build(cp, &model, b).await?;
+            let offset: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("offset=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            build_log(cp, &build, offset).await
+        }
+        (Method::GET, ["deployments"]) => {
+            let store = cp.store.clone();
+            let mid = model.id;
+            let list = blocking(move || store.deployments(mid)).await?;
+            ok(StatusCode::OK, json!({ "deployments": list }))
+        }
+        (Method::POST, ["deployments"]) => {
+            create_deployment(cp, &model, read_json(req).await?).await
+        }
+        (Method::GET, ["deployments", d]) => {
+            let dep = owned_deployment(cp, &model, d).await?;
+            ok(StatusCode::OK, json!(dep))
+        }
+        (Method::POST, ["deployments", d, "stop"]) => {
+            let dep = owned_deployment(cp, &model, d).await?;
+            cp.stop_deployment(&dep).await?;
+            let store = cp.store.clone();
+            ok(
+                StatusCode::OK,
+                json!(blocking(move || store.deployment(dep.id)).await?),
+            )
+        }
+        (Method::POST, ["deployments", d, "restart"]) => {
+            let dep = owned_deployment(cp, &model, d).await?;
+            let cp2 = cp.clone();
+            let dep2 = dep.clone();
+            tokio::spawn(async move { cp2.run_deployment(dep2).await });
+            ok(StatusCode::ACCEPTED, json!(dep))
+        }
+        (Method::GET, ["replicas"]) => {
+            let list = match cp.deployment_slots(model.id).await {
+                Some((dep, slots, pool)) => {
+                    let health = pool.health();
+                    slots
+                        .iter()
+                        .zip(health)
+                        .map(|(s, h)| {
+                            json!({
+                                "id": &*s.id,
+                                "deployment_id": dep,
+                                "status": format!("{h:?}").to_lowercase(),
+                                "pid": s.pgid(),
+                            })
+                        })
+                        .collect()
+                }
+                None => Vec::new(),
+            };
+            ok(StatusCode::OK, json!({ "replicas": list }))
+        }
+        (Method::GET, ["replicas", r, "logs"]) => {
+            let slots = cp
+                .deployment_slots(model.id)
+                .await
+                .map(|(_, s, _)| s)
+                .unwrap_or_default();
+            let slot = slots
+                .iter()
+                .find(|s| &*s.id == *r)
+                .ok_or(ApiError::ResourceNotFound("replica"))?;
+            ok(
+                StatusCode::OK,
+                json!({ "replica": &*slot.id, "lines": slot.log_lines() }),
+            )
+        }
+        _ => Err(ApiError::NotFound(format!(
+            "model resource {}",
+            rest.join("/")
+        ))),
+    }
+}
+
+fn model_json(m: &Model) -> serde_json::Value {
+    json!({
+        "id": m.id,
+        "project_id": m.project_id,
+        "name": m.name,
+        "description": m.description,
+        "owner": m.owner,
+        "access_key": m.access_key,
+        "enable_authentication": m.enable_authentication,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProject {
+    name: String,
+    #[serde(default)]
+    description: String,
+    /// A directory on the server holding the project's files.
+    path: Option<PathBuf>,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+async fn create_project(
+    cp: &Arc<ControlPlane>,
+    body: CreateProject,
+) -> Result<Response<Body>, ApiError> {
+    if !valid_name(&body.name) {
+        return Err(ApiError::InvalidRequest(
+            "name must be 1-64 letters, digits, '-', '_' or '.'".into(),
+        ));
+    }
+    let source = match &body.path {
+        Some(p) => {
+            if !p.is_absolute() {
+                return Err(ApiError::InvalidRequest("path must be absolute".into()));
+            }
+            let canon = p
+                .canonicalize()
+                .map_err(|e| ApiError::InvalidRequest(format!("path {}: {e}", p.display())))?;
+            if !canon.is_dir() {
+                return Err(ApiError::InvalidRequest(format!(
+                    "path {} is not a directory",
+                    p.display()
+                )));
+            }
+            canon
+        }
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "a project needs \"path\": a directory on the server holding its files".into(),
+            ))
+        }
+    };
+    let store = cp.store.clone();
+    let project: Project = blocking(move || {
+        store.create_project(NewProject {
+            name: &body.name,
+            description: &body.description,
+            source_path: &source.to_string_lossy(),
+        })
+    })
+    .await?;
+    ok(StatusCode::CREATED, json!(project))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateModel {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    owner: String,
+    #[serde(default = "yes")]
+    enable_authentication: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn create_model(
+    cp: &Arc<ControlPlane>,
+    pid: i64,
+    body: CreateModel,
+) -> Result<Response<Body>, ApiError> {
+    if !valid_name(&body.name) {
+        return Err(ApiError::InvalidRequest(
+            "name must be 1-64 letters, digits, '-', '_' or '.'".into(),
+        ));
+    }
+    let key = crate::keys::generate_access_key();
+    let store = cp.store.clone();
+    let model = blocking(move || {
+        store.create_model(NewModel {
+            project_id: pid,
+            name: &body.name,
+            description: &body.description,
+            owner: &body.owner,
+            access_key: &key,
+            enable_authentication: body.enable_authentication,
+        })
+    })
+    .await?;
+    cp.publish().await?;
+    ok(StatusCode::CREATED, model_json(&model))
+}
+
+async fn delete_model(cp: &Arc<ControlPlane>, model: Model) -> Result<Response<Body>, ApiError> {
+    let store = cp.store.clone();
+    let mid = model.id;
+    let deployments = blocking(move || store.deployments(mid)).await?;
+    let active = deployments
+        .iter()
+        .any(|d| ds::ACTIVE.contains(&d.status.as_str()) || d.status == ds::STOPPING);
+    if active || cp.running(model.id).await.is_some() {
+        return Err(ApiError::Conflict(
+            "the model has an active deployment; stop it before deleting the model".into(),
+        ));
+    }
+    let store = cp.store.clone();
+    let builds = blocking(move || {
+        let builds = store.builds(mid)?;
+        store.delete_model(mid)?;
+        Ok(builds)
+    })
+    .await?;
+    cp.publish().await?;
+    for b in builds {
+        let _ = std::fs::remove_dir_all(BuildPaths::new(&cp.builds.data_dir, b.id).root);
+    }
+    Ok(Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Body::new(Bytes::new()))
+        .expect("static response"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBuild {
+    file_path: String,
+    function_name: String,
+}
+
+async fn create_build(
+    cp: &Arc<ControlPlane>,
+    model: &Model,
+    body: CreateBuild,
+) -> Result<Response<Body>, ApiError> {
+    let fp = std::path::Path::new(&body.file_path);
+    if body.file_path.is_empty()
+        || fp.is_absolute()
+        || fp
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(ApiError::InvalidRequest(
+            "file_path must be a relative path inside the project".into(),
+        ));
+    }
+    if body.function_name.is_empty()
+        || !body
+            .function_name
+            .chars()
+            .all(|c| c == '_' || c.is_ascii_alphanumeric())
+        || body.function_name.starts_with(|c: char| c.is_ascii_digit())
+    {
+        return Err(ApiError::InvalidRequest(
+            "function_name must be a Python identifier".into(),
+        ));
+    }
+    let store = cp.store.clone();
+    let (mid, pid) = (model.id, model.project_id);
+    let (project, build) = blocking(move || {
+        let project = store.project(pid)?;
+        let build = store.create_build(mid, &body.file_path, &body.function_name)?;
+        Ok((project, build))
+    })
+    .await?;
+    cp.spawn_build(build.id, PathBuf::from(project.source_path));
+    ok(StatusCode::CREATED, json!(build))
+}
+
+async fn owned_build(cp: &Arc<ControlPlane>, model: &Model, b: &str) -> Result<Build, ApiError> {
+    let bid = id(b, "build")?;
+    let store = cp.store.clone();
+    let build = blocking(move || store.build(bid)).await?;
+    if build.model_id != model.id {
+        return Err(ApiError::ResourceNotFound("build"));
+    }
+    Ok(build)
+}
+
+async fn owned_deployment(
+    cp: &Arc<ControlPlane>,
+    model: &Model,
+    d: &str,
+) -> Result<Deployment, ApiError> {
+    let did = id(d, "deployment")?;
+    let store = cp.store.clone();
+    let dep = blocking(move || store.deployment(did)).await?;
+    if dep.model_id != model.id {
+        return Err(ApiError::ResourceNotFound("deployment"));
+    }
+    Ok(dep)
+}
+
+/// The build log from `offset` on, with the build status in headers so a client can follow it.
+async fn build_log(
+    cp: &Arc<ControlPlane>,
+    build: &Build,
+    offset: u64,
+) -> Result<Response<Body>, ApiError> {
+    let path = BuildPaths::new(&cp.builds.data_dir, build.id).log;
+    let text = tokio::fs::read(&path).await.unwrap_or_default();
+    let start = (offset as usize).min(text.len());
+    let chunk = Bytes::copy_from_slice(&text[start..]);
+    let finished = matches!(build.status, BuildStatus::Built | BuildStatus::Failed);
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-build-status", build.status.as_str())
+        .header("x-build-finished", if finished { "true" } else { "false" })
+        .header("x-log-next-offset", text.len().to_string())
+        .body(Body::new(chunk))
+        .expect("valid headers"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDeployment {
+    build_id: i64,
+    #[serde(default = "one")]
+    replicas: i64,
+    #[serde(default = "one_f")]
+    cpu: f64,
+    #[serde(default = "default_memory")]
+    memory_mb: i64,
+    #[serde(default)]
+    environment: BTreeMap<String, String>,
+}
+
+fn one() -> i64 {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_memory() -> i64 {
+    2048
+}
+
+async fn create_deployment(
+    cp: &Arc<ControlPlane>,
+    model: &Model,
+    body: CreateDeployment,
+) -> Result<Response<Body>, ApiError> {
+    let max = i64::from(cp.deploy.max_replicas);
+    if !(1..=max).contains(&body.replicas) {
+        return Err(ApiError::InvalidRequest(format!(
+            "replicas must be between 1 and {max} (server.max_replicas)"
+        )));
+    }
+    if !(body.cpu.is_finite() && body.cpu > 0.0) || body.memory_mb < 64 {
+        return Err(ApiError::InvalidRequest(
+            "cpu must be positive and memory_mb at least 64".into(),
+        ));
+    }
+    for k in body.environment.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::InvalidRequest(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
+    }
+    let build = owned_build(cp, model, &body.build_id.to_string()).await?;
+    if build.status != BuildStatus::Built {
+        return Err(ApiError::Conflict(format!(
+            "build {} is {:?}, not built",
+            build.build_number,
+            build.status.as_str()
+        )));
+    }
+    let store = cp.store.clone();
+    let mid = model.id;
+    let dep = blocking(move || {
+        store.create_deployment(NewDeployment {
+            model_id: mid,
+            build_id: body.build_id,
+            replicas: body.replicas,
+            cpu: body.cpu,
+            memory_mb: body.memory_mb,
+            environment: &body.environment,
+        })
+    })
+    .await?;
+    let cp2 = cp.clone();
+    let dep2 = dep.clone();
+    tokio::spawn(async move { cp2.run_deployment(dep2).await });
+    ok(StatusCode::CREATED, json!(dep))
+}

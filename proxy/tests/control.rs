@@ -1,0 +1,437 @@
+//! The control plane end to end: projects, models, builds and deployments through the REST API,
+//! against the real binary, real replica processes, real pip and a real SQLite file.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use serde_json::{json, Value};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+struct Api<'a> {
+    server: &'a Server,
+    c: reqwest::Client,
+}
+
+impl Api<'_> {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .c
+            .request(method, self.server.url(&format!("/api/v2{path}")));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// Creates a project from `dir`, a model in it, and returns (project id, model id, access key).
+    async fn project_and_model(&self, name: &str, dir: &Path) -> (i64, i64, String) {
+        let (s, p) = self
+            .post("/projects", json!({"name": name, "path": dir}))
+            .await;
+        assert_eq!(s, 201, "{p}");
+        let pid = p["id"].as_i64().unwrap();
+        let (s, m) = self
+            .post(&format!("/projects/{pid}/models"), json!({"name": name}))
+            .await;
+        assert_eq!(s, 201, "{m}");
+        (
+            pid,
+            m["id"].as_i64().unwrap(),
+            m["access_key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Starts a build and waits for it to finish; returns the build and its log.
+    async fn build(&self, pid: i64, mid: i64, file: &str, function: &str) -> (Value, String) {
+        let base = format!("/projects/{pid}/models/{mid}/builds");
+        let (s, b) = self
+            .post(&base, json!({"file_path": file, "function_name": function}))
+            .await;
+        assert_eq!(s, 201, "{b}");
+        assert_eq!(b["status"], "pending");
+        let bid = b["id"].as_i64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let (_, b) = self.get(&format!("{base}/{bid}")).await;
+            if b["status"] == "built" || b["status"] == "build failed" {
+                let log = self
+                    .c
+                    .get(self.server.url(&format!("/api/v2{base}/{bid}/log")))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                return (b, log);
+            }
+            assert!(Instant::now() < deadline, "build did not finish: {b}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deploys a build and waits until it is `deployed`; returns the deployment id.
+    async fn deploy(&self, pid: i64, mid: i64, build_id: i64, replicas: u32, env: Value) -> i64 {
+        let base = format!("/projects/{pid}/models/{mid}/deployments");
+        let (s, d) = self
+            .post(
+                &base,
+                json!({"build_id": build_id, "replicas": replicas, "environment": env}),
+            )
+            .await;
+        assert_eq!(s, 201, "{d}");
+        let did = d["id"].as_i64().unwrap();
+        self.wait_deployment(&format!("{base}/{did}"), "deployed")
+            .await;
+        did
+    }
+
+    async fn wait_deployment(&self, path: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, d) = self.get(path).await;
+            if d["status"] == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deployment not {status}: {d}\n{}",
+                self.server.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn write_model(dir: &Path, version: u32) {
+    std::fs::write(
+        dir.join("model.py"),
+        format!(
+            "import os\n\nVERSION = {version}\n\ndef predict(args):\n    return {{'sum': args['a'] + args['b'], 'version': VERSION, 'tier': os.environ.get('TIER')}}\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn build_deploy_redeploy_rollback_stop_restart_delete() {
+    let server = Server::start("", &[]);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    write_model(dir, 1);
+    std::fs::create_dir_all(dir.join(".git/refs")).unwrap();
+    std::fs::write(dir.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
+    std::fs::write(dir.join(".gitignore"), "*.log\n").unwrap();
+    std::fs::write(dir.join("debug.log"), "noise\n").unwrap();
+
+    let (pid, mid, key) = api.project_and_model("adder", dir).await;
+    let c = client();
+    // No deployment yet: the key is known but nothing serves it.
+    let (s, body) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (503, Some("model.unavailable"))
+    );
+
+    let (b1, log) = api.build(pid, mid, "model.py", "predict").await;
+    assert_eq!(b1["status"], "built", "{log}");
+    assert_eq!(b1["build_number"], 1);
+    assert_eq!(b1["sha256"].as_str().unwrap().len(), 64);
+    assert!(log.contains("no requirements.txt"), "{log}");
+    let artifact = server
+        .dir
+        .path()
+        .join("data/builds")
+        .join(b1["id"].to_string())
+        .join("src");
+    assert!(artifact.join("model.py").is_file());
+    assert!(
+        !artifact.join(".git").exists(),
+        ".git copied into the build"
+    );
+    assert!(
+        !artifact.join("debug.log").exists(),
+        "ignored file copied into the build"
+    );
+
+    let d1 = api
+        .deploy(
+            pid,
+            mid,
+            b1["id"].as_i64().unwrap(),
+            2,
+            json!({"TIER": "gold"}),
+        )
+        .await;
+    let (s, body) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(
+        body["response"],
+        json!({"sum": 3, "version": 1, "tier": "gold"})
+    );
+    let (_, replicas) = api
+        .get(&format!("/projects/{pid}/models/{mid}/replicas"))
+        .await;
+    assert_eq!(
+        replicas["replicas"].as_array().unwrap().len(),
+        2,
+        "{replicas}"
+    );
+
+    // A second build, deployed while a load loop runs: no request may fail.
+    write_model(dir, 2);
+    let (b2, _) = api.build(pid, mid, "model.py", "predict").await;
+    assert_eq!(
+        (b2["status"].as_str(), b2["build_number"].as_i64()),
+        (Some("built"), Some(2))
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, url, key, c) = (stop.clone(), server.url("/model"), key.clone(), c.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut versions) =
+                (0, Vec::new(), std::collections::BTreeSet::new());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let r = c
+                    .post(&url)
+                    .json(&json!({"accessKey": key, "request": {"a": 1, "b": 1}}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let v: Value = r.json().await.unwrap();
+                if status == 200 {
+                    ok += 1;
+                    versions.insert(v["response"]["version"].as_i64().unwrap());
+                } else {
+                    failed.push(v);
+                }
+            }
+            (ok, failed, versions)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d2 = api
+        .deploy(pid, mid, b2["id"].as_i64().unwrap(), 2, json!({}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, versions) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed during the redeploy: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 20, "{ok}");
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec![1, 2]);
+    let (_, old) = api
+        .get(&format!("/projects/{pid}/models/{mid}/deployments/{d1}"))
+        .await;
+    assert_eq!(old["status"], "stopped");
+    // Deployment environment is not inherited by the next deployment.
+    let (_, body) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(
+        body["response"],
+        json!({"sum": 3, "version": 2, "tier": null})
+    );
+
+    // Rollback to build 1.
+    let d3 = api
+        .deploy(pid, mid, b1["id"].as_i64().unwrap(), 1, json!({}))
+        .await;
+    let (_, body) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(body["response"]["version"], 1);
+    assert_ne!(d2, d3);
+
+    // Delete is refused while a deployment is active.
+    let (s, body) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/projects/{pid}/models/{mid}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (409, Some("resource.conflict"))
+    );
+
+    // Stop → 503; restart → serving again.
+    let dpath = format!("/projects/{pid}/models/{mid}/deployments/{d3}");
+    let (s, body) = api.post(&format!("{dpath}/stop"), json!({})).await;
+    assert_eq!(
+        (s, body["status"].as_str()),
+        (200, Some("stopped")),
+        "{body}"
+    );
+    let (s, body) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (503, Some("model.unavailable"))
+    );
+    let (s, _) = api.post(&format!("{dpath}/restart"), json!({})).await;
+    assert_eq!(s, 202);
+    api.wait_deployment(&dpath, "deployed").await;
+    let (s, _) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(s, 200);
+
+    // Regenerating the access key: the old one fails on the very next request.
+    let (s, m) = api
+        .post(
+            &format!("/projects/{pid}/models/{mid}/access_key"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let new_key = m["access_key"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, key);
+    let (s, body) = server.predict(&c, &key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (401, Some("access_key.invalid"))
+    );
+    let (s, _) = server.predict(&c, &new_key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(s, 200);
+
+    // Stopped, the model can be deleted, with its builds and deployments.
+    api.post(&format!("{dpath}/stop"), json!({})).await;
+    let (s, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/projects/{pid}/models/{mid}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = api.get(&format!("/projects/{pid}/models/{mid}")).await;
+    assert_eq!(s, 404);
+    let (s, body) = server.predict(&c, &new_key, json!({"a": 1, "b": 2})).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (401, Some("access_key.invalid"))
+    );
+    assert!(!artifact.exists(), "build artifacts removed with the model");
+}
+
+#[tokio::test]
+async fn failed_builds_say_why_and_the_dependency_cache_is_reused() {
+    let server = Server::start("", &[]);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    write_model(dir, 1);
+    let (pid, mid, _key) = api.project_and_model("failing", dir).await;
+
+    let (b, log) = api.build(pid, mid, "model.py", "no_such_function").await;
+    assert_eq!(b["status"], "build failed");
+    assert!(
+        log.contains("function \"no_such_function\" not found in model.py"),
+        "{log}"
+    );
+
+    std::fs::write(dir.join("build.sh"), "echo building; exit 3\n").unwrap();
+    let (b, log) = api.build(pid, mid, "model.py", "predict").await;
+    assert_eq!(b["status"], "build failed");
+    assert!(
+        log.contains("building") && log.contains("build.sh failed"),
+        "{log}"
+    );
+    std::fs::remove_file(dir.join("build.sh")).unwrap();
+
+    std::fs::write(
+        dir.join("requirements.txt"),
+        "modelgate-no-such-package-7f3a==0.0.1\n",
+    )
+    .unwrap();
+    let (b, log) = api.build(pid, mid, "model.py", "predict").await;
+    assert_eq!(b["status"], "build failed");
+    assert!(log.contains("pip install failed"), "{log}");
+
+    // A real dependency, imported by the model: installed once, then served from the cache.
+    std::fs::write(dir.join("requirements.txt"), "six==1.16.0\n").unwrap();
+    std::fs::write(
+        dir.join("uses_six.py"),
+        "import six\n\ndef predict(args):\n    return {'six': six.__version__, 'from': six.__file__}\n",
+    )
+    .unwrap();
+    let (b1, log1) = api.build(pid, mid, "uses_six.py", "predict").await;
+    assert_eq!(b1["status"], "built", "{log1}");
+    assert!(log1.contains("dependency cache miss"), "{log1}");
+    let (b2, log2) = api.build(pid, mid, "uses_six.py", "predict").await;
+    assert_eq!(b2["status"], "built", "{log2}");
+    assert!(log2.contains("dependency cache hit"), "{log2}");
+    assert!(!log2.contains("Collecting six"), "{log2}");
+
+    let (_, m) = api.get(&format!("/projects/{pid}/models/{mid}")).await;
+    let key = m["access_key"].as_str().unwrap().to_owned();
+    api.deploy(pid, mid, b2["id"].as_i64().unwrap(), 1, json!({}))
+        .await;
+    let (s, body) = server.predict(&client(), &key, json!({})).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["response"]["six"], "1.16.0");
+    assert!(
+        body["response"]["from"]
+            .as_str()
+            .unwrap()
+            .contains("/cache/deps/"),
+        "{body}"
+    );
+
+    // Bad input to the API is a clear 400.
+    let (s, body) = api
+        .post(
+            &format!("/projects/{pid}/models/{mid}/builds"),
+            json!({"file_path": "../x.py", "function_name": "f"}),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (400, Some("request.invalid"))
+    );
+    let (s, _) = api
+        .post(
+            &format!("/projects/{pid}/models/{mid}/deployments"),
+            json!({"build_id": b["id"], "replicas": 1}),
+        )
+        .await;
+    assert_eq!(s, 409, "a failed build cannot be deployed");
+    let (s, _) = api
+        .post(
+            &format!("/projects/{pid}/models/{mid}/deployments"),
+            json!({"build_id": b2["id"], "replicas": 10}),
+        )
+        .await;
+    assert_eq!(s, 400, "more replicas than max_replicas");
+    let (s, _) = api
+        .post("/projects", json!({"name": "failing", "path": dir}))
+        .await;
+    assert_eq!(s, 409, "duplicate project name");
+    let (s, _) = api.get("/projects/999/models").await;
+    assert_eq!(s, 404);
+}
