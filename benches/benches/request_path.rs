@@ -39,6 +39,7 @@ fn route(model: usize) -> Arc<ModelRoute> {
         pool: Arc::new(Pool::new(name.clone(), 1, 16)),
         metrics: ModelMetrics::new(&name, &slots),
         slots,
+        expected_ready: true,
         name,
     })
 }

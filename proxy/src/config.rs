@@ -363,6 +363,14 @@ function = "add"
     }
 
     #[test]
+    fn commented_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/modelgate.example.toml");
+        let config = Config::from_file(&path, &Overrides::default()).unwrap();
+        assert_eq!(config.models.len(), 2);
+        assert_eq!(config.builds.max_file_bytes, 52_428_800);
+    }
+
+    #[test]
     fn precedence_cli_over_env_over_file() {
         let text = format!("[server]\nlisten = \"127.0.0.1:1\"\nrequest_timeout_secs = 5\n{ADD}");
         let c = parse(&text, &Overrides::default()).unwrap();

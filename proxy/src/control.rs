@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use modelgate_control::builds::{self, BuildLog, BuildPaths, BuildSettings};
-use modelgate_control::store::{deployment_status as ds, BuildStatus, Deployment, Store};
+use modelgate_control::store::{
+    deployment_status as ds, BuildStatus, Deployment, Model, NewDeployment, NewModel, NewProject,
+    Project, Store, StoreError,
+};
 use tokio::sync::{watch, Mutex};
 
 use crate::error::ApiError;
@@ -39,12 +42,11 @@ pub struct ControlPlane {
     pub deploy: DeploySettings,
     replicas: Arc<ReplicaSettings>,
     routes: Arc<Routes>,
-    /// Models declared in the configuration file, routed alongside the stored ones.
-    statics: Vec<(String, Arc<ModelRoute>)>,
+    /// Models declared in the configuration file: expected to serve, even while building.
+    declared: std::sync::Mutex<std::collections::HashSet<i64>>,
     running: Mutex<HashMap<i64, Running>>,
     /// Deploy, stop and restart run one at a time, so two of them never race on one model.
     transitions: Mutex<()>,
-    starts: std::sync::atomic::AtomicU64,
 }
 
 /// A deployment whose replicas are running.
@@ -72,7 +74,6 @@ impl ControlPlane {
         deploy: DeploySettings,
         replicas: Arc<ReplicaSettings>,
         routes: Arc<Routes>,
-        statics: Vec<(String, Arc<ModelRoute>)>,
     ) -> ControlPlane {
         ControlPlane {
             store,
@@ -80,23 +81,31 @@ impl ControlPlane {
             deploy,
             replicas,
             routes,
-            statics,
+            declared: Default::default(),
             running: Mutex::new(HashMap::new()),
             transitions: Mutex::new(()),
-            starts: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// Rebuilds the routing snapshot from the store and the running deployments.
     pub async fn publish(&self) -> Result<(), ApiError> {
         let store = self.store.clone();
-        let models = blocking(move || store.all_models()).await?;
+        let (models, active) =
+            blocking(move || Ok((store.all_models()?, store.active_deployments()?))).await?;
+        let mut expected: std::collections::HashSet<i64> =
+            active.iter().map(|d| d.model_id).collect();
+        expected.extend(
+            self.declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter(),
+        );
         let running = self.running.lock().await;
-        let mut entries = self.statics.clone();
+        let mut entries = Vec::with_capacity(models.len());
         for m in models {
             let route = match running.get(&m.id) {
                 Some(r) => r.route.clone(),
-                None => idle_route(&m.name),
+                None => idle_route(&m.name, expected.contains(&m.id)),
             };
             entries.push((m.access_key, route));
         }
@@ -116,39 +125,108 @@ impl ControlPlane {
     /// Runs a build in the background.
     pub fn spawn_build(self: &Arc<Self>, build_id: i64, source: PathBuf) {
         let cp = self.clone();
-        tokio::spawn(async move {
-            let store = cp.store.clone();
-            let Ok(build) =
-                blocking(move || store.set_build_status(build_id, BuildStatus::Building, None))
+        tokio::spawn(async move { cp.execute_build(build_id, source).await });
+    }
+
+    /// Runs a build to its end; returns true when it built.
+    pub async fn execute_build(&self, build_id: i64, source: PathBuf) -> bool {
+        let store = self.store.clone();
+        let Ok(build) =
+            blocking(move || store.set_build_status(build_id, BuildStatus::Building, None)).await
+        else {
+            return false;
+        };
+        let paths = BuildPaths::new(&self.builds.data_dir, build_id);
+        let outcome = match BuildLog::create(&paths.log) {
+            Ok(mut log) => builds::run_build(
+                &self.builds,
+                &source,
+                &paths,
+                &build.file_path,
+                &build.function_name,
+                &mut log,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot write the build log: {e}")),
+        };
+        let (status, digest) = match outcome {
+            Ok(d) => (BuildStatus::Built, Some(d)),
+            Err(why) => {
+                // The log's tail goes to the server log too: operators look there first.
+                let log = std::fs::read_to_string(&paths.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                tracing::warn!(build = build_id, "build failed: {why}\n{tail}");
+                (BuildStatus::Failed, None)
+            }
+        };
+        let store = self.store.clone();
+        let _ = blocking(move || store.set_build_status(build_id, status, digest.as_deref())).await;
+        status == BuildStatus::Built
+    }
+
+    /// Makes the models of the configuration file ordinary projects, models, builds and
+    /// deployments: each is rebuilt from its directory and deployed in the background.
+    /// Returns, per model, the access key to show (None when the configuration sets it).
+    pub async fn declare(
+        self: &Arc<Self>,
+        models: &[crate::config::ModelConfig],
+    ) -> Result<Vec<(String, Option<String>)>, ApiError> {
+        let mut shown = Vec::new();
+        for cfg in models {
+            let store = self.store.clone();
+            let c = cfg.clone();
+            let (project, model) = blocking(move || upsert_declared(&*store, &c)).await?;
+            self.declared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(model.id);
+            let key = cfg.access_key.is_none().then(|| model.access_key.clone());
+            shown.push((cfg.name.clone(), key));
+            let cp = self.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                cp.build_and_deploy(&cfg, model.id, PathBuf::from(project.source_path))
                     .await
-            else {
-                return;
-            };
-            let paths = BuildPaths::new(&cp.builds.data_dir, build_id);
-            let outcome = match BuildLog::create(&paths.log) {
-                Ok(mut log) => builds::run_build(
-                    &cp.builds,
-                    &source,
-                    &paths,
-                    &build.file_path,
-                    &build.function_name,
-                    &mut log,
-                )
-                .await
-                .map_err(|e| e.to_string()),
-                Err(e) => Err(format!("cannot write the build log: {e}")),
-            };
-            let store = cp.store.clone();
-            let (status, digest) = match outcome {
-                Ok(d) => (BuildStatus::Built, Some(d)),
-                Err(why) => {
-                    tracing::warn!(build = build_id, "build failed: {why}");
-                    (BuildStatus::Failed, None)
-                }
-            };
-            let _ =
-                blocking(move || store.set_build_status(build_id, status, digest.as_deref())).await;
-        });
+            });
+        }
+        self.publish().await?;
+        Ok(shown)
+    }
+
+    async fn build_and_deploy(
+        self: &Arc<Self>,
+        cfg: &crate::config::ModelConfig,
+        model_id: i64,
+        source: PathBuf,
+    ) {
+        let store = self.store.clone();
+        let (file, function) = (cfg.file.clone(), cfg.function.clone());
+        let Ok(build) = blocking(move || store.create_build(model_id, &file, &function)).await
+        else {
+            return;
+        };
+        tracing::info!(model = %cfg.name, build = build.build_number, "building declared model");
+        if !self.execute_build(build.id, source).await {
+            return;
+        }
+        let store = self.store.clone();
+        let (env, replicas) = (cfg.env.clone(), i64::from(cfg.replicas));
+        let created = blocking(move || {
+            store.create_deployment(NewDeployment {
+                model_id,
+                build_id: build.id,
+                replicas,
+                cpu: 1.0,
+                memory_mb: 2048,
+                environment: &env,
+            })
+        })
+        .await;
+        if let Ok(dep) = created {
+            self.run_deployment(dep).await;
+        }
     }
 
     /// Starts a deployment's replicas and, once all are ready, swaps it in for the model's current
@@ -181,14 +259,12 @@ impl ControlPlane {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
 
-        let start = self
-            .starts
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut env = self.deploy.global_env.clone();
         env.extend(dep.environment.clone());
         let spec = Arc::new(ModelSpec {
             name: model.name.as_str().into(),
-            replica_prefix: format!("{}-{}-{}", model.name, dep.id, start),
+            // Replica ids name the slot, not the process: `<model>-<index>` across deployments.
+            replica_prefix: model.name.clone(),
             python_path: paths.deps_dir().into_iter().collect(),
             dir: paths.src.clone(),
             file: build.file_path.clone(),
@@ -230,6 +306,7 @@ impl ControlPlane {
             pool,
             metrics: ModelMetrics::new(&spec.name, &replicas.slots),
             slots: replicas.slots.clone(),
+            expected_ready: true,
         });
         let old = self.running.lock().await.insert(
             model.id,
@@ -243,10 +320,19 @@ impl ControlPlane {
         self.publish().await.map_err(|e| e.to_string())?;
         self.set_status(dep.id, ds::DEPLOYED).await;
         tracing::info!(deployment = dep.id, model = %model.name, "deployment serving");
-        if let Some(old) = old {
-            if old.deployment_id != dep.id {
-                self.set_status(old.deployment_id, ds::STOPPED).await;
+        // Exactly one active deployment per model: every other one is now stopped.
+        let store = self.store.clone();
+        let (mid, did) = (model.id, dep.id);
+        let _ = blocking(move || {
+            for other in store.deployments(mid)? {
+                if other.id != did && other.status != ds::STOPPED && other.status != ds::FAILED {
+                    store.set_deployment_status(other.id, ds::STOPPED)?;
+                }
             }
+            Ok(())
+        })
+        .await;
+        if let Some(old) = old {
             tokio::spawn(drain_and_stop(old, self.deploy.drain_timeout));
         }
         Ok(())
@@ -276,8 +362,17 @@ impl ControlPlane {
     pub async fn restore(self: &Arc<Self>) -> Result<(), ApiError> {
         let store = self.store.clone();
         let active = blocking(move || store.active_deployments()).await?;
+        let declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut newest: HashMap<i64, Deployment> = HashMap::new();
-        for dep in active {
+        // Declared models are rebuilt and redeployed from the configuration instead.
+        for dep in active
+            .into_iter()
+            .filter(|d| !declared.contains(&d.model_id))
+        {
             if let Some(older) = newest.insert(dep.model_id, dep) {
                 self.set_status(older.id, ds::STOPPED).await;
             }
@@ -329,13 +424,59 @@ async fn drain_and_stop(old: Running, bound: Duration) {
     old.replicas.join().await;
 }
 
-/// The route of a model without running replicas: every call gets 503.
-fn idle_route(name: &str) -> Arc<ModelRoute> {
+/// The route of a model without running replicas: every call gets 503. `expected_ready` says
+/// whether it should be serving (declared, or a deployment is on its way), for `/readyz`.
+fn idle_route(name: &str, expected_ready: bool) -> Arc<ModelRoute> {
     let name: Arc<str> = name.into();
     Arc::new(ModelRoute {
         pool: Arc::new(Pool::new(name.clone(), 0, 1)),
         metrics: ModelMetrics::new(&name, &[]),
         slots: Vec::new(),
+        expected_ready,
         name,
     })
+}
+
+/// Finds or creates the project and model of a model declared in the configuration.
+fn upsert_declared(
+    store: &dyn Store,
+    cfg: &crate::config::ModelConfig,
+) -> Result<(Project, Model), StoreError> {
+    let dir = cfg.path.canonicalize().unwrap_or_else(|_| cfg.path.clone());
+    let dir = dir.to_string_lossy();
+    let project = match store.projects()?.into_iter().find(|p| p.name == cfg.name) {
+        Some(p) if p.source_path == dir => p,
+        Some(p) => store.set_project_source(p.id, &dir)?,
+        None => store.create_project(NewProject {
+            name: &cfg.name,
+            description: "declared in the configuration file",
+            source_path: &dir,
+        })?,
+    };
+    let model = match store
+        .models(project.id)?
+        .into_iter()
+        .find(|m| m.name == cfg.name)
+    {
+        Some(m) => m,
+        None => {
+            let key = cfg
+                .access_key
+                .clone()
+                .unwrap_or_else(crate::keys::generate_access_key);
+            store.create_model(NewModel {
+                project_id: project.id,
+                name: &cfg.name,
+                description: "",
+                owner: "config",
+                access_key: &key,
+                enable_authentication: false,
+            })?
+        }
+    };
+    let model = match &cfg.access_key {
+        Some(k) if *k != model.access_key => store.set_access_key(model.id, k)?,
+        _ => model,
+    };
+    Ok((project, model))
 }

@@ -28,55 +28,20 @@ use modelgate_control::store::{SqliteStore, Store};
 
 use crate::config::Config;
 use crate::control::{ControlPlane, DeploySettings};
-use crate::pool::Pool;
 use crate::predict::PredictLimits;
-use crate::routing::{ModelMetrics, ModelRoute, Routes};
+use crate::routing::Routes;
 use crate::server::{App, ConnSettings};
-use crate::supervisor::{ModelSpec, ReplicaSettings};
+use crate::supervisor::ReplicaSettings;
 
 /// Now, as an RFC 3339 timestamp (UTC).
 pub fn now_rfc3339() -> String {
     modelgate_control::store::now()
 }
 
-/// A model as it will be served, with its access key settled.
-pub struct ServedModel {
-    pub spec: ModelSpec,
-    pub access_key: String,
-    /// True when the key was generated at start-up (and so must be shown to the operator).
-    pub generated_key: bool,
-}
-
-/// Settles access keys: the configured one, or a fresh random one.
-pub fn served_models(config: &Config) -> Vec<ServedModel> {
-    config
-        .models
-        .iter()
-        .map(|m| ServedModel {
-            spec: ModelSpec {
-                name: m.name.as_str().into(),
-                replica_prefix: m.name.clone(),
-                python_path: Vec::new(),
-                dir: m.path.clone(),
-                file: m.file.clone(),
-                function: m.function.clone(),
-                replicas: m.replicas as usize,
-                env: m.env.clone(),
-            },
-            generated_key: m.access_key.is_none(),
-            access_key: m
-                .access_key
-                .clone()
-                .unwrap_or_else(keys::generate_access_key),
-        })
-        .collect()
-}
-
 /// Runs the server on `listener` until `shutdown` resolves, then drains requests and stops every
 /// replica process before returning.
 pub async fn run(
     config: Config,
-    models: Vec<ServedModel>,
     listener: TcpListener,
     runtime: PathBuf,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -99,33 +64,7 @@ pub async fn run(
         socket_dir.clone(),
         server.replica_start_timeout(),
     ));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    // Models declared in the configuration run for the life of the process.
-    let mut running = Vec::new();
-    let mut statics = Vec::new();
-    for model in models {
-        let spec = Arc::new(model.spec);
-        let pool = Arc::new(Pool::new(
-            spec.name.clone(),
-            spec.replicas,
-            server.max_queue,
-        ));
-        let replicas = supervisor::start_model(
-            spec.clone(),
-            pool.clone(),
-            settings.clone(),
-            stop_rx.clone(),
-        );
-        let route = Arc::new(ModelRoute {
-            name: spec.name.clone(),
-            pool,
-            metrics: ModelMetrics::new(&spec.name, &replicas.slots),
-            slots: replicas.slots.clone(),
-        });
-        statics.push((model.access_key, route));
-        running.push(replicas);
-    }
     let routes = Arc::new(Routes::default());
     let control = Arc::new(ControlPlane::new(
         store,
@@ -145,18 +84,29 @@ pub async fn run(
         },
         settings,
         routes.clone(),
-        statics,
     ));
-    control
-        .publish()
+    // Declared models first, so that restoring skips them: they are rebuilt from their directory.
+    let shown = control
+        .declare(&config.models)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| anyhow::anyhow!("declaring the configured models: {e}"))?;
     control
         .restore()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (name, key) in shown {
+        match key {
+            Some(key) => println!(
+                "model {name:?}: access key {key} (set access_key in the config to choose it)"
+            ),
+            None => println!("model {name:?}: access key from the configuration"),
+        }
+    }
+    let addr = listener.local_addr()?;
+    println!("modelgate listening on http://{addr}");
+    tracing::info!(%addr, "listening");
 
-    let api_enabled = listener.local_addr()?.ip().is_loopback();
+    let api_enabled = addr.ip().is_loopback();
     if !api_enabled {
         tracing::warn!(
             "/api/v2 is disabled: it is only served on loopback listeners until API keys exist"
@@ -181,11 +131,7 @@ pub async fn run(
     server::serve(app, listener, conn, shutdown).await;
 
     tracing::info!("stopping replicas");
-    let _ = stop_tx.send(true);
     control.shutdown().await;
-    for replicas in running {
-        replicas.join().await;
-    }
     let _ = std::fs::remove_dir_all(&socket_dir);
     tracing::info!("stopped");
     Ok(())

@@ -114,25 +114,14 @@ fn serve(
         let listener = match tokio::net::TcpListener::bind(&config.server.listen).await {
             Ok(l) => l,
             Err(err) => {
-                eprintln!("modelgate: cannot listen on {}: {err}", config.server.listen);
+                eprintln!(
+                    "modelgate: cannot listen on {}: {err}",
+                    config.server.listen
+                );
                 return ExitCode::FAILURE;
             }
         };
-        let addr = listener.local_addr().expect("bound listener has an address");
-        let models = modelgate::served_models(&config);
-        for m in &models {
-            if m.generated_key {
-                println!(
-                    "model {:?}: access key {} (generated; set access_key in the config to keep it)",
-                    &*m.spec.name, m.access_key
-                );
-            } else {
-                println!("model {:?}: access key from the configuration", &*m.spec.name);
-            }
-        }
-        println!("modelgate listening on http://{addr}");
-        tracing::info!(%addr, "listening");
-        match modelgate::run(config, models, listener, runtime, metrics, shutdown_signal()).await {
+        match modelgate::run(config, listener, runtime, metrics, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("modelgate: {err:#}");

@@ -19,6 +19,8 @@ pub struct ModelRoute {
     pub pool: Arc<Pool>,
     pub slots: Vec<Arc<Slot>>,
     pub metrics: ModelMetrics,
+    /// Whether `/readyz` waits for this model (false for stopped or never-deployed models).
+    pub expected_ready: bool,
 }
 
 /// Metric handles registered once per model, so the hot path does no label hashing.

@@ -435,3 +435,119 @@ async fn failed_builds_say_why_and_the_dependency_cache_is_reused() {
     let (s, _) = api.get("/projects/999/models").await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test]
+async fn deployments_come_back_after_a_restart() {
+    let mut server = Server::start("", &[]);
+    let project = tempfile::tempdir().unwrap();
+    write_model(project.path(), 7);
+    let (pid, mid, key, did) = {
+        let api = Api {
+            server: &server,
+            c: client(),
+        };
+        let (pid, mid, key) = api.project_and_model("durable", project.path()).await;
+        let (b, log) = api.build(pid, mid, "model.py", "predict").await;
+        assert_eq!(b["status"], "built", "{log}");
+        let did = api
+            .deploy(pid, mid, b["id"].as_i64().unwrap(), 1, json!({"TIER": "x"}))
+            .await;
+        (pid, mid, key, did)
+    };
+    for kill in [false, true] {
+        server.restart(kill);
+        let api = Api {
+            server: &server,
+            c: client(),
+        };
+        api.wait_deployment(
+            &format!("/projects/{pid}/models/{mid}/deployments/{did}"),
+            "deployed",
+        )
+        .await;
+        let (s, body) = server
+            .predict(&client(), &key, json!({"a": 2, "b": 2}))
+            .await;
+        assert_eq!(s, 200, "after restart (kill: {kill}): {body}");
+        assert_eq!(
+            body["response"],
+            json!({"sum": 4, "version": 7, "tier": "x"})
+        );
+    }
+}
+
+#[tokio::test]
+async fn kill_9_during_api_writes_loses_no_acknowledged_write() {
+    let mut server = Server::start("", &[]);
+    let project = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (url, tx, path) = (
+            server.url("/api/v2/projects"),
+            tx.clone(),
+            project.path().to_owned(),
+        );
+        writers.push(tokio::spawn(async move {
+            let c = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            for i in 0..10_000 {
+                let name = format!("p-{w}-{i}");
+                match c
+                    .post(&url)
+                    .json(&json!({"name": name, "path": path}))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 201 => {
+                        let _ = tx.send(name);
+                    }
+                    Ok(r) => panic!("unexpected status {}", r.status()),
+                    // The server was killed under us: this write was never acknowledged.
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.restart(true);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut acknowledged = Vec::new();
+    while let Some(name) = rx.recv().await {
+        acknowledged.push(name);
+    }
+    assert!(
+        acknowledged.len() > 50,
+        "only {} writes before the kill",
+        acknowledged.len()
+    );
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let (s, list) = api.get("/projects").await;
+    assert_eq!(s, 200);
+    let stored: std::collections::HashSet<&str> = list["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|n| !stored.contains(n.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {lost:?}",
+        lost.len()
+    );
+    let db = server.dir.path().join("data/modelgate.db");
+    let store = modelgate_control::store::SqliteStore::open(&db).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+}

@@ -398,11 +398,14 @@ async fn dead_replica_gives_502_then_is_replaced() {
     );
     assert_eq!(
         server
-            .metric(
-                r#"modelgate_replica_restarts_total{model="die",replica="die-0",reason="exited"}"#
+            .wait_metric(
+                r#"modelgate_replica_restarts_total{model="die",replica="die-0",reason="exited"}"#,
+                2.0
             )
             .await,
-        Some(2.0)
+        Some(2.0),
+        "{}",
+        server.logs()
     );
 }
 
@@ -548,6 +551,7 @@ async fn timeout_from_environment_and_next_request_works() {
         };
         Server {
             child,
+            args: vec![],
             addr,
             dir,
             log,
@@ -827,7 +831,8 @@ fn invalid_config_exits_64_before_binding() {
 
 #[tokio::test]
 async fn bundled_examples_serve_add_and_iris() {
-    // The iris example needs model.pkl from fit.py (scikit-learn); run it in a copy.
+    // A copy of the examples, as a newcomer has them: no model.pkl. The iris build installs
+    // scikit-learn from requirements.txt and its build.sh trains the model.
     let work = tempfile::tempdir().unwrap();
     let copy = work.path().join("examples");
     for sub in ["add_numbers", "iris"] {
@@ -837,23 +842,14 @@ async fn bundled_examples_serve_add_and_iris() {
             if entry
                 .path()
                 .extension()
-                .is_some_and(|e| e == "py" || e == "txt")
+                .is_some_and(|e| e == "py" || e == "txt" || e == "sh")
             {
                 std::fs::copy(entry.path(), copy.join(sub).join(entry.file_name())).unwrap();
             }
         }
     }
-    let fit = std::process::Command::new("python3")
-        .arg("fit.py")
-        .current_dir(copy.join("iris"))
-        .output()
-        .unwrap();
-    assert!(
-        fit.status.success(),
-        "fit.py failed (is scikit-learn installed?): {}",
-        String::from_utf8_lossy(&fit.stderr)
-    );
-    let config = "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[models]]\nname = \"add\"\npath = \"examples/add_numbers\"\nfile = \"add_numbers.py\"\nfunction = \"add\"\n\n[[models]]\nname = \"iris\"\npath = \"examples/iris\"\nfile = \"predict.py\"\nfunction = \"predict\"\n";
+    assert!(!copy.join("iris/model.pkl").exists());
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[[models]]\nname = \"add\"\npath = \"examples/add_numbers\"\nfile = \"add_numbers.py\"\nfunction = \"add\"\n\n[[models]]\nname = \"iris\"\npath = \"examples/iris\"\nfile = \"predict.py\"\nfunction = \"predict\"\nreplicas = 2\n";
     std::fs::write(work.path().join("modelgate.toml"), config).unwrap();
     let cfg = work.path().join("modelgate.toml");
     // Keys are generated and printed at start-up.
@@ -885,6 +881,7 @@ async fn bundled_examples_serve_add_and_iris() {
     };
     let server = Server {
         child,
+        args: vec![],
         addr,
         dir: work,
         log,
@@ -909,6 +906,55 @@ async fn bundled_examples_serve_add_and_iris() {
         (1.0..1.6).contains(&width),
         "petal width {width} for length 4.0"
     );
+    // Declared models are ordinary projects, models, builds and deployments.
+    let api = |path: &str| reqwest::get(server.url(&format!("/api/v2{path}")));
+    let projects: serde_json::Value = api("/projects").await.unwrap().json().await.unwrap();
+    let iris = projects["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "iris")
+        .expect("iris project");
+    let pid = iris["id"].as_i64().unwrap();
+    let models: serde_json::Value = api(&format!("/projects/{pid}/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mid = models["models"][0]["id"].as_i64().unwrap();
+    let builds: serde_json::Value = api(&format!("/projects/{pid}/models/{mid}/builds"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(builds["builds"][0]["status"], "built");
+    let bid = builds["builds"][0]["id"].as_i64().unwrap();
+    let log = api(&format!("/projects/{pid}/models/{mid}/builds/{bid}/log"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.contains("running build.sh") && log.contains("wrote model.pkl"),
+        "{log}"
+    );
+    assert!(log.contains("dependency cache"), "{log}");
+    let replicas: serde_json::Value = api(&format!("/projects/{pid}/models/{mid}/replicas"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let statuses: Vec<&str> = replicas["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, vec!["ready", "ready"], "{replicas}");
 }
 
 #[tokio::test]
@@ -919,6 +965,16 @@ async fn crash_loop_backs_off_and_marks_the_model_unavailable() {
         key_for("loop")
     );
     let server = Server::start("queue_timeout_secs = 30", &[table]);
+    // The replica keeps dying soon after it is ready, over and over...
+    let restarts = server
+        .wait_metric(
+            r#"modelgate_replica_restarts_total{model="loop",replica="loop-0",reason="exited"}"#,
+            3.0,
+        )
+        .await
+        .unwrap_or_else(|| panic!("no restarts counted:\n{}", server.logs()));
+    assert!(restarts >= 3.0, "{restarts}");
+    // ...so the model is reported unavailable instead of queueing callers.
     let c = client();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -933,13 +989,6 @@ async fn crash_loop_backs_off_and_marks_the_model_unavailable() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let restarts = server
-        .metric(
-            r#"modelgate_replica_restarts_total{model="loop",replica="loop-0",reason="exited"}"#,
-        )
-        .await
-        .unwrap();
-    assert!(restarts >= 3.0, "{restarts}");
     // The delays between restarts grow instead of spinning.
     let delays: Vec<f64> = server
         .logs()

@@ -32,6 +32,7 @@ pub fn key_for(name: &str) -> String {
 
 pub struct Server {
     pub child: Child,
+    pub args: Vec<String>,
     pub addr: String,
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
@@ -56,12 +57,44 @@ impl Server {
 
     pub fn start_with(args: &[&str], dir: tempfile::TempDir) -> Server {
         let log = dir.path().join("modelgate.log");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, addr) = Self::spawn(&args, &log);
+        Server {
+            child,
+            args,
+            addr,
+            dir,
+            log,
+        }
+    }
+
+    /// Stops modelgate (SIGKILL when `kill`, else SIGTERM and a clean exit) and starts it again
+    /// with the same configuration and data directory.
+    pub fn restart(&mut self, kill: bool) {
+        if kill {
+            self.child.kill().unwrap();
+            self.child.wait().unwrap();
+        } else {
+            self.signal(nix::sys::signal::Signal::SIGTERM);
+            assert!(self.wait_exit(Duration::from_secs(30)).success());
+        }
+        let (child, addr) = Self::spawn(&self.args, &self.log);
+        self.child = child;
+        self.addr = addr;
+    }
+
+    fn spawn(args: &[String], log: &Path) -> (Child, String) {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
             .args(args)
             .env("MODELGATE_LOG", "info")
             .env_remove("MODEL_REQUEST_TIMEOUT_SECONDS")
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("start modelgate");
         let stdout = child.stdout.take().unwrap();
@@ -78,15 +111,10 @@ impl Server {
             .unwrap_or_else(|_| {
                 panic!(
                     "modelgate did not start; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
+                    std::fs::read_to_string(log).unwrap_or_default()
                 )
             });
-        Server {
-            child,
-            addr,
-            dir,
-            log,
-        }
+        (child, addr)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -99,7 +127,8 @@ impl Server {
 
     /// Waits until `/readyz` says every model has a ready replica.
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Generous: declared models are built first, and a build may pip-install packages.
+        let deadline = Instant::now() + Duration::from_secs(600);
         let client = reqwest::Client::new();
         loop {
             if let Ok(r) = client.get(self.url("/readyz")).send().await {
@@ -168,12 +197,12 @@ impl Server {
         })
     }
 
-    /// Waits (up to 10 s) until a sample reaches `want`; returns the last value seen.
+    /// Waits (up to 10 s) until a sample reaches at least `want`; returns the last value seen.
     pub async fn wait_metric(&self, name_and_labels: &str, want: f64) -> Option<f64> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = self.metric(name_and_labels).await;
-            if v == Some(want) || Instant::now() > deadline {
+            if v.is_some_and(|v| v >= want) || Instant::now() > deadline {
                 return v;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
