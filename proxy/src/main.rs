@@ -1,5 +1,7 @@
-//! `modelgate`: runs the server (`modelgate serve`).
+//! `modelgate`: runs the server (`modelgate serve`) and is the command-line client of its API.
 #![forbid(unsafe_code)]
+
+mod cli;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +19,17 @@ const EXIT_CONFIG: u8 = 64;
     about = "Serve Python model functions over HTTP"
 )]
 struct Cli {
+    /// Base URL of a running modelgate, for the client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "MODELGATE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    url: String,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +53,30 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Projects: directories of model code.
+    #[command(subcommand)]
+    Projects(cli::Projects),
+    /// Models of a project.
+    #[command(subcommand)]
+    Models(cli::Models),
+    /// Builds of a model.
+    #[command(subcommand)]
+    Builds(cli::Builds),
+    /// Deployments of a model.
+    #[command(subcommand)]
+    Deployments(cli::Deployments),
+    /// Replicas of a model's running deployment.
+    #[command(subcommand)]
+    Replicas(cli::Replicas),
+    /// Call a model.
+    Predict {
+        /// The model's access key (prefer the environment variable: arguments land in history).
+        #[arg(long, env = "MODELGATE_ACCESS_KEY", hide_env_values = true)]
+        access_key: String,
+        /// The request object, as JSON.
+        #[arg(long)]
+        data: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +89,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let target = cli::Target {
+        url: cli.url,
+        json: cli.json,
+    };
+    let client = |fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        match rt.block_on(fut) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("modelgate: {msg}");
+                ExitCode::FAILURE
+            }
+        }
+    };
     match cli.command {
         Command::Serve {
             config,
@@ -59,6 +113,14 @@ fn main() -> ExitCode {
             data_dir,
             check,
         } => serve(config, listen, data_dir, check),
+        Command::Projects(c) => client(Box::pin(cli::projects(&target, c))),
+        Command::Models(c) => client(Box::pin(cli::models(&target, c))),
+        Command::Builds(c) => client(Box::pin(cli::builds(&target, c))),
+        Command::Deployments(c) => client(Box::pin(cli::deployments(&target, c))),
+        Command::Replicas(c) => client(Box::pin(cli::replicas(&target, c))),
+        Command::Predict { access_key, data } => {
+            client(Box::pin(cli::predict(&target, &access_key, &data)))
+        }
     }
 }
 

@@ -1,0 +1,218 @@
+//! The `modelgate` command-line client against a real server: every resource, tables and JSON.
+
+mod common;
+
+use std::process::Command;
+
+use common::Server;
+use serde_json::Value;
+
+fn run(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .arg("--url")
+        .arg(format!("http://{}", server.addr))
+        .args(args)
+        .env_remove("MODELGATE_ACCESS_KEY")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(server: &Server, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (ok, out, err) = run(server, &all);
+    assert!(ok, "modelgate {args:?} failed: {err}\n{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+#[tokio::test]
+async fn the_cli_covers_projects_models_builds_deployments_replicas_and_predict() {
+    let server = Server::start("", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.py"),
+        "import os\n\ndef f(args):\n    print('serving', args)\n    return {'double': args['x'] * 2, 'mode': os.environ.get('MODE')}\n",
+    )
+    .unwrap();
+    let path = dir.path().to_str().unwrap();
+    let p = json(
+        &server,
+        &["projects", "create", "--name", "cli", "--path", path],
+    );
+    let pid = p["id"].to_string();
+    let m = json(
+        &server,
+        &["models", "create", "--project", &pid, "--name", "doubler"],
+    );
+    let mid = m["id"].to_string();
+    let key = m["access_key"].as_str().unwrap().to_owned();
+
+    // A build followed live: its log goes to stdout, then the build row.
+    let (ok, out, err) = run(
+        &server,
+        &[
+            "builds",
+            "create",
+            "--project",
+            &pid,
+            "--model",
+            &mid,
+            "--file",
+            "m.py",
+            "--function",
+            "f",
+            "--follow",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("snapshotting") && out.contains("built: sha256"),
+        "{out}"
+    );
+    assert!(
+        out.contains("BUILD_NUMBER") && out.contains("built"),
+        "table header and row: {out}"
+    );
+    let builds = json(
+        &server,
+        &["builds", "list", "--project", &pid, "--model", &mid],
+    );
+    let bid = builds["builds"][0]["id"].to_string();
+
+    // A failing build exits non-zero.
+    let (ok, _, err) = run(
+        &server,
+        &[
+            "builds",
+            "create",
+            "--project",
+            &pid,
+            "--model",
+            &mid,
+            "--file",
+            "m.py",
+            "--function",
+            "nope",
+            "--follow",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("build failed"), "{err}");
+
+    let d = json(
+        &server,
+        &[
+            "deployments",
+            "create",
+            "--project",
+            &pid,
+            "--model",
+            &mid,
+            "--build",
+            &bid,
+            "--replicas",
+            "2",
+            "--env",
+            "MODE=cli",
+            "--wait",
+        ],
+    );
+    assert_eq!(d["status"], "deployed");
+    let did = d["id"].to_string();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+        .args([
+            "--url",
+            &format!("http://{}", server.addr),
+            "predict",
+            "--data",
+            r#"{"x": 21}"#,
+        ])
+        .env("MODELGATE_ACCESS_KEY", &key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer, serde_json::json!({"double": 42, "mode": "cli"}));
+
+    let replicas = json(
+        &server,
+        &["replicas", "list", "--project", &pid, "--model", &mid],
+    );
+    let ids: Vec<&str> = replicas["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["doubler-0", "doubler-1"]);
+    // Whichever replica served it printed the request.
+    let mut printed = false;
+    for id in ids {
+        let (ok, out, _) = run(
+            &server,
+            &[
+                "replicas",
+                "logs",
+                "--project",
+                &pid,
+                "--model",
+                &mid,
+                "--replica",
+                id,
+            ],
+        );
+        assert!(ok);
+        printed |= out.contains("stdout serving {'x': 21}");
+    }
+    assert!(printed, "replica output not in the replica logs");
+
+    // Errors are reported with their code, and exit non-zero.
+    let (ok, _, err) = run(
+        &server,
+        &["models", "delete", "--project", &pid, "--model", &mid],
+    );
+    assert!(!ok);
+    assert!(err.contains("409 resource.conflict"), "{err}");
+    let stopped = json(
+        &server,
+        &[
+            "deployments",
+            "stop",
+            "--project",
+            &pid,
+            "--model",
+            &mid,
+            "--deployment",
+            &did,
+        ],
+    );
+    assert_eq!(stopped["status"], "stopped");
+    let (ok, _, err) = run(
+        &server,
+        &["--json", "predict", "--access-key", &key, "--data", "{}"],
+    );
+    assert!(!ok);
+    assert!(err.contains("503 model.unavailable"), "{err}");
+    let (ok, out, _) = run(
+        &server,
+        &["deployments", "list", "--project", &pid, "--model", &mid],
+    );
+    assert!(ok && out.contains("stopped"), "{out}");
+    let (ok, _, _) = run(
+        &server,
+        &["models", "delete", "--project", &pid, "--model", &mid],
+    );
+    assert!(ok);
+    let (ok, out, _) = run(&server, &["projects", "list"]);
+    assert!(ok && out.contains("cli"), "{out}");
+}
