@@ -44,6 +44,8 @@ pub struct Project {
     pub description: String,
     /// Directory holding the project's files.
     pub source_path: String,
+    /// Environment of the project's replicas; a deployment's own variables take precedence.
+    pub environment: std::collections::BTreeMap<String, String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -163,6 +165,11 @@ pub trait Store: Send + Sync {
     fn project(&self, id: i64) -> Result<Project>;
     fn projects(&self) -> Result<Vec<Project>>;
     fn set_project_source(&self, id: i64, source_path: &str) -> Result<Project>;
+    fn set_project_environment(
+        &self,
+        id: i64,
+        environment: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Project>;
 
     fn create_model(&self, new: NewModel<'_>) -> Result<Model>;
     fn model(&self, id: i64) -> Result<Model>;
@@ -238,6 +245,7 @@ fn migrations() -> Migrations<'static> {
         );
         CREATE INDEX deployments_by_model ON deployments (model_id, id);",
         ),
+        M::up("ALTER TABLE projects ADD COLUMN environment TEXT NOT NULL DEFAULT '{}';"),
     ])
 }
 
@@ -299,7 +307,8 @@ fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
     })
 }
 
-const PROJECT_COLS: &str = "id, name, description, source_path, created_at, updated_at";
+const PROJECT_COLS: &str =
+    "id, name, description, source_path, created_at, updated_at, environment";
 const MODEL_COLS: &str =
     "id, project_id, name, description, owner, access_key, enable_authentication, created_at, updated_at";
 const BUILD_COLS: &str =
@@ -313,6 +322,7 @@ fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Project> {
         source_path: r.get(3)?,
         created_at: r.get(4)?,
         updated_at: r.get(5)?,
+        environment: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
     })
 }
 
@@ -387,6 +397,22 @@ impl Store for SqliteStore {
         let n = self.conn().execute(
             "UPDATE projects SET source_path = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, source_path, now()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound("project"));
+        }
+        self.project(id)
+    }
+
+    fn set_project_environment(
+        &self,
+        id: i64,
+        environment: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Project> {
+        let env = serde_json::to_string(environment).unwrap_or_else(|_| "{}".into());
+        let n = self.conn().execute(
+            "UPDATE projects SET environment = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, env, now()],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound("project"));
@@ -638,6 +664,33 @@ mod tests {
         assert_eq!(s.builds(m.id).unwrap().len(), 2);
         assert_eq!(s.model(m.id).unwrap().access_key, "k1");
         assert_eq!(s.integrity_check().unwrap(), "ok");
+    }
+
+    #[test]
+    fn a_database_of_the_previous_schema_version_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrations().to_version(&mut conn, 2).unwrap();
+            conn.execute(
+                "INSERT INTO projects (name, source_path, created_at, updated_at) VALUES ('old', '/x', 't', 't')",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let projects = s.projects().unwrap();
+        assert_eq!(projects.len(), 1);
+        assert_eq!(projects[0].name, "old");
+        assert!(projects[0].environment.is_empty());
+        let env = [("K".to_string(), "v".to_string())].into_iter().collect();
+        assert_eq!(
+            s.set_project_environment(projects[0].id, &env)
+                .unwrap()
+                .environment,
+            env
+        );
     }
 
     #[test]

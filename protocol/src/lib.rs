@@ -126,6 +126,9 @@ pub enum ModelErrorKind {
     BadRequest,
     /// Importing the module or resolving the function failed.
     Load,
+    /// The function ran out of memory under the replica's memory limit; the replica's state is
+    /// suspect, so the proxy replaces it.
+    OutOfMemory,
 }
 
 #[cfg(test)]

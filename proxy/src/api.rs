@@ -83,6 +83,15 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
                 json!(blocking(move || store.project(pid)).await?),
             )
         }
+        (Method::PATCH, ["projects", p]) => {
+            let pid = id(p, "project")?;
+            let body: UpdateProject = read_json(req).await?;
+            check_env(&body.environment)?;
+            let store = cp.store.clone();
+            let project =
+                blocking(move || store.set_project_environment(pid, &body.environment)).await?;
+            ok(StatusCode::OK, json!(project))
+        }
         (Method::GET, ["projects", p, "models"]) => {
             let pid = id(p, "project")?;
             let store = cp.store.clone();
@@ -303,6 +312,24 @@ async fn create_project(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct UpdateProject {
+    /// Replaces the project's environment variables.
+    environment: BTreeMap<String, String>,
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for k in env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ApiError::InvalidRequest(format!(
+                "invalid environment variable name {k:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateModel {
     name: String,
     #[serde(default)]
@@ -504,13 +531,7 @@ async fn create_deployment(
             "cpu must be positive and memory_mb at least 64".into(),
         ));
     }
-    for k in body.environment.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(ApiError::InvalidRequest(format!(
-                "invalid environment variable name {k:?}"
-            )));
-        }
-    }
+    check_env(&body.environment)?;
     let build = owned_build(cp, model, &body.build_id.to_string()).await?;
     if build.status != BuildStatus::Built {
         return Err(ApiError::Conflict(format!(

@@ -75,6 +75,8 @@ pub struct ServerConfig {
     /// Directory of the store, builds and caches, relative to the config file. Default `./data`
     /// in the working directory; `--data-dir` overrides.
     pub data_dir: Option<PathBuf>,
+    /// Environment of every replica; a project's and a deployment's variables take precedence.
+    pub env: BTreeMap<String, String>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +94,7 @@ impl Default for ServerConfig {
             replica_runtime: None,
             max_concurrent_streams: 256,
             data_dir: None,
+            env: BTreeMap::new(),
         }
     }
 }

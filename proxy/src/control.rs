@@ -248,9 +248,13 @@ impl ControlPlane {
         self.set_status(dep.id, ds::DEPLOYING).await;
         let store = self.store.clone();
         let (model_id, build_id) = (dep.model_id, dep.build_id);
-        let (model, build) = blocking(move || Ok((store.model(model_id)?, store.build(build_id)?)))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (model, build, project) = blocking(move || {
+            let model = store.model(model_id)?;
+            let project = store.project(model.project_id)?;
+            Ok((model, store.build(build_id)?, project))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         let paths = BuildPaths::new(&self.builds.data_dir, build.id);
         let digest = build.sha256.clone().ok_or("build has no digest")?;
         let src = paths.src.clone();
@@ -259,7 +263,9 @@ impl ControlPlane {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
 
+        // Precedence: deployment > project > global.
         let mut env = self.deploy.global_env.clone();
+        env.extend(project.environment);
         env.extend(dep.environment.clone());
         let spec = Arc::new(ModelSpec {
             name: model.name.as_str().into(),
@@ -271,6 +277,7 @@ impl ControlPlane {
             function: build.function_name.clone(),
             replicas: dep.replicas as usize,
             env,
+            memory_limit_bytes: Some(dep.memory_mb as u64 * 1024 * 1024),
         });
         let (stop, stop_rx) = watch::channel(false);
         let pool = Arc::new(Pool::new(

@@ -25,6 +25,8 @@ pub enum ApiError {
     },
     #[error("{exception}: {message}")]
     Model { exception: String, message: String },
+    #[error("the model ran out of memory under its replica's limit ({exception}: {message}); the replica is being restarted")]
+    OutOfMemory { exception: String, message: String },
     #[error("unexpected model shutdown: the replica died while handling the request and is being restarted")]
     Shutdown,
     #[error("model {model:?} has no ready replica")]
@@ -68,7 +70,9 @@ impl ApiError {
             ApiError::InvalidAccessKey => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Model { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Model { .. } | ApiError::OutOfMemory { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::Shutdown | ApiError::BadReplicaResponse(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -88,6 +92,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "request.too_large",
             ApiError::Busy { .. } => "model.busy",
             ApiError::Model { .. } => "model.error",
+            ApiError::OutOfMemory { .. } => "model.out_of_memory",
             ApiError::Shutdown => "model.shutdown",
             ApiError::BadReplicaResponse(_) => "model.invalid_response",
             ApiError::Unavailable { .. } => "model.unavailable",

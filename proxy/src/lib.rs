@@ -80,7 +80,7 @@ pub async fn run(
             max_replicas: server.max_replicas,
             start_timeout: server.replica_start_timeout(),
             drain_timeout: server.shutdown_grace(),
-            global_env: Default::default(),
+            global_env: server.env.clone(),
         },
         settings,
         routes.clone(),

@@ -23,6 +23,7 @@ use crate::error::{json_response, ApiError, Body};
 use crate::pool::{AcquireError, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
 use crate::routing::{ModelRoute, Routes};
+use modelgate_protocol::ModelErrorKind;
 
 /// Limits applied to every prediction.
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +176,10 @@ async fn predict(
             route.metrics.response_size.record(out.len() as f64);
             Ok(json_response(StatusCode::OK, out.freeze()))
         }
+        Reply::Err(err) if err.kind == ModelErrorKind::OutOfMemory => Err(ApiError::OutOfMemory {
+            exception: err.exception,
+            message: err.message,
+        }),
         Reply::Err(err) => Err(ApiError::Model {
             exception: err.exception,
             message: err.message,
@@ -243,6 +248,16 @@ async fn call_replica(
     let conn = in_flight.conn.take().expect("present until taken");
     let replica_id = conn.slot.id.clone();
     match result {
+        Ok(Ok(Reply::Err(err))) if err.kind == ModelErrorKind::OutOfMemory => {
+            // The interpreter hit its memory limit: its state is suspect, so it is replaced.
+            conn.slot.busy.set(0.0);
+            tracing::warn!(replica = %replica_id, "replica out of memory; replacing it");
+            conn.slot.kill(KillReason::MemoryLimit);
+            Ok(Answered {
+                reply: Reply::Err(err),
+                replica_id,
+            })
+        }
         Ok(Ok(reply)) => {
             conn.slot.busy.set(0.0);
             pool.release(conn);

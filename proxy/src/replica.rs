@@ -17,6 +17,7 @@ pub enum KillReason {
     Timeout = 1,
     ProtocolError = 2,
     Shutdown = 3,
+    MemoryLimit = 4,
 }
 
 impl KillReason {
@@ -25,6 +26,7 @@ impl KillReason {
             1 => KillReason::Timeout,
             2 => KillReason::ProtocolError,
             3 => KillReason::Shutdown,
+            4 => KillReason::MemoryLimit,
             _ => KillReason::None,
         }
     }

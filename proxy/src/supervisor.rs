@@ -72,6 +72,8 @@ pub struct ModelSpec {
     pub function: String,
     pub replicas: usize,
     pub env: BTreeMap<String, String>,
+    /// Address-space limit of each replica process (RLIMIT_AS), if any.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// A model's running replicas.
@@ -159,7 +161,7 @@ async fn run_slot(mut task: SlotTask) {
                 "start_failed"
             }
             Outcome::Exited { ran_for, reason } => {
-                if reason == "timeout" {
+                if reason == "timeout" || reason == "memory_limit" {
                     // The proxy killed a replica that was working as designed: restart at once.
                     failures = 0;
                 } else if ran_for >= STABLE_AFTER {
@@ -231,6 +233,11 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
             spec.python_path
                 .iter()
                 .flat_map(|p| [std::ffi::OsStr::new("--python-path"), p.as_os_str()]),
+        )
+        .args(
+            spec.memory_limit_bytes
+                .map(|b| vec!["--memory-limit-bytes".to_string(), b.to_string()])
+                .unwrap_or_default(),
         )
         .envs(&spec.env)
         .env("PYTHONUNBUFFERED", "1")
@@ -328,6 +335,7 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
                 KillReason::Timeout => "timeout",
                 KillReason::ProtocolError => "protocol_error",
                 KillReason::Shutdown => "stopped",
+                KillReason::MemoryLimit => "memory_limit",
                 KillReason::None => "exited",
             };
             tracing::warn!(replica = %slot.id, generation, reason, "replica process ended: {}", describe_exit(status));

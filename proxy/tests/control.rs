@@ -551,3 +551,106 @@ async fn kill_9_during_api_writes_loses_no_acknowledged_write() {
     let store = modelgate_control::store::SqliteStore::open(&db).unwrap();
     assert_eq!(store.integrity_check().unwrap(), "ok");
 }
+
+#[tokio::test]
+async fn a_replica_over_its_memory_limit_fails_the_request_and_is_replaced() {
+    let server = Server::start("", &[]);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("hog.py"),
+        "import os\n\ndef f(args):\n    if args.get('hog'):\n        block = bytearray(args['hog'] * 1024 * 1024)\n        return len(block)\n    return os.getpid()\n",
+    )
+    .unwrap();
+    let (pid, mid, key) = api.project_and_model("hog", project.path()).await;
+    let (b, log) = api.build(pid, mid, "hog.py", "f").await;
+    assert_eq!(b["status"], "built", "{log}");
+    let base = format!("/projects/{pid}/models/{mid}/deployments");
+    let (s, d) = api
+        .post(
+            &base,
+            json!({"build_id": b["id"], "replicas": 1, "memory_mb": 256}),
+        )
+        .await;
+    assert_eq!(s, 201, "{d}");
+    api.wait_deployment(&format!("{base}/{}", d["id"]), "deployed")
+        .await;
+    let c = client();
+    let (_, before) = server.predict(&c, &key, json!({})).await;
+    // Under the limit: fine. Over it: a clear error, and the replica is replaced.
+    let (s, body) = server.predict(&c, &key, json!({"hog": 64})).await;
+    assert_eq!(
+        (s, body["response"].as_i64()),
+        (200, Some(64 * 1024 * 1024)),
+        "{body}"
+    );
+    let (s, body) = server.predict(&c, &key, json!({"hog": 1024})).await;
+    assert_eq!(s, 500, "{body}");
+    assert_eq!(body["error"]["code"], "model.out_of_memory");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MemoryError"),
+        "{body}"
+    );
+    assert_eq!(
+        server
+            .wait_metric(r#"modelgate_replica_restarts_total{model="hog",replica="hog-0",reason="memory_limit"}"#, 1.0)
+            .await,
+        Some(1.0)
+    );
+    let (s, after) = server.predict(&c, &key, json!({})).await;
+    assert_eq!(s, 200, "{after}");
+    assert_ne!(
+        before["response"], after["response"],
+        "a fresh process serves"
+    );
+}
+
+#[tokio::test]
+async fn environment_precedence_is_deployment_over_project_over_global() {
+    let server = Server::start(
+        "env = { GLOBAL = \"g\", TIER = \"global\", PROJ = \"global\" }",
+        &[],
+    );
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(
+        project.path().join("env.py"),
+        "import os\n\ndef f(args):\n    return {k: os.environ.get(k) for k in ('GLOBAL', 'PROJ', 'TIER')}\n",
+    )
+    .unwrap();
+    let (pid, mid, key) = api.project_and_model("envs", project.path()).await;
+    let (s, p) = api
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/projects/{pid}"),
+            Some(json!({"environment": {"PROJ": "project", "TIER": "project"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["environment"]["PROJ"], "project");
+    let (b, _) = api.build(pid, mid, "env.py", "f").await;
+    let bid = b["id"].as_i64().unwrap();
+    api.deploy(pid, mid, bid, 1, json!({"TIER": "deployment"}))
+        .await;
+    let (_, body) = server.predict(&client(), &key, json!({})).await;
+    assert_eq!(
+        body["response"],
+        json!({"GLOBAL": "g", "PROJ": "project", "TIER": "deployment"})
+    );
+    // The next deployment does not inherit the previous one's variables.
+    api.deploy(pid, mid, bid, 1, json!({})).await;
+    let (_, body) = server.predict(&client(), &key, json!({})).await;
+    assert_eq!(
+        body["response"],
+        json!({"GLOBAL": "g", "PROJ": "project", "TIER": "project"})
+    );
+}

@@ -57,6 +57,10 @@ struct ModelArgs {
     /// Further directories for `sys.path`, after the model directory (e.g. installed dependencies).
     #[arg(long = "python-path")]
     python_path: Vec<PathBuf>,
+    /// Address-space limit for this process, in bytes (RLIMIT_AS); allocations past it raise
+    /// MemoryError in the model.
+    #[arg(long)]
+    memory_limit_bytes: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +98,14 @@ fn main() -> ExitCode {
 }
 
 fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {
+    if let Some(limit) = model.memory_limit_bytes {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
+            .map_err(|err| ModelError {
+                kind: protocol::ModelErrorKind::Load,
+                exception: "OSError".into(),
+                message: format!("cannot set the memory limit of {limit} bytes: {err}"),
+            })?;
+    }
     std::env::set_current_dir(&model.dir).map_err(|err| ModelError {
         kind: protocol::ModelErrorKind::Load,
         exception: "OSError".into(),

@@ -101,7 +101,12 @@ impl Model {
                 .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err))?;
             let result = self.function.call1(py, (args,)).map_err(|err| {
                 err.display(py);
-                model_error(py, ModelErrorKind::Exception, &err)
+                let kind = if err.is_instance_of::<pyo3::exceptions::PyMemoryError>(py) {
+                    ModelErrorKind::OutOfMemory
+                } else {
+                    ModelErrorKind::Exception
+                };
+                model_error(py, kind, &err)
             })?;
             let encoded = self
                 .dumps
