@@ -35,6 +35,10 @@ pub struct BuildSettings {
     pub max_file_bytes: u64,
     /// Longest a build script, or a pip install, may run.
     pub step_timeout: Duration,
+    /// Largest project archive accepted by an upload.
+    pub max_upload_bytes: u64,
+    /// Most an uploaded archive may unpack to.
+    pub max_project_bytes: u64,
 }
 
 /// Where a build's pieces live on disk.

@@ -4,5 +4,6 @@
 //! built from what the store holds.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod builds;
 pub mod store;

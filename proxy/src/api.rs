@@ -83,6 +83,10 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
                 json!(blocking(move || store.project(pid)).await?),
             )
         }
+        (Method::PUT, ["projects", p, "files"]) => {
+            let pid = id(p, "project")?;
+            upload_files(cp, pid, req).await
+        }
         (Method::PATCH, ["projects", p]) => {
             let pid = id(p, "project")?;
             let body: UpdateProject = read_json(req).await?;
@@ -292,22 +296,127 @@ async fn create_project(
             }
             canon
         }
-        None => {
-            return Err(ApiError::InvalidRequest(
-                "a project needs \"path\": a directory on the server holding its files".into(),
-            ))
-        }
+        // Files arrive later as an archive (PUT .../files) into a directory modelgate manages.
+        None => PathBuf::new(),
     };
     let store = cp.store.clone();
+    let data_dir = cp.builds.data_dir.clone();
     let project: Project = blocking(move || {
-        store.create_project(NewProject {
+        let managed = source.as_os_str().is_empty();
+        let project = store.create_project(NewProject {
             name: &body.name,
             description: &body.description,
             source_path: &source.to_string_lossy(),
-        })
+        })?;
+        if !managed {
+            return Ok(project);
+        }
+        let files = data_dir
+            .join("projects")
+            .join(project.id.to_string())
+            .join("files");
+        std::fs::create_dir_all(&files)
+            .map_err(|e| modelgate_control::store::StoreError::Backend(e.to_string()))?;
+        store.set_project_source(project.id, &files.to_string_lossy())
     })
     .await?;
     ok(StatusCode::CREATED, json!(project))
+}
+
+/// `PUT /projects/{id}/files`: replaces a managed project's files with an uploaded tar or tar.gz.
+async fn upload_files(
+    cp: &Arc<ControlPlane>,
+    pid: i64,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let store = cp.store.clone();
+    let project = blocking(move || store.project(pid)).await?;
+    let root = cp.builds.data_dir.join("projects").join(pid.to_string());
+    let files = root.join("files");
+    if std::path::Path::new(&project.source_path) != files {
+        return Err(ApiError::Conflict(
+            "this project reads its files from a server directory; archives are only accepted by projects created without \"path\"".into(),
+        ));
+    }
+    let limit = cp.builds.max_upload_bytes;
+    if req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(ApiError::TooLarge { limit });
+    }
+    // Stream the upload to disk: an archive can be far larger than anything worth holding in memory.
+    let staging = root.join(format!("upload-{}", rand_suffix()));
+    std::fs::create_dir_all(&staging).map_err(|_| ApiError::Internal)?;
+    let cleanup = scopeguard(staging.clone());
+    let archive = staging.join("archive");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut out = tokio::fs::File::create(&archive)
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        let mut body = Limited::new(
+            req.into_body(),
+            usize::try_from(limit).unwrap_or(usize::MAX),
+        );
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    ApiError::TooLarge { limit }
+                } else {
+                    ApiError::InvalidRequest(format!("could not read the upload: {e}"))
+                }
+            })?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await.map_err(|_| ApiError::Internal)?;
+            }
+        }
+        out.flush().await.map_err(|_| ApiError::Internal)?;
+    }
+    let limits = modelgate_control::archive::ArchiveLimits {
+        max_total_bytes: cp.builds.max_project_bytes,
+        max_file_bytes: cp.builds.max_file_bytes,
+        max_entries: 100_000,
+    };
+    let unpacked = staging.join("files");
+    let (a, u) = (archive.clone(), unpacked.clone());
+    let entries =
+        tokio::task::spawn_blocking(move || modelgate_control::archive::extract(&a, &u, limits))
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .map_err(|e| ApiError::InvalidRequest(format!("archive refused: {e}")))?;
+    // Swap the new tree in; builds snapshot their sources, so none depends on the old tree.
+    let old = root.join(format!("old-{}", rand_suffix()));
+    let _ = std::fs::rename(&files, &old);
+    std::fs::rename(&unpacked, &files).map_err(|_| ApiError::Internal)?;
+    let _ = std::fs::remove_dir_all(&old);
+    drop(cleanup);
+    ok(
+        StatusCode::OK,
+        json!({ "project_id": pid, "entries": entries }),
+    )
+}
+
+fn rand_suffix() -> String {
+    crate::keys::generate_access_key()[..12].to_owned()
+}
+
+/// Removes a staging directory however the upload ends.
+struct StagingDir(PathBuf);
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scopeguard(dir: PathBuf) -> StagingDir {
+    StagingDir(dir)
 }
 
 #[derive(Deserialize)]

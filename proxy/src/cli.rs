@@ -21,16 +21,63 @@ pub struct Target {
 pub enum Projects {
     /// List projects.
     List,
-    /// Create a project from a directory on the server.
+    /// Create a project: from a directory on the server (--path), or by uploading a local
+    /// directory (--upload).
     Create {
         #[arg(long)]
         name: String,
-        /// Absolute directory on the server holding the project's files.
+        /// Directory on the server holding the project's files.
+        #[arg(long, conflicts_with = "upload", required_unless_present = "upload")]
+        path: Option<std::path::PathBuf>,
+        /// Local directory to upload as the project's files (`.git` directories are left out).
         #[arg(long)]
-        path: std::path::PathBuf,
+        upload: Option<std::path::PathBuf>,
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Replace an uploaded project's files with a local directory.
+    Upload {
+        #[arg(long)]
+        project: i64,
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
+}
+
+/// Packs a directory as tar.gz, leaving out `.git` directories and keeping symlinks as links.
+fn tar_gz(dir: &std::path::Path) -> Result<Vec<u8>, String> {
+    fn add(
+        b: &mut tar::Builder<flate2::write::GzEncoder<Vec<u8>>>,
+        root: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let rel = path.strip_prefix(root).expect("under root");
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                if e.file_name() == ".git" {
+                    continue;
+                }
+                b.append_dir(rel, &path)?;
+                add(b, root, &path)?;
+            } else {
+                b.append_path_with_name(&path, rel)?;
+            }
+        }
+        Ok(())
+    }
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    b.follow_symlinks(false);
+    add(&mut b, dir, dir).map_err(|e| format!("packing {}: {e}", dir.display()))?;
+    b.into_inner()
+        .and_then(|gz| gz.finish())
+        .map_err(|e| format!("packing {}: {e}", dir.display()))
 }
 
 #[derive(Subcommand)]
@@ -337,20 +384,67 @@ pub async fn projects(target: &Target, cmd: Projects) -> CliResult {
         Projects::Create {
             name,
             path,
+            upload,
             description,
         } => {
-            let path = std::path::absolute(&path).map_err(|e| e.to_string())?;
+            let mut body = json!({"name": name, "description": description});
+            if let Some(path) = path {
+                body["path"] = json!(std::path::absolute(&path).map_err(|e| e.to_string())?);
+            }
             let v = api
-                .json(
-                    http::Method::POST,
-                    "/api/v2/projects",
-                    Some(json!({"name": name, "path": path, "description": description})),
-                )
+                .json(http::Method::POST, "/api/v2/projects", Some(body))
                 .await?;
+            if let Some(dir) = upload {
+                upload_dir(&api, v["id"].as_i64().unwrap_or_default(), &dir).await?;
+            }
             api.print(&v, PROJECT_COLS, None);
+        }
+        Projects::Upload { project, dir } => {
+            let v = upload_dir(&api, project, &dir).await?;
+            if target.json {
+                println!("{v}");
+            } else {
+                println!("uploaded {} entries to project {project}", v["entries"]);
+            }
         }
     }
     Ok(())
+}
+
+async fn upload_dir(api: &Api<'_>, project: i64, dir: &std::path::Path) -> Result<Value, String> {
+    let dir = dir.to_owned();
+    let archive = tokio::task::spawn_blocking(move || tar_gz(&dir))
+        .await
+        .map_err(|e| e.to_string())??;
+    let url = format!(
+        "{}/api/v2/projects/{project}/files",
+        api.target.url.trim_end_matches('/')
+    );
+    let req = http::Request::put(&url)
+        .header(http::header::CONTENT_TYPE, "application/gzip")
+        .body(Full::new(Bytes::from(archive)))
+        .map_err(|e| e.to_string())?;
+    let resp = api
+        .client
+        .request(req)
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if status != 200 {
+        return Err(format!(
+            "{status} {}: {}",
+            cell(&v["error"]["code"]),
+            cell(&v["error"]["message"])
+        ));
+    }
+    Ok(v)
 }
 
 pub async fn models(target: &Target, cmd: Models) -> CliResult {

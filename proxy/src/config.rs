@@ -35,6 +35,10 @@ pub struct BuildsConfig {
     pub max_file_bytes: u64,
     /// Seconds a pip install or build script may run. Default 1800.
     pub timeout_secs: f64,
+    /// Largest project archive upload, in bytes. Default 536870912 (512 MB).
+    pub max_upload_bytes: u64,
+    /// Most bytes an uploaded archive may unpack to. Default 2147483648 (2 GB).
+    pub max_project_bytes: u64,
 }
 
 impl Default for BuildsConfig {
@@ -43,6 +47,8 @@ impl Default for BuildsConfig {
             python: "python3".into(),
             max_file_bytes: 50 * 1024 * 1024,
             timeout_secs: 1800.0,
+            max_upload_bytes: 512 * 1024 * 1024,
+            max_project_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -74,6 +74,8 @@ pub async fn run(
             replica_runtime: runtime,
             max_file_bytes: config.builds.max_file_bytes,
             step_timeout: std::time::Duration::from_secs_f64(config.builds.timeout_secs),
+            max_upload_bytes: config.builds.max_upload_bytes,
+            max_project_bytes: config.builds.max_project_bytes,
         },
         DeploySettings {
             max_queue: server.max_queue,

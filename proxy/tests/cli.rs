@@ -216,3 +216,157 @@ async fn the_cli_covers_projects_models_builds_deployments_replicas_and_predict(
     let (ok, out, _) = run(&server, &["projects", "list"]);
     assert!(ok && out.contains("cli"), "{out}");
 }
+
+#[tokio::test]
+async fn projects_can_be_uploaded_as_archives_and_hostile_ones_are_refused() {
+    let server = Server::start("", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |version: u32| {
+        std::fs::write(
+            dir.path().join("m.py"),
+            format!("def f(args):\n    return {version}\n"),
+        )
+        .unwrap()
+    };
+    write(1);
+    std::fs::create_dir_all(dir.path().join(".git")).unwrap();
+    std::fs::write(dir.path().join(".git/HEAD"), "ref").unwrap();
+    std::os::unix::fs::symlink("m.py", dir.path().join("alias.py")).unwrap();
+    let local = dir.path().to_str().unwrap();
+    let p = json(
+        &server,
+        &[
+            "projects", "create", "--name", "uploaded", "--upload", local,
+        ],
+    );
+    let pid = p["id"].to_string();
+    let files = std::path::PathBuf::from(p["source_path"].as_str().unwrap());
+    assert!(files.join("m.py").is_file());
+    assert!(files.join("alias.py").is_symlink());
+    assert!(
+        !files.join(".git").exists(),
+        "the CLI leaves .git out of uploads"
+    );
+
+    let m = json(
+        &server,
+        &["models", "create", "--project", &pid, "--name", "up"],
+    );
+    let mid = m["id"].to_string();
+    let key = m["access_key"].as_str().unwrap().to_owned();
+    let b = json(
+        &server,
+        &[
+            "builds",
+            "create",
+            "--project",
+            &pid,
+            "--model",
+            &mid,
+            "--file",
+            "alias.py",
+            "--function",
+            "f",
+        ],
+    );
+    let mut bid = b["id"].to_string();
+    for _ in 0..2 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let builds = json(
+                &server,
+                &["builds", "list", "--project", &pid, "--model", &mid],
+            );
+            let status = builds["builds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["id"] == bid.parse::<i64>().unwrap())
+                .unwrap()["status"]
+                .clone();
+            if status == "built" {
+                break;
+            }
+            assert!(
+                status != "build failed" && std::time::Instant::now() < deadline,
+                "{builds}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        json(
+            &server,
+            &[
+                "deployments",
+                "create",
+                "--project",
+                &pid,
+                "--model",
+                &mid,
+                "--build",
+                &bid,
+                "--wait",
+            ],
+        );
+        let (status, body) = server
+            .predict(&reqwest::Client::new(), &key, serde_json::json!({}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        if b["id"] == bid.parse::<i64>().unwrap() {
+            assert_eq!(body["response"], 1);
+            // New files replace the old ones; the next build sees them.
+            write(2);
+            let (ok, out, err) = run(
+                &server,
+                &["projects", "upload", "--project", &pid, "--dir", local],
+            );
+            assert!(ok && out.contains("uploaded"), "{err}");
+            let b2 = json(
+                &server,
+                &[
+                    "builds",
+                    "create",
+                    "--project",
+                    &pid,
+                    "--model",
+                    &mid,
+                    "--file",
+                    "m.py",
+                    "--function",
+                    "f",
+                ],
+            );
+            bid = b2["id"].to_string();
+        } else {
+            assert_eq!(body["response"], 2);
+        }
+    }
+
+    // Not an archive: a clear 400. A server-path project takes no uploads: 409.
+    let c = reqwest::Client::new();
+    let r = c
+        .put(server.url(&format!("/api/v2/projects/{pid}/files")))
+        .body("definitely not a tar archive, just some text that goes on for a while....")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("archive refused"),
+        "{v}"
+    );
+    let other = json(
+        &server,
+        &["projects", "create", "--name", "onpath", "--path", local],
+    );
+    let r = c
+        .put(server.url(&format!("/api/v2/projects/{}/files", other["id"])))
+        .body(vec![0u8; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
