@@ -1,0 +1,128 @@
+//! `replica-direct`: calls a replica over its Unix socket with no proxy in between, one request
+//! at a time (as the proxy does), to isolate what the proxy adds to a prediction.
+//!
+//! It spawns `replica-runtime serve` itself, waits for `Ready`, then sends the same request back
+//! to back for the warm-up and the measured duration, checking every answer.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use modelgate_protocol::{self as protocol, Kind};
+
+#[derive(Parser)]
+struct Args {
+    /// The replica-runtime binary.
+    #[arg(long, default_value = "target/release/replica-runtime")]
+    runtime: String,
+    #[arg(long, default_value = "examples/add_numbers")]
+    dir: String,
+    #[arg(long, default_value = "add_numbers.py")]
+    file: String,
+    #[arg(long, default_value = "add")]
+    function: String,
+    /// The request object (JSON).
+    #[arg(long, default_value = r#"{"a":3,"b":5}"#)]
+    body: String,
+    /// Expected JSON answer, compared byte for byte.
+    #[arg(long, default_value = "8")]
+    expect: String,
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 10_000_000)]
+    max_requests: u64,
+    /// Pin the replica process to this CPU (with `taskset`), as the runner pins servers.
+    #[arg(long)]
+    runtime_cpu: Option<u32>,
+}
+
+fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; protocol::HEADER_LEN];
+    s.read_exact(&mut h)?;
+    let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
+    let mut payload = vec![0u8; header.payload_len];
+    s.read_exact(&mut payload)?;
+    Ok((header.kind, payload))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let dir = tempdir();
+    let sock = dir.join("r.sock");
+    let listener = UnixListener::bind(&sock).expect("bind socket");
+    let mut cmd = match args.runtime_cpu {
+        Some(cpu) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", &cpu.to_string(), &args.runtime]);
+            c
+        }
+        None => std::process::Command::new(&args.runtime),
+    };
+    let mut child = cmd
+        .args(["serve", "--connect"])
+        .arg(&sock)
+        .args(["--dir", &args.dir, "--file", &args.file, "--function", &args.function])
+        .spawn()
+        .expect("spawn replica-runtime");
+    let (mut stream, _) = listener.accept().expect("replica connects");
+    let (kind, _) = read_frame(&mut stream).expect("first frame");
+    assert_eq!(Kind::from_u8(kind), Some(Kind::Ready), "replica did not load");
+
+    let mut frame = protocol::encode_header(Kind::Predict, args.body.len()).to_vec();
+    frame.extend_from_slice(args.body.as_bytes());
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    let (mut sent, mut errors) = (0u64, 0u64);
+    let warm_end = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let end = warm_end + Duration::from_secs_f64(args.duration);
+    let mut measured_start = None;
+    while sent < args.max_requests {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let t0 = Instant::now();
+        stream.write_all(&frame).expect("write");
+        let (kind, payload) = read_frame(&mut stream).expect("read");
+        let us = t0.elapsed().as_micros() as u64;
+        if now >= warm_end {
+            measured_start.get_or_insert(now);
+            sent += 1;
+            if Kind::from_u8(kind) != Some(Kind::ResultOk) || payload != args.expect.as_bytes() {
+                errors += 1;
+            } else {
+                let _ = hist.record(us.max(1));
+            }
+        }
+    }
+    let elapsed = measured_start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1.0);
+    drop(stream);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = serde_json::json!({
+        "mode": "replica-direct",
+        "sent": sent,
+        "error_total": errors,
+        "achieved_rps": (sent as f64 / elapsed * 10.0).round() / 10.0,
+        "latency_us": {
+            "p50": hist.value_at_quantile(0.5), "p90": hist.value_at_quantile(0.9),
+            "p99": hist.value_at_quantile(0.99), "p99_9": hist.value_at_quantile(0.999),
+            "max": hist.max(),
+        },
+    });
+    println!("{report}");
+    if errors > 0 {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("replica-direct-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
