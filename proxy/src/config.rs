@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Environment of every replica; a project's and a deployment's variables take precedence.
     pub env: BTreeMap<String, String>,
+    /// Threads serving HTTP and dispatch. Default: the CPUs this process may run on.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +103,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             data_dir: None,
             env: BTreeMap::new(),
+            worker_threads: None,
         }
     }
 }
@@ -237,6 +240,9 @@ impl Config {
         }
         if !(s.shutdown_grace_secs.is_finite() && (0.0..=3600.0).contains(&s.shutdown_grace_secs)) {
             errors.push("server.shutdown_grace_secs must be between 0 and 3600".into());
+        }
+        if s.worker_threads.is_some_and(|n| n == 0 || n > 1024) {
+            errors.push("server.worker_threads must be between 1 and 1024".into());
         }
         if s.max_queue == 0 {
             errors.push("server.max_queue must be at least 1".into());

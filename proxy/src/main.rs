@@ -161,7 +161,15 @@ fn serve(
         return ExitCode::SUCCESS;
     }
 
+    // One worker per CPU this process may run on (its affinity mask, so a pinned server does not
+    // bounce requests between workers that share one core), unless configured.
+    let workers = config.server.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("tokio runtime");

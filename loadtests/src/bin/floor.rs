@@ -35,8 +35,13 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.expect("bind");
-    println!("floor listening on http://{}", listener.local_addr().expect("addr"));
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .expect("bind");
+    println!(
+        "floor listening on http://{}",
+        listener.local_addr().expect("addr")
+    );
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -65,12 +65,23 @@ fn main() -> std::process::ExitCode {
     let mut child = cmd
         .args(["serve", "--connect"])
         .arg(&sock)
-        .args(["--dir", &args.dir, "--file", &args.file, "--function", &args.function])
+        .args([
+            "--dir",
+            &args.dir,
+            "--file",
+            &args.file,
+            "--function",
+            &args.function,
+        ])
         .spawn()
         .expect("spawn replica-runtime");
     let (mut stream, _) = listener.accept().expect("replica connects");
     let (kind, _) = read_frame(&mut stream).expect("first frame");
-    assert_eq!(Kind::from_u8(kind), Some(Kind::Ready), "replica did not load");
+    assert_eq!(
+        Kind::from_u8(kind),
+        Some(Kind::Ready),
+        "replica did not load"
+    );
 
     let mut frame = protocol::encode_header(Kind::Predict, args.body.len()).to_vec();
     frame.extend_from_slice(args.body.as_bytes());
@@ -98,7 +109,9 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
-    let elapsed = measured_start.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1.0);
+    let elapsed = measured_start
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or(1.0);
     drop(stream);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
