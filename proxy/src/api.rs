@@ -20,6 +20,7 @@ use modelgate_control::store::{
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::valid_name;
 use crate::control::{blocking, ControlPlane};
 use crate::error::{json_response, ApiError, Body};
 
@@ -261,14 +262,6 @@ struct CreateProject {
     description: String,
     /// A directory on the server holding the project's files.
     path: Option<PathBuf>,
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 async fn create_project(

@@ -286,6 +286,21 @@ impl<'a> Api<'a> {
         Ok(value)
     }
 
+    /// A JSON API call whose answer is printed: a table of `columns` (of the list under
+    /// `list_key`, or of the object itself), or the JSON with `--json`.
+    async fn show(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+        columns: &[&str],
+        list_key: Option<&str>,
+    ) -> Result<(), String> {
+        let v = self.json(method, path, body).await?;
+        self.print(&v, columns, list_key);
+        Ok(())
+    }
+
     fn print(&self, value: &Value, columns: &[&str], list_key: Option<&str>) {
         if self.target.json {
             println!("{}", serde_json::to_string_pretty(value).expect("JSON"));
@@ -376,10 +391,14 @@ pub async fn projects(target: &Target, cmd: Projects) -> CliResult {
     let api = Api::new(target);
     match cmd {
         Projects::List => {
-            let v = api
-                .json(http::Method::GET, "/api/v2/projects", None)
-                .await?;
-            api.print(&v, PROJECT_COLS, Some("projects"));
+            api.show(
+                http::Method::GET,
+                "/api/v2/projects",
+                None,
+                PROJECT_COLS,
+                Some("projects"),
+            )
+            .await?;
         }
         Projects::Create {
             name,
@@ -451,34 +470,38 @@ pub async fn models(target: &Target, cmd: Models) -> CliResult {
     let api = Api::new(target);
     match cmd {
         Models::List { project } => {
-            let v = api
-                .json(
-                    http::Method::GET,
-                    &format!("/api/v2/projects/{project}/models"),
-                    None,
-                )
-                .await?;
-            api.print(&v, MODEL_COLS, Some("models"));
+            api.show(
+                http::Method::GET,
+                &format!("/api/v2/projects/{project}/models"),
+                None,
+                MODEL_COLS,
+                Some("models"),
+            )
+            .await?;
         }
         Models::Create {
             project,
             name,
             description,
         } => {
-            let v = api
-                .json(
-                    http::Method::POST,
-                    &format!("/api/v2/projects/{project}/models"),
-                    Some(json!({"name": name, "description": description})),
-                )
-                .await?;
-            api.print(&v, MODEL_COLS, None);
+            api.show(
+                http::Method::POST,
+                &format!("/api/v2/projects/{project}/models"),
+                Some(json!({"name": name, "description": description})),
+                MODEL_COLS,
+                None,
+            )
+            .await?;
         }
         Models::Get { project, model } => {
-            let v = api
-                .json(http::Method::GET, &model_path(project, model), None)
-                .await?;
-            api.print(&v, MODEL_COLS, None);
+            api.show(
+                http::Method::GET,
+                &model_path(project, model),
+                None,
+                MODEL_COLS,
+                None,
+            )
+            .await?;
         }
         Models::Delete { project, model } => {
             api.json(http::Method::DELETE, &model_path(project, model), None)
@@ -488,14 +511,14 @@ pub async fn models(target: &Target, cmd: Models) -> CliResult {
             }
         }
         Models::RegenerateKey { project, model } => {
-            let v = api
-                .json(
-                    http::Method::POST,
-                    &format!("{}/access_key", model_path(project, model)),
-                    None,
-                )
-                .await?;
-            api.print(&v, MODEL_COLS, None);
+            api.show(
+                http::Method::POST,
+                &format!("{}/access_key", model_path(project, model)),
+                None,
+                MODEL_COLS,
+                None,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -555,14 +578,14 @@ pub async fn builds(target: &Target, cmd: Builds) -> CliResult {
     let api = Api::new(target);
     match cmd {
         Builds::List { project, model } => {
-            let v = api
-                .json(
-                    http::Method::GET,
-                    &format!("{}/builds", model_path(project, model)),
-                    None,
-                )
-                .await?;
-            api.print(&v, BUILD_COLS, Some("builds"));
+            api.show(
+                http::Method::GET,
+                &format!("{}/builds", model_path(project, model)),
+                None,
+                BUILD_COLS,
+                Some("builds"),
+            )
+            .await?;
         }
         Builds::Create {
             project,
@@ -584,10 +607,14 @@ pub async fn builds(target: &Target, cmd: Builds) -> CliResult {
             }
             let path = format!("/projects/{project}/models/{model}/builds/{}", v["id"]);
             let status = follow_log(&api, &path, true).await?;
-            let v = api
-                .json(http::Method::GET, &format!("/api/v2{path}"), None)
-                .await?;
-            api.print(&v, BUILD_COLS, None);
+            api.show(
+                http::Method::GET,
+                &format!("/api/v2{path}"),
+                None,
+                BUILD_COLS,
+                None,
+            )
+            .await?;
             if status != "built" {
                 return Err(format!("build {} ended as {status:?}", v["build_number"]));
             }
@@ -613,14 +640,14 @@ pub async fn deployments(target: &Target, cmd: Deployments) -> CliResult {
     let api = Api::new(target);
     match cmd {
         Deployments::List { project, model } => {
-            let v = api
-                .json(
-                    http::Method::GET,
-                    &format!("{}/deployments", model_path(project, model)),
-                    None,
-                )
-                .await?;
-            api.print(&v, DEPLOYMENT_COLS, Some("deployments"));
+            api.show(
+                http::Method::GET,
+                &format!("{}/deployments", model_path(project, model)),
+                None,
+                DEPLOYMENT_COLS,
+                Some("deployments"),
+            )
+            .await?;
         }
         Deployments::Create {
             project,
@@ -668,34 +695,34 @@ pub async fn deployments(target: &Target, cmd: Deployments) -> CliResult {
             model,
             deployment,
         } => {
-            let v = api
-                .json(
-                    http::Method::POST,
-                    &format!(
-                        "{}/deployments/{deployment}/stop",
-                        model_path(project, model)
-                    ),
-                    None,
-                )
-                .await?;
-            api.print(&v, DEPLOYMENT_COLS, None);
+            api.show(
+                http::Method::POST,
+                &format!(
+                    "{}/deployments/{deployment}/stop",
+                    model_path(project, model)
+                ),
+                None,
+                DEPLOYMENT_COLS,
+                None,
+            )
+            .await?;
         }
         Deployments::Restart {
             project,
             model,
             deployment,
         } => {
-            let v = api
-                .json(
-                    http::Method::POST,
-                    &format!(
-                        "{}/deployments/{deployment}/restart",
-                        model_path(project, model)
-                    ),
-                    None,
-                )
-                .await?;
-            api.print(&v, DEPLOYMENT_COLS, None);
+            api.show(
+                http::Method::POST,
+                &format!(
+                    "{}/deployments/{deployment}/restart",
+                    model_path(project, model)
+                ),
+                None,
+                DEPLOYMENT_COLS,
+                None,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -705,14 +732,14 @@ pub async fn replicas(target: &Target, cmd: Replicas) -> CliResult {
     let api = Api::new(target);
     match cmd {
         Replicas::List { project, model } => {
-            let v = api
-                .json(
-                    http::Method::GET,
-                    &format!("{}/replicas", model_path(project, model)),
-                    None,
-                )
-                .await?;
-            api.print(&v, REPLICA_COLS, Some("replicas"));
+            api.show(
+                http::Method::GET,
+                &format!("{}/replicas", model_path(project, model)),
+                None,
+                REPLICA_COLS,
+                Some("replicas"),
+            )
+            .await?;
         }
         Replicas::Logs {
             project,

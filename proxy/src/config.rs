@@ -337,7 +337,8 @@ impl ServerConfig {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+/// Names of projects and models: 1-64 letters, digits, `-`, `_` and `.`.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
