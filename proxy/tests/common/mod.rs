@@ -249,8 +249,19 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stops modelgate the way an operator would (SIGTERM), so it removes its socket directory
+    /// and stops its replicas; SIGKILL if it does not exit within 10 s.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
