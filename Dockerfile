@@ -10,13 +10,16 @@ RUN PYO3_PYTHON=python3 cargo build --release -p modelgate -p replica-runtime
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libpython3.11 python3 python3-pip python3-sklearn \
+ && apt-get install -y --no-install-recommends libpython3.11 python3 python3-pip \
  && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --home /srv/modelgate modelgate
 WORKDIR /srv/modelgate
 COPY --from=build /src/target/release/modelgate /src/target/release/replica-runtime /usr/local/bin/
 COPY examples ./examples
-RUN cd examples/iris && python3 fit.py && chown -R modelgate /srv/modelgate
+# The store, builds and dependency cache go to ./data; the Iris build pip-installs scikit-learn
+# into that cache on first start and trains model.pkl in its build.sh.
+RUN mkdir data && chown -R modelgate /srv/modelgate
 USER modelgate
 EXPOSE 8080
+# Note: on a non-loopback listener /api/v2 is disabled until API keys exist.
 ENTRYPOINT ["modelgate", "serve", "--listen", "0.0.0.0:8080"]

@@ -35,6 +35,14 @@ pub enum Projects {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Replace a project's environment variables (a deployment's own ones take precedence).
+    SetEnv {
+        #[arg(long)]
+        project: i64,
+        /// KEY=VALUE (repeatable); none clears the environment.
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
     /// Replace an uploaded project's files with a local directory.
     Upload {
         #[arg(long)]
@@ -417,6 +425,17 @@ pub async fn projects(target: &Target, cmd: Projects) -> CliResult {
                 upload_dir(&api, v["id"].as_i64().unwrap_or_default(), &dir).await?;
             }
             api.print(&v, PROJECT_COLS, None);
+        }
+        Projects::SetEnv { project, env } => {
+            let environment: BTreeMap<String, String> = env.into_iter().collect();
+            api.show(
+                http::Method::PATCH,
+                &format!("/api/v2/projects/{project}"),
+                Some(json!({ "environment": environment })),
+                &["id", "name", "environment", "updated_at"],
+                None,
+            )
+            .await?;
         }
         Projects::Upload { project, dir } => {
             let v = upload_dir(&api, project, &dir).await?;

@@ -104,6 +104,20 @@ async fn the_cli_covers_projects_models_builds_deployments_replicas_and_predict(
     assert!(!ok);
     assert!(err.contains("build failed"), "{err}");
 
+    // The project's environment is overridden by the deployment's own.
+    let p = json(
+        &server,
+        &[
+            "projects",
+            "set-env",
+            "--project",
+            &pid,
+            "--env",
+            "MODE=project",
+        ],
+    );
+    assert_eq!(p["environment"]["MODE"], "project");
+
     let d = json(
         &server,
         &[
