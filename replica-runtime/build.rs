@@ -7,6 +7,8 @@ fn main() {
     let config = pyo3_build_config::get();
     if let Some(dir) = config.lib_dir() {
         println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{dir}");
+        println!("cargo:rustc-link-arg-benches=-Wl,-rpath,{dir}");
+        println!("cargo:rustc-link-arg-tests=-Wl,-rpath,{dir}");
     }
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
 }

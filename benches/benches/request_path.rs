@@ -80,5 +80,23 @@ fn pool(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, routing, pool);
+/// Recording a request's metrics: a counter registered once (the hot path's cached handle) versus
+/// looked up by labels on every call (the error path).
+fn metrics_recording(c: &mut Criterion) {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    metrics::with_local_recorder(&recorder, || {
+        let cached = metrics::counter!("bench_total", "model" => "add", "replica" => "add-0", "code" => "ok");
+        c.bench_function("metrics_counter_cached_handle", |b| {
+            b.iter(|| cached.increment(1))
+        });
+        c.bench_function("metrics_counter_by_labels", |b| {
+            b.iter(|| {
+                metrics::counter!("bench_total", "model" => "add", "replica" => "add-0", "code" => "model.error")
+                    .increment(1)
+            })
+        });
+    });
+}
+
+criterion_group!(benches, parse, routing, pool, metrics_recording);
 criterion_main!(benches);

@@ -9,7 +9,7 @@
 //! the replica's log.
 #![forbid(unsafe_code)]
 
-mod python;
+use replica_runtime::python;
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;

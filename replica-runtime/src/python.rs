@@ -1,6 +1,7 @@
 //! The embedded interpreter: importing the model and calling its function with JSON in and out.
 //!
-//! JSON is converted by Python's own `json` module (C-accelerated): it keeps integers of any size
+//! JSON is converted by Python's own `json` module (C-accelerated; a decoder and an encoder built
+//! once at load): it keeps integers of any size
 //! exact and, with `allow_nan=False`, refuses NaN and infinities, so whatever it returns is valid
 //! JSON that the proxy can splice into its response without parsing.
 
@@ -8,13 +9,15 @@ use std::path::PathBuf;
 
 use modelgate_protocol::{ModelError, ModelErrorKind};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyDict, PyList, PyString};
 
 pub struct Model {
     function: Py<PyAny>,
-    loads: Py<PyAny>,
-    dumps: Py<PyAny>,
-    dumps_kwargs: Py<PyDict>,
+    /// `json.JSONDecoder().decode`: takes the request as a `str`.
+    decode: Py<PyAny>,
+    /// `json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode`,
+    /// built once so a call passes no keyword arguments.
+    encode: Py<PyAny>,
 }
 
 impl Model {
@@ -72,15 +75,16 @@ impl Model {
             )));
         }
         let json = py.import("json")?;
-        let dumps_kwargs = PyDict::new(py);
-        dumps_kwargs.set_item("allow_nan", false)?;
-        dumps_kwargs.set_item("ensure_ascii", false)?;
-        dumps_kwargs.set_item("separators", (",", ":"))?;
+        let options = PyDict::new(py);
+        options.set_item("allow_nan", false)?;
+        options.set_item("ensure_ascii", false)?;
+        options.set_item("separators", (",", ":"))?;
+        let encoder = json.getattr("JSONEncoder")?.call((), Some(&options))?;
+        let decoder = json.getattr("JSONDecoder")?.call0()?;
         Ok(Model {
             function: func.unbind(),
-            loads: json.getattr("loads")?.unbind(),
-            dumps: json.getattr("dumps")?.unbind(),
-            dumps_kwargs: dumps_kwargs.unbind(),
+            decode: decoder.getattr("decode")?.unbind(),
+            encode: encoder.getattr("encode")?.unbind(),
         })
     }
 
@@ -95,9 +99,15 @@ impl Model {
     /// Calls the function with the JSON `request` and returns its JSON-encoded result.
     pub fn predict(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
         Python::attach(|py| {
+            // The proxy only forwards requests it parsed as JSON, so they are UTF-8.
+            let text = std::str::from_utf8(request).map_err(|e| ModelError {
+                kind: ModelErrorKind::BadRequest,
+                exception: "UnicodeDecodeError".into(),
+                message: e.to_string(),
+            })?;
             let args = self
-                .loads
-                .call1(py, (PyBytes::new(py, request),))
+                .decode
+                .call1(py, (PyString::new(py, text),))
                 .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err))?;
             let result = self.function.call1(py, (args,)).map_err(|err| {
                 err.display(py);
@@ -108,15 +118,11 @@ impl Model {
                 };
                 model_error(py, kind, &err)
             })?;
-            let encoded = self
-                .dumps
-                .bind(py)
-                .call((result,), Some(self.dumps_kwargs.bind(py)))
-                .map_err(|err| {
-                    let mut e = model_error(py, ModelErrorKind::NotSerializable, &err);
-                    e.message = format!("return value is not JSON-serializable: {}", e.message);
-                    e
-                })?;
+            let encoded = self.encode.bind(py).call1((result,)).map_err(|err| {
+                let mut e = model_error(py, ModelErrorKind::NotSerializable, &err);
+                e.message = format!("return value is not JSON-serializable: {}", e.message);
+                e
+            })?;
             let encoded = encoded.cast_into::<PyString>().map_err(|_| ModelError {
                 kind: ModelErrorKind::NotSerializable,
                 exception: "TypeError".into(),

@@ -1,0 +1,4 @@
+//! The replica's interpreter side, as a library so benchmarks can call it in-process.
+#![forbid(unsafe_code)]
+
+pub mod python;
