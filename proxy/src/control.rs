@@ -209,6 +209,17 @@ impl ControlPlane {
         };
         tracing::info!(model = %cfg.name, build = build.build_number, "building declared model");
         if !self.execute_build(build.id, source).await {
+            // Keep serving what served before (say the package index is unreachable at start):
+            // the newest deployment that was active when modelgate last stopped.
+            let store = self.store.clone();
+            let previous = blocking(move || store.active_deployments()).await;
+            if let Some(dep) = previous
+                .ok()
+                .and_then(|all| all.into_iter().rev().find(|d| d.model_id == model_id))
+            {
+                tracing::warn!(model = %cfg.name, deployment = dep.id, "build failed; restoring the previous deployment");
+                self.run_deployment(dep).await;
+            }
             return;
         }
         let store = self.store.clone();

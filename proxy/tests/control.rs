@@ -654,3 +654,44 @@ async fn environment_precedence_is_deployment_over_project_over_global() {
         json!({"GLOBAL": "g", "PROJ": "project", "TIER": "project"})
     );
 }
+
+#[tokio::test]
+async fn a_declared_model_whose_rebuild_fails_keeps_its_previous_deployment() {
+    let project = tempfile::tempdir().unwrap();
+    write_model(project.path(), 3);
+    let table = format!(
+        "[[models]]\nname = \"keep\"\npath = \"{}\"\nfile = \"model.py\"\nfunction = \"predict\"\naccess_key = \"key-for-keep-0123456789\"\n",
+        project.path().display()
+    );
+    let mut server = Server::start("", &[table]);
+    server.wait_ready().await;
+    let (s, body) = server
+        .predict(
+            &client(),
+            "key-for-keep-0123456789",
+            json!({"a": 1, "b": 1}),
+        )
+        .await;
+    assert_eq!(
+        (s, body["response"]["version"].as_i64()),
+        (200, Some(3)),
+        "{body}"
+    );
+    // The next start's build fails (a broken module); the last good build keeps serving.
+    std::fs::write(project.path().join("model.py"), "this is not python\n").unwrap();
+    server.restart(false);
+    server.wait_ready().await;
+    let (s, body) = server
+        .predict(
+            &client(),
+            "key-for-keep-0123456789",
+            json!({"a": 1, "b": 1}),
+        )
+        .await;
+    assert_eq!(
+        (s, body["response"]["version"].as_i64()),
+        (200, Some(3)),
+        "{body}"
+    );
+    assert!(server.logs().contains("restoring the previous deployment"));
+}
