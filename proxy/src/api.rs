@@ -160,12 +160,16 @@ async fn model_routes(
         }
         (Method::GET, ["builds", b, "log"]) => {
             let build = owned_build(cp, &model, b).await?;
-            let offset: u64 = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("offset=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let query = |name: &str| {
+                req.uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name)))
+                    .map(str::to_owned)
+            };
+            let offset: u64 = query("offset=").and_then(|v| v.parse().ok()).unwrap_or(0);
+            if query("follow=").as_deref() == Some("true") {
+                return Ok(follow_build_log(cp, build, offset));
+            }
             build_log(cp, &build, offset).await
         }
         (Method::GET, ["deployments"]) => {
@@ -498,7 +502,7 @@ async fn delete_model(cp: &Arc<ControlPlane>, model: Model) -> Result<Response<B
     }
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
-        .body(Body::new(Bytes::new()))
+        .body(crate::body::full(Bytes::new()))
         .expect("static response"))
 }
 
@@ -589,8 +593,50 @@ async fn build_log(
         .header("x-build-status", build.status.as_str())
         .header("x-build-finished", if finished { "true" } else { "false" })
         .header("x-log-next-offset", text.len().to_string())
-        .body(Body::new(chunk))
+        .body(crate::body::full(chunk))
         .expect("valid headers"))
+}
+
+/// The build log streamed as it is written, from `offset` until the build ends (bounded by
+/// twice the build step timeout, and by the client going away).
+fn follow_build_log(cp: &Arc<ControlPlane>, build: Build, offset: u64) -> Response<Body> {
+    let (tx, body) = crate::body::channel(16);
+    let path = BuildPaths::new(&cp.builds.data_dir, build.id).log;
+    let store = cp.store.clone();
+    let bound = cp.builds.step_timeout * 2;
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut offset = offset as usize;
+        loop {
+            // Status first, then the file: a build that ended has written all of its log.
+            let bid = build.id;
+            let s2 = store.clone();
+            let finished = matches!(
+                blocking(move || s2.build(bid)).await.map(|b| b.status),
+                Ok(BuildStatus::Built | BuildStatus::Failed) | Err(_)
+            );
+            let text = tokio::fs::read(&path).await.unwrap_or_default();
+            if text.len() > offset {
+                if tx
+                    .send(Bytes::copy_from_slice(&text[offset..]))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                offset = text.len();
+            }
+            if finished || tokio::time::Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(body)
+        .expect("valid headers")
 }
 
 #[derive(Deserialize)]

@@ -6,9 +6,8 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 
-pub type Body = Full<Bytes>;
+pub use crate::body::Body;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -129,7 +128,7 @@ impl ApiError {
 }
 
 pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body.into()));
+    let mut resp = Response::new(crate::body::full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

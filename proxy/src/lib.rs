@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod body;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -71,7 +70,7 @@ impl App {
                 .iter()
                 .flat_map(|m| m.slots.iter().map(|s| &**s)),
         );
-        let mut resp = Response::new(Body::new(Bytes::from(text)));
+        let mut resp = Response::new(crate::body::full(text));
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

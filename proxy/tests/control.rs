@@ -695,3 +695,54 @@ async fn a_declared_model_whose_rebuild_fails_keeps_its_previous_deployment() {
     );
     assert!(server.logs().contains("restoring the previous deployment"));
 }
+
+#[tokio::test]
+async fn a_build_log_streams_while_the_build_runs() {
+    let server = Server::start("", &[]);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    write_model(project.path(), 1);
+    std::fs::write(
+        project.path().join("build.sh"),
+        "echo early-line\nsleep 1.5\necho late-line\n",
+    )
+    .unwrap();
+    let (pid, mid, _) = api.project_and_model("streamed", project.path()).await;
+    let base = format!("/projects/{pid}/models/{mid}/builds");
+    let (s, b) = api
+        .post(
+            &base,
+            json!({"file_path": "model.py", "function_name": "predict"}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let bid = b["id"].as_i64().unwrap();
+    let mut resp = client()
+        .get(server.url(&format!("/api/v2{base}/{bid}/log?follow=true")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = String::new();
+    let mut seen_while_building = false;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if text.contains("early-line") && !text.contains("late-line") {
+            let (_, now) = api.get(&format!("{base}/{bid}")).await;
+            seen_while_building |= now["status"] == "building";
+        }
+    }
+    assert!(
+        seen_while_building,
+        "no log arrived while the build ran: {text}"
+    );
+    assert!(
+        text.contains("late-line") && text.contains("built: sha256"),
+        "{text}"
+    );
+    let (_, done) = api.get(&format!("{base}/{bid}")).await;
+    assert_eq!(done["status"], "built");
+}
