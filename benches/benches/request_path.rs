@@ -34,7 +34,7 @@ fn parse(c: &mut Criterion) {
 
 fn route(model: usize) -> Arc<ModelRoute> {
     let name: Arc<str> = format!("model-{model}").into();
-    let slots = vec![Arc::new(Slot::new(name.clone(), &name, 0))];
+    let slots = vec![Arc::new(Slot::new(name.clone(), 0))];
     Arc::new(ModelRoute {
         pool: Arc::new(Pool::new(name.clone(), 1, 16)),
         metrics: ModelMetrics::new(&name, &slots),
@@ -65,7 +65,7 @@ fn pool(c: &mut Criterion) {
         .build()
         .unwrap();
     let pool = Arc::new(Pool::new("m".into(), 1, 16));
-    let slot = Arc::new(Slot::new("m".into(), "m", 0));
+    let slot = Arc::new(Slot::new("m".into(), 0));
     let (ours, _theirs) = rt.block_on(async { tokio::net::UnixStream::pair().unwrap() });
     let _guard = rt.enter();
     pool.set_health(0, SlotHealth::Ready);

@@ -5,7 +5,7 @@
 //! loopback listener until API keys exist (see ARCHITECTURE.md).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -202,10 +202,11 @@ async fn model_routes(
             ok(StatusCode::ACCEPTED, json!(dep))
         }
         (Method::GET, ["replicas"]) => {
-            let list = match cp.deployment_slots(model.id).await {
-                Some((dep, slots, pool)) => {
-                    let health = pool.health();
-                    slots
+            let list = match cp.running(model.id).await {
+                Some((dep, route)) => {
+                    let health = route.pool.health();
+                    route
+                        .slots
                         .iter()
                         .zip(health)
                         .map(|(s, h)| {
@@ -224,9 +225,9 @@ async fn model_routes(
         }
         (Method::GET, ["replicas", r, "logs"]) => {
             let slots = cp
-                .deployment_slots(model.id)
+                .running(model.id)
                 .await
-                .map(|(_, s, _)| s)
+                .map(|(_, route)| route.slots.clone())
                 .unwrap_or_default();
             let slot = slots
                 .iter()
@@ -291,33 +292,37 @@ async fn create_project(
                     p.display()
                 )));
             }
-            canon
+            Some(canon)
         }
         // Files arrive later as an archive (PUT .../files) into a directory modelgate manages.
-        None => PathBuf::new(),
+        None => None,
     };
     let store = cp.store.clone();
     let data_dir = cp.builds.data_dir.clone();
     let project: Project = blocking(move || {
-        let managed = source.as_os_str().is_empty();
         let project = store.create_project(NewProject {
             name: &body.name,
             description: &body.description,
-            source_path: &source.to_string_lossy(),
+            source_path: &source.as_deref().unwrap_or(Path::new("")).to_string_lossy(),
         })?;
-        if !managed {
+        if source.is_some() {
             return Ok(project);
         }
-        let files = data_dir
-            .join("projects")
-            .join(project.id.to_string())
-            .join("files");
+        let files = managed_files_dir(&data_dir, project.id);
         std::fs::create_dir_all(&files)
             .map_err(|e| modelgate_control::store::StoreError::Backend(e.to_string()))?;
         store.set_project_source(project.id, &files.to_string_lossy())
     })
     .await?;
     ok(StatusCode::CREATED, json!(project))
+}
+
+/// Where the files of a project created without a server path live.
+fn managed_files_dir(data_dir: &Path, project_id: i64) -> PathBuf {
+    data_dir
+        .join("projects")
+        .join(project_id.to_string())
+        .join("files")
 }
 
 /// `PUT /projects/{id}/files`: replaces a managed project's files with an uploaded tar or tar.gz.
@@ -328,8 +333,8 @@ async fn upload_files(
 ) -> Result<Response<Body>, ApiError> {
     let store = cp.store.clone();
     let project = blocking(move || store.project(pid)).await?;
-    let root = cp.builds.data_dir.join("projects").join(pid.to_string());
-    let files = root.join("files");
+    let files = managed_files_dir(&cp.builds.data_dir, pid);
+    let root = files.parent().expect("files dir has a parent").to_owned();
     if std::path::Path::new(&project.source_path) != files {
         return Err(ApiError::Conflict(
             "this project reads its files from a server directory; archives are only accepted by projects created without \"path\"".into(),
@@ -348,7 +353,7 @@ async fn upload_files(
     // Stream the upload to disk: an archive can be far larger than anything worth holding in memory.
     let staging = root.join(format!("upload-{}", rand_suffix()));
     std::fs::create_dir_all(&staging).map_err(|_| ApiError::Internal)?;
-    let cleanup = scopeguard(staging.clone());
+    let cleanup = StagingDir(staging.clone());
     let archive = staging.join("archive");
     {
         use tokio::io::AsyncWriteExt;
@@ -410,10 +415,6 @@ impl Drop for StagingDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn scopeguard(dir: PathBuf) -> StagingDir {
-    StagingDir(dir)
 }
 
 #[derive(Deserialize)]

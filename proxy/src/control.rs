@@ -280,8 +280,6 @@ impl ControlPlane {
         env.extend(dep.environment.clone());
         let spec = Arc::new(ModelSpec {
             name: model.name.as_str().into(),
-            // Replica ids name the slot, not the process: `<model>-<index>` across deployments.
-            replica_prefix: model.name.clone(),
             python_path: paths.deps_dir().into_iter().collect(),
             dir: paths.src.clone(),
             file: build.file_path.clone(),
@@ -412,20 +410,6 @@ impl ControlPlane {
         for r in all {
             r.replicas.join().await;
         }
-    }
-
-    /// Every slot of every running deployment, for metrics and replica listings.
-    pub async fn deployment_slots(
-        &self,
-        model_id: i64,
-    ) -> Option<(i64, Vec<Arc<crate::replica::Slot>>, Arc<Pool>)> {
-        self.running.lock().await.get(&model_id).map(|r| {
-            (
-                r.deployment_id,
-                r.replicas.slots.clone(),
-                r.route.pool.clone(),
-            )
-        })
     }
 }
 

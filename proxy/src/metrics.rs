@@ -98,9 +98,8 @@ pub fn retire_replica_cpu(slot: &Slot) {
 /// an integer and CPU seconds need fractions.
 pub fn render_replicas<'a>(out: &mut String, slots: impl Iterator<Item = &'a Slot>) {
     use std::fmt::Write;
-    // Keyed by labels: two deployments of a model overlap briefly during a redeploy, and their
-    // slots share ids; their readings are summed rather than exposed twice.
-    let mut by_labels: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    let mut cpu_lines = String::new();
+    let mut mem_lines = String::new();
     for slot in slots {
         let pgid = slot.pgid();
         let (now_cpu, rss) = if pgid > 0 {
@@ -114,14 +113,7 @@ pub fn render_replicas<'a>(out: &mut String, slots: impl Iterator<Item = &'a Slo
             cpu.retired + cpu.current
         };
         let labels = format!("model=\"{}\",replica=\"{}\"", slot.model, slot.id);
-        let entry = by_labels.entry(labels).or_default();
-        entry.0 += total;
-        entry.1 += rss;
-    }
-    let mut cpu_lines = String::new();
-    let mut mem_lines = String::new();
-    for (labels, (cpu, rss)) in &by_labels {
-        let _ = writeln!(cpu_lines, "{REPLICA_CPU}{{{labels}}} {cpu}");
+        let _ = writeln!(cpu_lines, "{REPLICA_CPU}{{{labels}}} {total}");
         let _ = writeln!(mem_lines, "{REPLICA_MEMORY}{{{labels}}} {rss}");
     }
     let _ = writeln!(

@@ -195,11 +195,6 @@ impl Pool {
         st.waiters.iter().all(|w| w.is_closed()) && st.idle.len() >= ready
     }
 
-    /// True when at least one replica is ready.
-    pub fn is_ready(&self) -> bool {
-        self.lock().health.contains(&SlotHealth::Ready)
-    }
-
     pub fn health(&self) -> Vec<SlotHealth> {
         self.lock().health.clone()
     }

@@ -59,9 +59,10 @@ pub struct CpuTotals {
 }
 
 impl Slot {
-    /// A slot with id `<prefix>-<index>`.
-    pub fn new(model: Arc<str>, prefix: &str, index: usize) -> Slot {
-        let id: Arc<str> = format!("{prefix}-{index}").into();
+    /// A slot with id `<model>-<index>`: it names the slot, not the process, so it is the same
+    /// across restarts and deployments and metric labels stay bounded.
+    pub fn new(model: Arc<str>, index: usize) -> Slot {
+        let id: Arc<str> = format!("{model}-{index}").into();
         let busy = metrics::gauge!(
             crate::metrics::REPLICA_BUSY,
             "model" => model.to_string(),

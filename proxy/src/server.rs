@@ -84,7 +84,7 @@ impl App {
             .models()
             .iter()
             // Models with no replicas (stopped, never deployed) are not expected to be ready.
-            .filter(|m| m.expected_ready && !m.pool.is_ready())
+            .filter(|m| m.expected_ready && m.pool.ready_count() == 0)
             .map(|m| &*m.name)
             .collect();
         let ready = not_ready.is_empty();

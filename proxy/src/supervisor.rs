@@ -63,8 +63,6 @@ impl ReplicaSettings {
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub name: Arc<str>,
-    /// Replica ids are `<prefix>-<index>`: the model name, plus the deployment when there is one.
-    pub replica_prefix: String,
     /// Directories added to `sys.path` after the model directory (installed dependencies).
     pub python_path: Vec<PathBuf>,
     pub dir: PathBuf,
@@ -100,7 +98,7 @@ pub fn start_model(
     stop: watch::Receiver<bool>,
 ) -> ModelReplicas {
     let slots: Vec<Arc<Slot>> = (0..spec.replicas)
-        .map(|i| Arc::new(Slot::new(spec.name.clone(), &spec.replica_prefix, i)))
+        .map(|i| Arc::new(Slot::new(spec.name.clone(), i)))
         .collect();
     let tasks = slots
         .iter()
