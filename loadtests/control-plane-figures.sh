@@ -18,6 +18,11 @@ server=$!
 trap 'kill -INT $server; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 A=http://127.0.0.1:18700/api/v2
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18700/healthz >/dev/null && break; sleep 0.05; done
+# The API needs the first admin's key; curl reads the header from a file, not the command line.
+printf 'Authorization: Bearer %s\n' "$(cat "$work/data/admin-api-key")" >"$work/auth"
+curl() { command curl -H @"$work/auth" "$@"; }
+export MODELGATE_API_KEY
+MODELGATE_API_KEY=$(cat "$work/data/admin-api-key")
 cp -r examples/add_numbers "$work/project"
 jq() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 # Milliseconds between two RFC 3339 fields of a JSON object, from the server's own timestamps

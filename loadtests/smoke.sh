@@ -41,8 +41,15 @@ for _ in $(seq 1 200); do
   sleep 0.05
 done
 
+# The model has authentication on (the default): load carries the first admin's API key.
+export MODELGATE_API_KEY
+MODELGATE_API_KEY=$(cat "$work/data/admin-api-key")
 url="http://$addr/model"
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --concurrency 4 --warmup 0.5 --duration 2
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --mode open --rate 300 --warmup 0.5 --duration 2
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --http2 --concurrency 4 --warmup 0.5 --duration 1
+# Without the API key every request is refused, and loadgen says so.
+if MODELGATE_API_KEY= ./target/debug/loadgen --url "$url" --access-key "$key" --concurrency 1 --warmup 0 --duration 0.3 >"$work/refused" 2>&1; then
+  echo "requests without an API key were served"; cat "$work/refused"; exit 1
+fi
 echo "loadgen smoke: ok"

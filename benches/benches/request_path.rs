@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the pieces every prediction passes through: envelope parsing, routing by
-//! access key, and taking and returning a replica from a model's pool.
+//! access key, API key authentication, and taking and returning a replica from a model's pool.
 //!
 //! `cargo bench -p modelgate-benches`
 
@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use modelgate::auth::{key, Action, AuthIndex};
 use modelgate::pool::{Pool, SlotHealth};
 use modelgate::replica::{ReplicaConn, Slot};
-use modelgate::routing::{ModelMetrics, ModelRoute, RoutingSnapshot};
+use modelgate::routing::{ModelMetrics, ModelRoute, RouteEntry, RoutingSnapshot};
+use modelgate_control::identity::{ApiKey, AuthState, Collaborator, User};
 
 fn envelope(request_bytes: usize) -> Vec<u8> {
     let pad = "x".repeat(request_bytes.saturating_sub(64));
@@ -48,7 +50,14 @@ fn routing(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_by_access_key");
     for models in [10usize, 10_000] {
         let entries = (0..models)
-            .map(|i| (format!("{i:032}"), route(i)))
+            .map(|i| {
+                let entry = RouteEntry {
+                    route: route(i),
+                    project_id: i as i64,
+                    authenticate: true,
+                };
+                (format!("{i:032}"), entry)
+            })
             .collect();
         let snapshot = RoutingSnapshot::new(entries);
         let key = format!("{:032}", models / 2);
@@ -56,6 +65,77 @@ fn routing(c: &mut Criterion) {
             b.iter(|| std::hint::black_box(snapshot.by_access_key(key).is_some()))
         });
     }
+    group.finish();
+}
+
+/// An auth index of `users` users, each with one key and a viewer role on one project; returns
+/// it with the key of the user in the middle.
+fn auth_index(users: usize) -> (AuthIndex, String) {
+    let mut state = AuthState::default();
+    let mut middle = String::new();
+    for i in 0..users as i64 {
+        let (secret, id) = key::generate();
+        state.users.push(User {
+            id: i,
+            username: format!("user-{i}"),
+            role: "user".into(),
+            active: true,
+            api_keys: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        });
+        state.keys.push(ApiKey {
+            key_id: id,
+            user_id: i,
+            digest: key::digest_hex(&secret),
+            description: String::new(),
+            created_at: String::new(),
+            expires_at: i64::MAX,
+        });
+        state.collaborators.push(Collaborator {
+            project_id: i,
+            user_id: i,
+            username: format!("user-{i}"),
+            role: "viewer".into(),
+            owner: false,
+        });
+        if i == users as i64 / 2 {
+            middle = secret;
+        }
+    }
+    (AuthIndex::from_state(&state), middle)
+}
+
+/// What authentication adds to a prediction: parse and check the key's format and checksum,
+/// find it, compare SHA-256 digests in constant time, check expiry, user and project role.
+fn authentication(c: &mut Criterion) {
+    let mut group = c.benchmark_group("api_key_check");
+    for users in [10usize, 10_000] {
+        let (index, secret) = auth_index(users);
+        let project = users as i64 / 2;
+        let header = http::HeaderValue::from_str(&format!("Bearer {secret}")).unwrap();
+        let now = modelgate::auth::now_unix();
+        group.bench_with_input(BenchmarkId::new("valid", users), &header, |b, h| {
+            b.iter(|| {
+                let who = index.authenticate(Some(h), now).unwrap();
+                std::hint::black_box(index.allowed(&who, project, Action::Predict))
+            })
+        });
+    }
+    let (index, secret) = auth_index(10);
+    let now = modelgate::auth::now_unix();
+    let mut bad = secret.into_bytes();
+    bad[20] = if bad[20] == b'a' { b'b' } else { b'a' };
+    let bad_checksum =
+        http::HeaderValue::from_str(&format!("Bearer {}", String::from_utf8(bad).unwrap()))
+            .unwrap();
+    group.bench_function("reject_bad_checksum", |b| {
+        b.iter(|| std::hint::black_box(index.authenticate(Some(&bad_checksum), now).is_err()))
+    });
+    let unknown = http::HeaderValue::from_str(&format!("Bearer {}", key::generate().0)).unwrap();
+    group.bench_function("reject_unknown", |b| {
+        b.iter(|| std::hint::black_box(index.authenticate(Some(&unknown), now).is_err()))
+    });
     group.finish();
 }
 
@@ -98,5 +178,12 @@ fn metrics_recording(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, routing, pool, metrics_recording);
+criterion_group!(
+    benches,
+    parse,
+    routing,
+    authentication,
+    pool,
+    metrics_recording
+);
 criterion_main!(benches);

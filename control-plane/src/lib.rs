@@ -6,4 +6,5 @@
 
 pub mod archive;
 pub mod builds;
+pub mod identity;
 pub mod store;

@@ -46,6 +46,8 @@ pub struct Project {
     pub source_path: String,
     /// Environment of the project's replicas; a deployment's own variables take precedence.
     pub environment: std::collections::BTreeMap<String, String>,
+    /// The user who created the project (always one of its admins); none for older projects.
+    pub owner_id: Option<i64>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -148,6 +150,8 @@ pub struct NewProject<'a> {
     pub name: &'a str,
     pub description: &'a str,
     pub source_path: &'a str,
+    /// Becomes the project's owner and first admin collaborator.
+    pub owner_id: Option<i64>,
 }
 
 pub struct NewModel<'a> {
@@ -160,7 +164,7 @@ pub struct NewModel<'a> {
 }
 
 /// The operations the rest of modelgate needs from a store.
-pub trait Store: Send + Sync {
+pub trait Store: crate::identity::IdentityStore + Send + Sync {
     fn create_project(&self, new: NewProject<'_>) -> Result<Project>;
     fn project(&self, id: i64) -> Result<Project>;
     fn projects(&self) -> Result<Vec<Project>>;
@@ -176,6 +180,13 @@ pub trait Store: Send + Sync {
     fn models(&self, project_id: i64) -> Result<Vec<Model>>;
     fn delete_model(&self, id: i64) -> Result<()>;
     fn set_access_key(&self, id: i64, access_key: &str) -> Result<Model>;
+    /// Changes what is given; leaves the rest.
+    fn update_model(
+        &self,
+        id: i64,
+        description: Option<&str>,
+        enable_authentication: Option<bool>,
+    ) -> Result<Model>;
 
     /// Creates a build with the next build number of its model, status `pending`.
     fn create_build(&self, model_id: i64, file_path: &str, function_name: &str) -> Result<Build>;
@@ -246,6 +257,7 @@ fn migrations() -> Migrations<'static> {
         CREATE INDEX deployments_by_model ON deployments (model_id, id);",
         ),
         M::up("ALTER TABLE projects ADD COLUMN environment TEXT NOT NULL DEFAULT '{}';"),
+        M::up(crate::identity::MIGRATION),
     ])
 }
 
@@ -276,7 +288,7 @@ impl SqliteStore {
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -308,7 +320,7 @@ fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Deployment> {
 }
 
 const PROJECT_COLS: &str =
-    "id, name, description, source_path, created_at, updated_at, environment";
+    "id, name, description, source_path, created_at, updated_at, environment, owner_id";
 const MODEL_COLS: &str =
     "id, project_id, name, description, owner, access_key, enable_authentication, created_at, updated_at";
 const BUILD_COLS: &str =
@@ -323,6 +335,7 @@ fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Project> {
         created_at: r.get(4)?,
         updated_at: r.get(5)?,
         environment: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
+        owner_id: r.get(7)?,
     })
 }
 
@@ -356,13 +369,14 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Build> {
 
 impl Store for SqliteStore {
     fn create_project(&self, new: NewProject<'_>) -> Result<Project> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         let ts = now();
-        let id = conn
+        let tx = conn.transaction()?;
+        let id: i64 = tx
             .query_row(
-                "INSERT INTO projects (name, description, source_path, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?4) RETURNING id",
-                params![new.name, new.description, new.source_path, ts],
+                "INSERT INTO projects (name, description, source_path, created_at, updated_at, owner_id)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5) RETURNING id",
+                params![new.name, new.description, new.source_path, ts, new.owner_id],
                 |r| r.get(0),
             )
             .map_err(|e| match StoreError::from(e) {
@@ -371,6 +385,14 @@ impl Store for SqliteStore {
                 }
                 other => other,
             })?;
+        if let Some(owner) = new.owner_id {
+            tx.execute(
+                "INSERT INTO collaborators (project_id, user_id, role, created_at)
+                 VALUES (?1, ?2, 'admin', ?3)",
+                params![id, owner, ts],
+            )?;
+        }
+        tx.commit()?;
         drop(conn);
         self.project(id)
     }
@@ -484,6 +506,24 @@ impl Store for SqliteStore {
         let n = self.conn().execute(
             "UPDATE models SET access_key = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, access_key, now()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound("model"));
+        }
+        self.model(id)
+    }
+
+    fn update_model(
+        &self,
+        id: i64,
+        description: Option<&str>,
+        enable_authentication: Option<bool>,
+    ) -> Result<Model> {
+        let n = self.conn().execute(
+            "UPDATE models SET description = COALESCE(?2, description),
+                    enable_authentication = COALESCE(?3, enable_authentication),
+                    updated_at = ?4 WHERE id = ?1",
+            params![id, description, enable_authentication, now()],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound("model"));
@@ -638,6 +678,7 @@ mod tests {
                 name: "iris",
                 description: "d",
                 source_path: "/x",
+                owner_id: None,
             })
             .unwrap();
         let m = s
@@ -701,13 +742,15 @@ mod tests {
                 name: "p",
                 description: "",
                 source_path: "/x",
+                owner_id: None,
             })
             .unwrap();
         assert!(matches!(
             s.create_project(NewProject {
                 name: "p",
                 description: "",
-                source_path: "/y"
+                source_path: "/y",
+                owner_id: None,
             }),
             Err(StoreError::Conflict(_))
         ));

@@ -44,8 +44,14 @@ struct Args {
     /// Send `{"pad": "<N chars>"}` instead of --body, for echo-style models.
     #[arg(long, value_name = "N")]
     payload_bytes: Option<usize>,
-    /// Sent as `Authorization: Bearer <KEY>` when given.
-    #[arg(long, value_name = "KEY")]
+    /// Sent as `Authorization: Bearer <KEY>` when given (prefer the environment variable:
+    /// arguments land in shell history).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "MODELGATE_API_KEY",
+        hide_env_values = true
+    )]
     api_key: Option<String>,
     /// closed: workers send back-to-back; open: requests start at fixed intervals (--rate).
     #[arg(long, value_enum, default_value_t = Mode::Closed)]

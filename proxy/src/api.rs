@@ -1,8 +1,12 @@
 //! The REST API under `/api/v2`: projects → models → builds → deployments, JSON in and out.
 //!
-//! Handlers validate input, call the store on the blocking pool and the [`ControlPlane`] for
-//! anything that runs (builds, deployments) or changes routing. The API is served only on a
-//! loopback listener until API keys exist (see ARCHITECTURE.md).
+//! Every call first authenticates its `Authorization: Bearer <api key>` against the in-memory
+//! auth index, then each handler asks [`Ctx::allow`] for the one action it performs (the table
+//! is in `auth/roles.rs`). Handlers validate input, call the store on the blocking pool and the
+//! [`ControlPlane`] for anything that runs (builds, deployments) or changes routing. Users, keys,
+//! collaborators, audit and settings live in the `identity` submodule.
+
+mod identity;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,15 +24,74 @@ use modelgate_control::store::{
 use serde::Deserialize;
 use serde_json::json;
 
+use std::net::SocketAddr;
+
+use modelgate_control::identity::AuditEvent;
+
+use crate::auth::{Action, Principal, SiteAction};
 use crate::config::valid_name;
 use crate::control::{blocking, ControlPlane};
 use crate::error::{json_response, ApiError, Body};
+use crate::server::ClientAddr;
 
 /// Largest JSON body the API accepts.
 const MAX_JSON_BYTES: usize = 1024 * 1024;
 
+/// One API call: the control plane, the authenticated caller and where they called from.
+pub(crate) struct Ctx<'a> {
+    pub cp: &'a Arc<ControlPlane>,
+    pub who: Principal,
+    pub remote: Option<SocketAddr>,
+}
+
+impl Ctx<'_> {
+    /// Checks a project action (and records a refusal).
+    fn allow(&self, project_id: i64, action: Action) -> Result<(), ApiError> {
+        self.cp
+            .auth
+            .authorize(&self.who, project_id, action, self.remote, &|| {
+                format!("project:{project_id}")
+            })
+    }
+
+    fn allow_site(&self, action: SiteAction) -> Result<(), ApiError> {
+        self.cp.auth.authorize_site(&self.who, action, self.remote)
+    }
+
+    /// Records a change in the audit trail, durably, before the call answers.
+    async fn audit(&self, action: &str, target: String, detail: String) -> Result<(), ApiError> {
+        let event = AuditEvent {
+            at: crate::now_rfc3339(),
+            actor_id: Some(self.who.user_id),
+            actor: self.who.username.to_string(),
+            action: action.into(),
+            target,
+            outcome: "ok".into(),
+            remote: self.remote.map(|a| a.to_string()).unwrap_or_default(),
+            detail,
+            ..Default::default()
+        };
+        let store = self.cp.store.clone();
+        blocking(move || store.append_audit(&[event])).await
+    }
+}
+
 pub async fn handle(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Response<Body> {
-    match route(cp, req).await {
+    let remote = req.extensions().get::<ClientAddr>().map(|a| a.0);
+    let target = || {
+        let path: String = req.uri().path().chars().take(200).collect();
+        format!("{} {path}", req.method())
+    };
+    let who = match cp.auth.authenticate(
+        req.headers().get(http::header::AUTHORIZATION),
+        remote,
+        &target,
+    ) {
+        Ok(who) => who,
+        Err(err) => return err.into_response(),
+    };
+    let ctx = Ctx { cp, who, remote };
+    match route(&ctx, req).await {
         Ok(resp) => resp,
         Err(err) => err.into_response(),
     }
@@ -60,7 +123,8 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
         .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
 }
 
-async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let cp = ctx.cp;
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segs: Vec<&str> = path
         .strip_prefix("/api/v2")
@@ -73,11 +137,21 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
         (Method::GET, ["projects"]) => {
             let store = cp.store.clone();
             let list = blocking(move || store.projects()).await?;
+            // Everyone sees the projects they have a role on; site admins see all.
+            let index = cp.auth.load();
+            let list: Vec<_> = list
+                .into_iter()
+                .filter(|p| index.project_role(&ctx.who, p.id).is_some())
+                .collect();
             ok(StatusCode::OK, json!({ "projects": list }))
         }
-        (Method::POST, ["projects"]) => create_project(cp, read_json(req).await?).await,
+        (Method::POST, ["projects"]) => {
+            ctx.allow_site(SiteAction::CreateProject)?;
+            create_project(ctx, read_json(req).await?).await
+        }
         (Method::GET, ["projects", p]) => {
             let pid = id(p, "project")?;
+            ctx.allow(pid, Action::View)?;
             let store = cp.store.clone();
             ok(
                 StatusCode::OK,
@@ -86,10 +160,12 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
         }
         (Method::PUT, ["projects", p, "files"]) => {
             let pid = id(p, "project")?;
+            ctx.allow(pid, Action::UploadFiles)?;
             upload_files(cp, pid, req).await
         }
         (Method::PATCH, ["projects", p]) => {
             let pid = id(p, "project")?;
+            ctx.allow(pid, Action::EditProject)?;
             let body: UpdateProject = read_json(req).await?;
             check_env(&body.environment)?;
             let store = cp.store.clone();
@@ -97,8 +173,13 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
                 blocking(move || store.set_project_environment(pid, &body.environment)).await?;
             ok(StatusCode::OK, json!(project))
         }
+        (method, ["projects", p, "collaborators", rest @ ..]) => {
+            let pid = id(p, "project")?;
+            identity::collaborators(ctx, method, pid, rest, req).await
+        }
         (Method::GET, ["projects", p, "models"]) => {
             let pid = id(p, "project")?;
+            ctx.allow(pid, Action::View)?;
             let store = cp.store.clone();
             let models = blocking(move || {
                 store.project(pid)?;
@@ -109,10 +190,13 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
             ok(StatusCode::OK, json!({ "models": list }))
         }
         (Method::POST, ["projects", p, "models"]) => {
-            create_model(cp, id(p, "project")?, read_json(req).await?).await
+            let pid = id(p, "project")?;
+            ctx.allow(pid, Action::CreateModel)?;
+            create_model(ctx, pid, read_json(req).await?).await
         }
         (method, ["projects", p, "models", m, rest @ ..]) => {
             let (pid, mid) = (id(p, "project")?, id(m, "model")?);
+            ctx.allow(pid, model_action(&method, rest))?;
             let store = cp.store.clone();
             let model = blocking(move || {
                 let model = store.model(mid)?;
@@ -122,22 +206,46 @@ async fn route(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Result<Respons
                 Ok(model)
             })
             .await?;
-            model_routes(cp, method, model, rest, req).await
+            model_routes(ctx, method, model, rest, req).await
         }
+        (method, ["users", rest @ ..]) => identity::users(ctx, method, rest, req).await,
+        (Method::GET, ["audit"]) => identity::audit(ctx, &req).await,
+        (method, ["settings"]) => identity::settings(ctx, method, req).await,
         (_, _) => Err(ApiError::NotFound(path.chars().take(200).collect())),
     }
 }
 
+/// The action a request under a model performs, for the permission check made before the
+/// model is even loaded (so a caller without a role learns nothing about what exists).
+fn model_action(method: &Method, rest: &[&str]) -> Action {
+    match (method, rest) {
+        (&Method::GET, ["replicas", _, "logs"]) => Action::ReadReplicaLogs,
+        (&Method::GET, _) => Action::View,
+        (&Method::DELETE, []) => Action::DeleteModel,
+        // PATCH may also need SetModelAuthentication, checked once the body is read.
+        (&Method::PATCH, []) => Action::EditModel,
+        (&Method::POST, ["access_key"]) => Action::RegenerateAccessKey,
+        (&Method::POST, ["builds"]) => Action::Build,
+        (&Method::POST, ["deployments"]) => Action::Deploy,
+        (&Method::POST, ["deployments", _, "stop"]) => Action::StopDeployment,
+        (&Method::POST, ["deployments", _, "restart"]) => Action::RestartDeployment,
+        // Anything else is answered 404 by `model_routes`; viewers may learn that.
+        _ => Action::View,
+    }
+}
+
 async fn model_routes(
-    cp: &Arc<ControlPlane>,
+    ctx: &Ctx<'_>,
     method: Method,
     model: Model,
     rest: &[&str],
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let cp = ctx.cp;
     match (method, rest) {
         (Method::GET, []) => ok(StatusCode::OK, model_json(&model)),
         (Method::DELETE, []) => delete_model(cp, model).await,
+        (Method::PATCH, []) => update_model(ctx, model, read_json(req).await?).await,
         (Method::POST, ["access_key"]) => {
             let key = crate::keys::generate_access_key();
             let store = cp.store.clone();
@@ -145,6 +253,12 @@ async fn model_routes(
             let model = blocking(move || store.set_access_key(mid, &key)).await?;
             // Published before answering: the old key fails from the very next request.
             cp.publish().await?;
+            ctx.audit(
+                "model.access_key_regenerated",
+                format!("model:{}", model.id),
+                String::new(),
+            )
+            .await?;
             ok(StatusCode::OK, model_json(&model))
         }
         (Method::GET, ["builds"]) => {
@@ -269,10 +383,9 @@ struct CreateProject {
     path: Option<PathBuf>,
 }
 
-async fn create_project(
-    cp: &Arc<ControlPlane>,
-    body: CreateProject,
-) -> Result<Response<Body>, ApiError> {
+async fn create_project(ctx: &Ctx<'_>, body: CreateProject) -> Result<Response<Body>, ApiError> {
+    let cp = ctx.cp;
+    let owner_id = ctx.who.user_id;
     if !valid_name(&body.name) {
         return Err(ApiError::InvalidRequest(
             "name must be 1-64 letters, digits, '-', '_' or '.'".into(),
@@ -304,6 +417,7 @@ async fn create_project(
             name: &body.name,
             description: &body.description,
             source_path: &source.as_deref().unwrap_or(Path::new("")).to_string_lossy(),
+            owner_id: Some(owner_id),
         })?;
         if source.is_some() {
             return Ok(project);
@@ -314,6 +428,8 @@ async fn create_project(
         store.set_project_source(project.id, &files.to_string_lossy())
     })
     .await?;
+    // The owner's admin role reaches the index before the caller can use it.
+    cp.publish_auth().await?;
     ok(StatusCode::CREATED, json!(project))
 }
 
@@ -441,10 +557,41 @@ struct CreateModel {
     name: String,
     #[serde(default)]
     description: String,
-    #[serde(default)]
-    owner: String,
     #[serde(default = "yes")]
     enable_authentication: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateModel {
+    description: Option<String>,
+    enable_authentication: Option<bool>,
+}
+
+async fn update_model(
+    ctx: &Ctx<'_>,
+    model: Model,
+    body: UpdateModel,
+) -> Result<Response<Body>, ApiError> {
+    if body.enable_authentication.is_some() {
+        ctx.allow(model.project_id, Action::SetModelAuthentication)?;
+    }
+    let store = ctx.cp.store.clone();
+    let mid = model.id;
+    let auth = body.enable_authentication;
+    let updated =
+        blocking(move || store.update_model(mid, body.description.as_deref(), auth)).await?;
+    if let Some(on) = auth.filter(|on| *on != model.enable_authentication) {
+        // In the snapshot before the answer: the next call is checked (or not) accordingly.
+        ctx.cp.publish().await?;
+        ctx.audit(
+            "model.authentication_changed",
+            format!("model:{mid}"),
+            format!("enable_authentication: {on}"),
+        )
+        .await?;
+    }
+    ok(StatusCode::OK, model_json(&updated))
 }
 
 fn yes() -> bool {
@@ -452,10 +599,12 @@ fn yes() -> bool {
 }
 
 async fn create_model(
-    cp: &Arc<ControlPlane>,
+    ctx: &Ctx<'_>,
     pid: i64,
     body: CreateModel,
 ) -> Result<Response<Body>, ApiError> {
+    let cp = ctx.cp;
+    let owner = ctx.who.username.to_string();
     if !valid_name(&body.name) {
         return Err(ApiError::InvalidRequest(
             "name must be 1-64 letters, digits, '-', '_' or '.'".into(),
@@ -468,7 +617,7 @@ async fn create_model(
             project_id: pid,
             name: &body.name,
             description: &body.description,
-            owner: &body.owner,
+            owner: &owner,
             access_key: &key,
             enable_authentication: body.enable_authentication,
         })

@@ -11,10 +11,37 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
-/// Where the API is and how to print.
+/// Where the API is, who calls it and how to print.
 pub struct Target {
     pub url: String,
     pub json: bool,
+    /// Sent as `Authorization: Bearer`; see [`api_key`].
+    pub api_key: Option<String>,
+}
+
+/// The caller's API key: `MODELGATE_API_KEY`, else the file named by `MODELGATE_API_KEY_FILE`,
+/// else the file `modelgate login` writes. Never a command-line argument, which would land in
+/// shell history and process listings.
+pub fn api_key() -> Option<String> {
+    if let Ok(k) = std::env::var("MODELGATE_API_KEY") {
+        return Some(k.trim().to_owned());
+    }
+    let path = std::env::var_os("MODELGATE_API_KEY_FILE")
+        .map(std::path::PathBuf::from)
+        .or_else(credentials_path)?;
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|k| k.trim().to_owned())
+        .filter(|k| !k.is_empty())
+}
+
+/// `$XDG_CONFIG_HOME/modelgate/api-key`, or `~/.config/modelgate/api-key`.
+fn credentials_path() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config")))?;
+    Some(base.join("modelgate").join("api-key"))
 }
 
 #[derive(Subcommand)]
@@ -114,6 +141,17 @@ pub enum Models {
         project: i64,
         #[arg(long)]
         model: i64,
+    },
+    /// Change the description or `enable_authentication` (that one needs the project admin role).
+    Update {
+        #[arg(long)]
+        project: i64,
+        #[arg(long)]
+        model: i64,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        enable_authentication: Option<bool>,
     },
     /// Replace the access key; the old one stops working at once.
     RegenerateKey {
@@ -233,16 +271,63 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 type CliResult = Result<(), String>;
 
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
 struct Api<'a> {
     target: &'a Target,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
+}
+
+/// A connector for `http://` and `https://` URLs. HTTPS trusts the system's roots and, when
+/// set, the PEM certificates in `MODELGATE_CA_CERT` (for a private CA or a self-signed server).
+fn connector() -> Result<Connector, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = std::env::var_os("MODELGATE_CA_CERT") {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(&path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("MODELGATE_CA_CERT: {e}"))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("MODELGATE_CA_CERT: {e}"))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build())
 }
 
 impl<'a> Api<'a> {
     fn new(target: &'a Target) -> Self {
+        let connector = connector().unwrap_or_else(|e| {
+            eprintln!("modelgate: {e}");
+            std::process::exit(1)
+        });
         Api {
             target,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// Adds the caller's credentials.
+    fn authorize(&self, req: http::request::Builder) -> http::request::Builder {
+        match &self.target.api_key {
+            Some(k) => req.header(http::header::AUTHORIZATION, format!("Bearer {k}")),
+            None => req,
         }
     }
 
@@ -257,7 +342,8 @@ impl<'a> Api<'a> {
         let payload = body
             .map(|b| serde_json::to_vec(&b).expect("JSON"))
             .unwrap_or_default();
-        let req = http::Request::builder()
+        let req = self
+            .authorize(http::Request::builder())
             .method(method)
             .uri(&url)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -371,7 +457,14 @@ fn print_table(columns: &[&str], rows: &[&Value]) {
 }
 
 const PROJECT_COLS: &[&str] = &["id", "name", "source_path", "created_at"];
-const MODEL_COLS: &[&str] = &["id", "project_id", "name", "access_key", "created_at"];
+const MODEL_COLS: &[&str] = &[
+    "id",
+    "project_id",
+    "name",
+    "access_key",
+    "enable_authentication",
+    "created_at",
+];
 const BUILD_COLS: &[&str] = &[
     "id",
     "build_number",
@@ -458,7 +551,8 @@ async fn upload_dir(api: &Api<'_>, project: i64, dir: &std::path::Path) -> Resul
         "{}/api/v2/projects/{project}/files",
         api.target.url.trim_end_matches('/')
     );
-    let req = http::Request::put(&url)
+    let req = api
+        .authorize(http::Request::put(&url))
         .header(http::header::CONTENT_TYPE, "application/gzip")
         .body(Full::new(Bytes::from(archive)))
         .map_err(|e| e.to_string())?;
@@ -529,6 +623,28 @@ pub async fn models(target: &Target, cmd: Models) -> CliResult {
                 println!("model {model} deleted");
             }
         }
+        Models::Update {
+            project,
+            model,
+            description,
+            enable_authentication,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(d) = description {
+                body.insert("description".into(), json!(d));
+            }
+            if let Some(a) = enable_authentication {
+                body.insert("enable_authentication".into(), json!(a));
+            }
+            api.show(
+                http::Method::PATCH,
+                &model_path(project, model),
+                Some(Value::Object(body)),
+                MODEL_COLS,
+                None,
+            )
+            .await?;
+        }
         Models::RegenerateKey { project, model } => {
             api.show(
                 http::Method::POST,
@@ -553,7 +669,8 @@ async fn follow_log(api: &Api<'_>, path: &str, follow: bool) -> Result<String, S
             "{}/api/v2{path}/log?offset={offset}",
             api.target.url.trim_end_matches('/')
         );
-        let req = http::Request::get(&url)
+        let req = api
+            .authorize(http::Request::get(&url))
             .body(Full::new(Bytes::new()))
             .map_err(|e| e.to_string())?;
         let resp = api
@@ -810,5 +927,378 @@ pub async fn predict(target: &Target, access_key: &str, data: &str) -> CliResult
             cell(&v["error"]["message"])
         ));
     }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum Users {
+    /// List users with their role, state and number of API keys (site admins).
+    List,
+    /// Create a user (site admins). Give them a key with `keys create --user NAME`.
+    Create {
+        #[arg(long)]
+        username: String,
+        /// `user` or `admin`.
+        #[arg(long, default_value = "user")]
+        role: String,
+    },
+    /// Show a user; yourself by default.
+    Get {
+        #[arg(long, default_value = "me")]
+        user: String,
+    },
+    /// Change a user's site role or (de)activate them; takes effect on their next request.
+    Update {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        active: Option<bool>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Keys {
+    /// List API keys (ids and expiry, never the secret); yours by default.
+    List {
+        #[arg(long, default_value = "me")]
+        user: String,
+    },
+    /// Create an API key; the secret is printed once.
+    Create {
+        #[arg(long, default_value = "me")]
+        user: String,
+        /// Lifetime: `90s`, `12h`, `30d` (plain numbers are days). Default: the site's default.
+        #[arg(long, value_parser = parse_lifetime)]
+        expires_in: Option<i64>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Delete one key; it fails from the next request on.
+    Delete {
+        #[arg(long, default_value = "me")]
+        user: String,
+        #[arg(long)]
+        key_id: String,
+    },
+    /// Delete every key of a user (site admins).
+    DeleteAll {
+        #[arg(long)]
+        user: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Collaborators {
+    List {
+        #[arg(long)]
+        project: i64,
+    },
+    /// Add a collaborator or change their role: viewer, operator, contributor or admin.
+    Set {
+        #[arg(long)]
+        project: i64,
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        role: String,
+    },
+    Remove {
+        #[arg(long)]
+        project: i64,
+        #[arg(long)]
+        user: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum Settings {
+    /// Show the API key expiry settings.
+    Get,
+    /// Change the API key expiry settings (site admins).
+    Set {
+        #[arg(long)]
+        default_expiry_days: Option<i64>,
+        #[arg(long)]
+        max_expiry_days: Option<i64>,
+    },
+}
+
+fn parse_lifetime(s: &str) -> Result<i64, String> {
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 'd'),
+    };
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("expected e.g. 90s, 12h or 30d, got {s:?}"))?;
+    let unit = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("unknown unit in {s:?}; use s, m, h or d")),
+    };
+    n.checked_mul(unit)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive lifetime"))
+}
+
+const USER_COLS: &[&str] = &["id", "username", "role", "active", "api_keys", "created_at"];
+const KEY_COLS: &[&str] = &["key_id", "user_id", "description", "expires_at", "expired"];
+const COLLABORATOR_COLS: &[&str] = &["user_id", "username", "role", "owner"];
+const AUDIT_COLS: &[&str] = &[
+    "id", "at", "actor", "action", "target", "outcome", "remote", "detail",
+];
+
+pub async fn users(target: &Target, cmd: Users) -> CliResult {
+    let api = Api::new(target);
+    match cmd {
+        Users::List => {
+            api.show(
+                http::Method::GET,
+                "/api/v2/users",
+                None,
+                USER_COLS,
+                Some("users"),
+            )
+            .await
+        }
+        Users::Create { username, role } => {
+            api.show(
+                http::Method::POST,
+                "/api/v2/users",
+                Some(json!({"username": username, "role": role})),
+                USER_COLS,
+                None,
+            )
+            .await
+        }
+        Users::Get { user } => {
+            api.show(
+                http::Method::GET,
+                &format!("/api/v2/users/{user}"),
+                None,
+                USER_COLS,
+                None,
+            )
+            .await
+        }
+        Users::Update { user, role, active } => {
+            let mut body = serde_json::Map::new();
+            if let Some(r) = role {
+                body.insert("role".into(), json!(r));
+            }
+            if let Some(a) = active {
+                body.insert("active".into(), json!(a));
+            }
+            api.show(
+                http::Method::PATCH,
+                &format!("/api/v2/users/{user}"),
+                Some(Value::Object(body)),
+                USER_COLS,
+                None,
+            )
+            .await
+        }
+    }
+}
+
+pub async fn keys(target: &Target, cmd: Keys) -> CliResult {
+    let api = Api::new(target);
+    match cmd {
+        Keys::List { user } => {
+            api.show(
+                http::Method::GET,
+                &format!("/api/v2/users/{user}/keys"),
+                None,
+                KEY_COLS,
+                Some("keys"),
+            )
+            .await
+        }
+        Keys::Create {
+            user,
+            expires_in,
+            description,
+        } => {
+            let mut body = json!({ "description": description });
+            if let Some(secs) = expires_in {
+                body["expires_in_seconds"] = json!(secs);
+            }
+            let v = api
+                .json(
+                    http::Method::POST,
+                    &format!("/api/v2/users/{user}/keys"),
+                    Some(body),
+                )
+                .await?;
+            if target.json {
+                println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+            } else {
+                println!("key id:  {}", cell(&v["key_id"]));
+                println!("expires: {} (unix time)", cell(&v["expires_at"]));
+                println!("API key: {}", cell(&v["key"]));
+                eprintln!("This is the only time the key is shown; store it now.");
+            }
+            Ok(())
+        }
+        Keys::Delete { user, key_id } => {
+            api.json(
+                http::Method::DELETE,
+                &format!("/api/v2/users/{user}/keys/{key_id}"),
+                None,
+            )
+            .await?;
+            if !target.json {
+                println!("key {key_id} deleted");
+            }
+            Ok(())
+        }
+        Keys::DeleteAll { user } => {
+            api.show(
+                http::Method::DELETE,
+                &format!("/api/v2/users/{user}/keys"),
+                None,
+                &["deleted"],
+                None,
+            )
+            .await
+        }
+    }
+}
+
+pub async fn collaborators(target: &Target, cmd: Collaborators) -> CliResult {
+    let api = Api::new(target);
+    match cmd {
+        Collaborators::List { project } => {
+            api.show(
+                http::Method::GET,
+                &format!("/api/v2/projects/{project}/collaborators"),
+                None,
+                COLLABORATOR_COLS,
+                Some("collaborators"),
+            )
+            .await
+        }
+        Collaborators::Set {
+            project,
+            user,
+            role,
+        } => {
+            api.show(
+                http::Method::PUT,
+                &format!("/api/v2/projects/{project}/collaborators/{user}"),
+                Some(json!({ "role": role })),
+                COLLABORATOR_COLS,
+                None,
+            )
+            .await
+        }
+        Collaborators::Remove { project, user } => {
+            api.json(
+                http::Method::DELETE,
+                &format!("/api/v2/projects/{project}/collaborators/{user}"),
+                None,
+            )
+            .await?;
+            if !target.json {
+                println!("{user} removed from project {project}");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn audit(target: &Target, after: i64, limit: i64) -> CliResult {
+    Api::new(target)
+        .show(
+            http::Method::GET,
+            &format!("/api/v2/audit?after={after}&limit={limit}"),
+            None,
+            AUDIT_COLS,
+            Some("events"),
+        )
+        .await
+}
+
+pub async fn settings(target: &Target, cmd: Settings) -> CliResult {
+    let api = Api::new(target);
+    let cols = &["api_key_default_expiry_days", "api_key_max_expiry_days"];
+    match cmd {
+        Settings::Get => {
+            api.show(http::Method::GET, "/api/v2/settings", None, cols, None)
+                .await
+        }
+        Settings::Set {
+            default_expiry_days,
+            max_expiry_days,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(d) = default_expiry_days {
+                body.insert("api_key_default_expiry_days".into(), json!(d));
+            }
+            if let Some(m) = max_expiry_days {
+                body.insert("api_key_max_expiry_days".into(), json!(m));
+            }
+            api.show(
+                http::Method::PATCH,
+                "/api/v2/settings",
+                Some(Value::Object(body)),
+                cols,
+                None,
+            )
+            .await
+        }
+    }
+}
+
+/// Reads an API key from standard input, checks it against the server, and stores it where
+/// the other commands find it (mode 0600).
+pub async fn login(target: &Target) -> CliResult {
+    use std::io::{BufRead, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("API key: ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the key: {e}"))?;
+    let key = line.trim().to_owned();
+    modelgate::auth::key::parse(&key)
+        .map_err(|_| "that is not a modelgate API key (mgk_...)".to_string())?;
+    let checked = Target {
+        url: target.url.clone(),
+        json: target.json,
+        api_key: Some(key.clone()),
+    };
+    let me = Api::new(&checked)
+        .json(http::Method::GET, "/api/v2/users/me", None)
+        .await?;
+    let path = credentials_path().ok_or("cannot find a home directory for the key file")?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    writeln!(file, "{key}").map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "logged in as {} ({}); key stored in {}",
+        cell(&me["username"]),
+        cell(&me["role"]),
+        path.display()
+    );
     Ok(())
 }

@@ -85,6 +85,11 @@ pub struct ServerConfig {
     pub env: BTreeMap<String, String>,
     /// Threads serving HTTP and dispatch. Default: the CPUs this process may run on.
     pub worker_threads: Option<usize>,
+    /// PEM certificate chain; with `tls_key`, the listener serves HTTPS only (HTTP/2 and
+    /// HTTP/1.1 by ALPN). Relative to the config file.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +109,8 @@ impl Default for ServerConfig {
             data_dir: None,
             env: BTreeMap::new(),
             worker_threads: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -127,6 +134,14 @@ pub struct ModelConfig {
     /// Environment variables for the replicas.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Whether callers also need the API key of a project viewer (site admins qualify).
+    /// Default true; the model's project is owned by the first admin.
+    #[serde(default = "yes")]
+    pub enable_authentication: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {
@@ -202,6 +217,14 @@ impl Config {
             (None, Some(dir)) => Some(base.join(dir)),
             (None, None) => Some(PathBuf::from("data")),
         };
+        for path in [&mut config.server.tls_cert, &mut config.server.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
         for model in &mut config.models {
             if model.path.is_relative() {
                 model.path = base.join(&model.path);
@@ -243,6 +266,17 @@ impl Config {
         }
         if s.worker_threads.is_some_and(|n| n == 0 || n > 1024) {
             errors.push("server.worker_threads must be between 1 and 1024".into());
+        }
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("tls_cert", cert), ("tls_key", key)] {
+                    if !path.is_file() {
+                        errors.push(format!("server.{name}: {} is not a file", path.display()));
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => errors.push("server.tls_cert and server.tls_key go together".into()),
         }
         if s.max_queue == 0 {
             errors.push("server.max_queue must be at least 1".into());

@@ -20,7 +20,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::error::ApiError;
 use crate::pool::Pool;
-use crate::routing::{ModelMetrics, ModelRoute, Routes, RoutingSnapshot};
+use crate::routing::{ModelMetrics, ModelRoute, RouteEntry, Routes, RoutingSnapshot};
 use crate::supervisor::{self, ModelReplicas, ModelSpec, ReplicaSettings};
 
 /// Deployment settings that come from the server configuration.
@@ -42,6 +42,10 @@ pub struct ControlPlane {
     pub deploy: DeploySettings,
     replicas: Arc<ReplicaSettings>,
     routes: Arc<Routes>,
+    pub auth: Arc<crate::auth::Auth>,
+    /// Held across read-and-swap, so an older view never replaces a newer one.
+    publish_lock: Mutex<()>,
+    auth_lock: Mutex<()>,
     /// Models declared in the configuration file: expected to serve, even while building.
     declared: std::sync::Mutex<std::collections::HashSet<i64>>,
     running: Mutex<HashMap<i64, Running>>,
@@ -74,6 +78,7 @@ impl ControlPlane {
         deploy: DeploySettings,
         replicas: Arc<ReplicaSettings>,
         routes: Arc<Routes>,
+        auth: Arc<crate::auth::Auth>,
     ) -> ControlPlane {
         ControlPlane {
             store,
@@ -81,6 +86,9 @@ impl ControlPlane {
             deploy,
             replicas,
             routes,
+            auth,
+            publish_lock: Mutex::new(()),
+            auth_lock: Mutex::new(()),
             declared: Default::default(),
             running: Mutex::new(HashMap::new()),
             transitions: Mutex::new(()),
@@ -89,6 +97,7 @@ impl ControlPlane {
 
     /// Rebuilds the routing snapshot from the store and the running deployments.
     pub async fn publish(&self) -> Result<(), ApiError> {
+        let _serial = self.publish_lock.lock().await;
         let store = self.store.clone();
         let (models, active) =
             blocking(move || Ok((store.all_models()?, store.active_deployments()?))).await?;
@@ -107,9 +116,25 @@ impl ControlPlane {
                 Some(r) => r.route.clone(),
                 None => idle_route(&m.name, expected.contains(&m.id)),
             };
-            entries.push((m.access_key, route));
+            let entry = RouteEntry {
+                route,
+                project_id: m.project_id,
+                authenticate: m.enable_authentication,
+            };
+            entries.push((m.access_key, entry));
         }
         self.routes.publish(RoutingSnapshot::new(entries));
+        Ok(())
+    }
+
+    /// Rebuilds the authentication index from the store and swaps it in. Every change to users,
+    /// keys or collaborators calls this before answering, so it holds from the next request.
+    pub async fn publish_auth(&self) -> Result<(), ApiError> {
+        let _serial = self.auth_lock.lock().await;
+        let store = self.store.clone();
+        let state = blocking(move || store.auth_state()).await?;
+        self.auth
+            .publish(crate::auth::AuthIndex::from_state(&state));
         Ok(())
     }
 
@@ -172,12 +197,14 @@ impl ControlPlane {
     pub async fn declare(
         self: &Arc<Self>,
         models: &[crate::config::ModelConfig],
+        owner_id: i64,
     ) -> Result<Vec<(String, Option<String>)>, ApiError> {
         let mut shown = Vec::new();
         for cfg in models {
             let store = self.store.clone();
             let c = cfg.clone();
-            let (project, model) = blocking(move || upsert_declared(&*store, &c)).await?;
+            let (project, model) =
+                blocking(move || upsert_declared(&*store, &c, Some(owner_id))).await?;
             self.declared
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -443,6 +470,7 @@ fn idle_route(name: &str, expected_ready: bool) -> Arc<ModelRoute> {
 fn upsert_declared(
     store: &dyn Store,
     cfg: &crate::config::ModelConfig,
+    owner_id: Option<i64>,
 ) -> Result<(Project, Model), StoreError> {
     let dir = cfg.path.canonicalize().unwrap_or_else(|_| cfg.path.clone());
     let dir = dir.to_string_lossy();
@@ -453,6 +481,7 @@ fn upsert_declared(
             name: &cfg.name,
             description: "declared in the configuration file",
             source_path: &dir,
+            owner_id,
         })?,
     };
     let model = match store
@@ -472,13 +501,19 @@ fn upsert_declared(
                 description: "",
                 owner: "config",
                 access_key: &key,
-                enable_authentication: false,
+                enable_authentication: cfg.enable_authentication,
             })?
         }
     };
     let model = match &cfg.access_key {
         Some(k) if *k != model.access_key => store.set_access_key(model.id, k)?,
         _ => model,
+    };
+    // The configuration stays the source of truth for what it declares.
+    let model = if model.enable_authentication != cfg.enable_authentication {
+        store.update_model(model.id, None, Some(cfg.enable_authentication))?
+    } else {
+        model
     };
     Ok((project, model))
 }

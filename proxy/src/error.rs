@@ -46,6 +46,12 @@ pub enum ApiError {
     ResourceNotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("authentication required: {0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the API key would expire after the site's maximum of {max_days} days")]
+    ExpiryTooLong { max_days: i64 },
 }
 
 impl From<modelgate_control::store::StoreError> for ApiError {
@@ -80,6 +86,9 @@ impl ApiError {
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::ResourceNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::ExpiryTooLong { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -101,6 +110,9 @@ impl ApiError {
             ApiError::Internal => "internal.error",
             ApiError::ResourceNotFound(_) => "resource.not_found",
             ApiError::Conflict(_) => "resource.conflict",
+            ApiError::Unauthorized(_) => "auth.unauthorized",
+            ApiError::Forbidden(_) => "auth.forbidden",
+            ApiError::ExpiryTooLong { .. } => "api_key.expiry_too_long",
         }
     }
 
@@ -120,6 +132,12 @@ impl ApiError {
             ApiError::MethodNotAllowed { allowed } => {
                 resp.headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allowed));
+            }
+            ApiError::Unauthorized(_) => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"modelgate\""),
+                );
             }
             _ => {}
         }
@@ -175,6 +193,12 @@ mod tests {
                 "model.unavailable",
             ),
             (ApiError::Timeout { secs: 1.0 }, 504, "model.timeout"),
+            (ApiError::Unauthorized("no key"), 401, "auth.unauthorized"),
+            (
+                ApiError::Forbidden("not allowed".into()),
+                403,
+                "auth.forbidden",
+            ),
         ];
         for (err, status, code) in cases {
             let resp = err.into_response();

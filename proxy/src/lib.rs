@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod control;
@@ -46,6 +47,8 @@ pub async fn run(
     listener: TcpListener,
     runtime: PathBuf,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    admin_key: Option<String>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let server = &config.server;
@@ -65,6 +68,19 @@ pub async fn run(
         socket_dir.clone(),
         server.replica_start_timeout(),
     ));
+
+    let admin_id = {
+        let store = store.clone();
+        let dir = data_dir.clone();
+        let provided = admin_key;
+        tokio::task::spawn_blocking(move || {
+            auth::bootstrap_admin(&*store, &dir, provided.as_deref())
+        })
+        .await??
+    };
+    let (auth, audit_rx) = auth::Auth::new();
+    tokio::spawn(auth::run_audit_writer(store.clone(), audit_rx));
+    tokio::spawn(auth::run_expiry_sweeper(store.clone(), auth.clone()));
 
     let routes = Arc::new(Routes::default());
     let control = Arc::new(ControlPlane::new(
@@ -87,10 +103,15 @@ pub async fn run(
         },
         settings,
         routes.clone(),
+        auth.clone(),
     ));
+    control
+        .publish_auth()
+        .await
+        .map_err(|e| anyhow::anyhow!("loading users and keys: {e}"))?;
     // Declared models first, so that restoring skips them: they are rebuilt from their directory.
     let shown = control
-        .declare(&config.models)
+        .declare(&config.models, admin_id)
         .await
         .map_err(|e| anyhow::anyhow!("declaring the configured models: {e}"))?;
     control
@@ -106,19 +127,14 @@ pub async fn run(
         }
     }
     let addr = listener.local_addr()?;
-    println!("modelgate listening on http://{addr}");
-    tracing::info!(%addr, "listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("modelgate listening on {scheme}://{addr}");
+    tracing::info!(%addr, scheme, "listening");
 
-    let api_enabled = addr.ip().is_loopback();
-    if !api_enabled {
-        tracing::warn!(
-            "/api/v2 is disabled: it is only served on loopback listeners until API keys exist"
-        );
-    }
     let app = Arc::new(App {
         routes: routes.clone(),
+        auth: auth.clone(),
         control: control.clone(),
-        api_enabled,
         limits: PredictLimits {
             max_request_bytes: server.max_request_bytes,
             request_timeout: server.request_timeout(),
@@ -131,10 +147,11 @@ pub async fn run(
         max_concurrent_streams: server.max_concurrent_streams,
         shutdown_grace: server.shutdown_grace(),
     };
-    server::serve(app, listener, conn, shutdown).await;
+    server::serve(app, listener, conn, tls, shutdown).await;
 
     tracing::info!("stopping replicas");
     control.shutdown().await;
+    auth.flush().await;
     let _ = std::fs::remove_dir_all(&socket_dir);
     tracing::info!("stopped");
     Ok(())

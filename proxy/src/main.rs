@@ -68,7 +68,29 @@ enum Command {
     /// Replicas of a model's running deployment.
     #[command(subcommand)]
     Replicas(cli::Replicas),
-    /// Call a model.
+    /// Users and their site roles.
+    #[command(subcommand)]
+    Users(cli::Users),
+    /// API keys: for the API and for models with authentication enabled.
+    #[command(subcommand)]
+    Keys(cli::Keys),
+    /// Collaborators of a project and their roles.
+    #[command(subcommand)]
+    Collaborators(cli::Collaborators),
+    /// The audit trail (site admins).
+    Audit {
+        /// Show records after this id.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Site settings: API key expiry.
+    #[command(subcommand)]
+    Settings(cli::Settings),
+    /// Store an API key (read from standard input) for the other commands.
+    Login,
+    /// Call a model. Sends your API key too, for models with authentication enabled.
     Predict {
         /// The model's access key (prefer the environment variable: arguments land in history).
         #[arg(long, env = "MODELGATE_ACCESS_KEY", hide_env_values = true)]
@@ -92,6 +114,7 @@ fn main() -> ExitCode {
     let target = cli::Target {
         url: cli.url,
         json: cli.json,
+        api_key: cli::api_key(),
     };
     let client = |fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>| {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -118,6 +141,12 @@ fn main() -> ExitCode {
         Command::Builds(c) => client(Box::pin(cli::builds(&target, c))),
         Command::Deployments(c) => client(Box::pin(cli::deployments(&target, c))),
         Command::Replicas(c) => client(Box::pin(cli::replicas(&target, c))),
+        Command::Users(c) => client(Box::pin(cli::users(&target, c))),
+        Command::Keys(c) => client(Box::pin(cli::keys(&target, c))),
+        Command::Collaborators(c) => client(Box::pin(cli::collaborators(&target, c))),
+        Command::Audit { after, limit } => client(Box::pin(cli::audit(&target, after, limit))),
+        Command::Settings(c) => client(Box::pin(cli::settings(&target, c))),
+        Command::Login => client(Box::pin(cli::login(&target))),
         Command::Predict { access_key, data } => {
             client(Box::pin(cli::predict(&target, &access_key, &data)))
         }
@@ -156,9 +185,25 @@ fn serve(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => match modelgate::server::tls_acceptor(cert, key) {
+            Ok(acceptor) => Some(acceptor),
+            Err(err) => {
+                eprintln!("modelgate: {err:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
     if check {
         println!("configuration ok: {} model(s)", config.models.len());
         return ExitCode::SUCCESS;
+    }
+    // Secrets meant for this process must not reach replicas or builds, which inherit its
+    // environment. Still single-threaded here, so changing the environment is sound.
+    let admin_key = std::env::var("MODELGATE_ADMIN_API_KEY").ok();
+    for name in ["MODELGATE_ADMIN_API_KEY", "MODELGATE_API_KEY"] {
+        std::env::remove_var(name);
     }
 
     // One worker per CPU this process may run on (its affinity mask, so a pinned server does not
@@ -191,7 +236,16 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
-        match modelgate::run(config, listener, runtime, metrics, shutdown_signal()).await {
+        let run = modelgate::run(
+            config,
+            listener,
+            runtime,
+            metrics,
+            admin_key,
+            tls,
+            shutdown_signal(),
+        );
+        match run.await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("modelgate: {err:#}");

@@ -19,6 +19,7 @@ pub const REPLICA_BUSY: &str = "modelgate_replica_busy";
 pub const REPLICA_RESTARTS: &str = "modelgate_replica_restarts_total";
 pub const REPLICA_CPU: &str = "modelgate_replica_cpu_seconds_total";
 pub const REPLICA_MEMORY: &str = "modelgate_replica_memory_bytes";
+pub const AUDIT_DROPPED: &str = "modelgate_audit_dropped_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -53,6 +54,10 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     describe_gauge!(QUEUE_DEPTH, "Requests waiting for a replica");
     describe_gauge!(REPLICA_BUSY, "1 while the replica handles a request");
     describe_counter!(REPLICA_RESTARTS, "Replica process restarts, by reason");
+    describe_counter!(
+        AUDIT_DROPPED,
+        "Audit records dropped because the writer's queue was full"
+    );
     Ok(handle)
 }
 

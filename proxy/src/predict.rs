@@ -2,7 +2,8 @@
 //!
 //! 1. **Read** the body, refusing it past `max_request_bytes` by Content-Length or while streaming.
 //! 2. **Parse** the envelope `{"accessKey", "request"}`; `request` stays a borrowed slice.
-//! 3. **Route** by access key through the routing snapshot (no store access).
+//! 3. **Route** by access key through the routing snapshot (no store access), and when the model
+//!    has authentication enabled, check the caller's API key against the in-memory auth index.
 //! 4. **Queue** in the model's FIFO for a free replica, up to `queue_timeout`.
 //! 5. **Call** the replica, up to `request_timeout`; past it the replica's process group is killed.
 //! 6. **Respond**: the function's JSON is spliced, unparsed, into the success envelope.
@@ -19,10 +20,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+use crate::auth::{Action, Auth};
 use crate::error::{json_response, ApiError, Body};
 use crate::pool::{AcquireError, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
 use crate::routing::{ModelRoute, Routes};
+use crate::server::ClientAddr;
 use modelgate_protocol::ModelErrorKind;
 
 /// Limits applied to every prediction.
@@ -72,12 +75,13 @@ pub struct Reached {
 
 pub async fn handle(
     routes: &Routes,
+    auth: &Auth,
     limits: PredictLimits,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut reached = Reached::default();
-    let result = predict(routes, limits, req, &mut reached).await;
+    let result = predict(routes, auth, limits, req, &mut reached).await;
     let elapsed = started.elapsed().as_secs_f64();
     match result {
         Ok(resp) => {
@@ -109,10 +113,14 @@ pub async fn handle(
 
 async fn predict(
     routes: &Routes,
+    auth: &Auth,
     limits: PredictLimits,
     req: Request<Incoming>,
     reached: &mut Reached,
 ) -> Result<Response<Body>, ApiError> {
+    // Kept from the head for phase 3; a HeaderValue clone shares its bytes.
+    let authorization = req.headers().get(http::header::AUTHORIZATION).cloned();
+    let remote = req.extensions().get::<ClientAddr>().map(|a| a.0);
     // Phase 1: read.
     let content_length = req
         .headers()
@@ -125,12 +133,21 @@ async fn predict(
     let (access_key, request) = parse_envelope(&body)?;
 
     // Phase 3: route.
-    let route = routes
+    let entry = routes
         .load()
         .by_access_key(&access_key)
         .cloned()
         .ok_or(ApiError::InvalidAccessKey)?;
+    let route = entry.route;
     reached.route = Some(route.clone());
+    if entry.authenticate {
+        let target = || format!("model:{}", route.name);
+        let who = auth.authenticate(authorization.as_ref(), remote, &target)?;
+        auth.authorize(&who, entry.project_id, Action::Predict, remote, &target)
+            .map_err(|_| {
+                ApiError::Forbidden("User APikey not authorized to access model".into())
+            })?;
+    }
     route.metrics.request_size.record(body.len() as f64);
 
     // Phase 4: queue.

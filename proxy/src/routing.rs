@@ -52,23 +52,32 @@ impl ModelMetrics {
     }
 }
 
+/// What an access key leads to: the model's route, and what a caller must prove to use it.
+#[derive(Clone)]
+pub struct RouteEntry {
+    pub route: Arc<ModelRoute>,
+    pub project_id: i64,
+    /// The model's `enable_authentication`: callers need an API key of a project viewer.
+    pub authenticate: bool,
+}
+
 #[derive(Default)]
 pub struct RoutingSnapshot {
-    by_access_key: HashMap<Box<str>, Arc<ModelRoute>>,
+    by_access_key: HashMap<Box<str>, RouteEntry>,
     models: Vec<Arc<ModelRoute>>,
 }
 
 impl RoutingSnapshot {
-    pub fn new(entries: Vec<(String, Arc<ModelRoute>)>) -> RoutingSnapshot {
+    pub fn new(entries: Vec<(String, RouteEntry)>) -> RoutingSnapshot {
         let mut snap = RoutingSnapshot::default();
-        for (key, route) in entries {
-            snap.models.push(route.clone());
-            snap.by_access_key.insert(key.into_boxed_str(), route);
+        for (key, entry) in entries {
+            snap.models.push(entry.route.clone());
+            snap.by_access_key.insert(key.into_boxed_str(), entry);
         }
         snap
     }
 
-    pub fn by_access_key(&self, key: &str) -> Option<&Arc<ModelRoute>> {
+    pub fn by_access_key(&self, key: &str) -> Option<&RouteEntry> {
         self.by_access_key.get(key)
     }
 

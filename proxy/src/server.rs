@@ -20,12 +20,16 @@ use crate::error::{json_response, ApiError, Body};
 use crate::predict::{self, PredictLimits};
 use crate::routing::Routes;
 
+/// The peer address of the connection a request arrived on (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// Shared state of the HTTP front.
 pub struct App {
     pub routes: Arc<Routes>,
-    /// The control plane, whose REST API is served under `/api/v2` when `api_enabled`.
+    pub auth: Arc<crate::auth::Auth>,
+    /// The control plane, whose REST API is served under `/api/v2`.
     pub control: Arc<crate::control::ControlPlane>,
-    pub api_enabled: bool,
     pub limits: PredictLimits,
     pub metrics: PrometheusHandle,
 }
@@ -41,14 +45,12 @@ pub struct ConnSettings {
 impl App {
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
-            (&Method::POST, "/model") => predict::handle(&self.routes, self.limits, req).await,
+            (&Method::POST, "/model") => {
+                predict::handle(&self.routes, &self.auth, self.limits, req).await
+            }
             (_, "/model") => ApiError::MethodNotAllowed { allowed: "POST" }.into_response(),
             (_, path) if path == "/api/v2" || path.starts_with("/api/v2/") => {
-                if self.api_enabled {
-                    crate::api::handle(&self.control, req).await
-                } else {
-                    ApiError::NotFound("/api/v2 (the API is served on loopback listeners only until API keys exist)".into()).into_response()
-                }
+                crate::api::handle(&self.control, req).await
             }
             (&Method::GET, "/metrics") => self.render_metrics(),
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &br#"{"status":"ok"}"#[..]),
@@ -103,22 +105,17 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> 
     ApiError::Internal.into_response()
 }
 
-/// Serves HTTP/1.1 and cleartext HTTP/2 on `listener` until `shutdown` resolves, then stops
-/// accepting and gives open connections `shutdown_grace` to finish their requests.
+/// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` resolves, then stops accepting and
+/// gives open connections `shutdown_grace` to finish their requests. With `tls`, every
+/// connection is TLS (HTTP/2 or HTTP/1.1 chosen by ALPN); without it, cleartext (h2c by prior
+/// knowledge, or HTTP/1.1).
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     settings: ConnSettings,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let service = ServiceBuilder::new()
-        // Outermost: a panic anywhere below fails only its own request, with a JSON 500.
-        .layer(CatchPanicLayer::custom(panic_response))
-        .service(tower::service_fn(move |req: Request<Incoming>| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(app.route(req).await) }
-        }));
-
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -134,7 +131,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(err) => {
@@ -147,18 +144,60 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!("connection ended with error: {err}");
+        let app = app.clone();
+        let service = ServiceBuilder::new()
+            // Outermost: a panic anywhere below fails only its own request, with a JSON 500.
+            .layer(CatchPanicLayer::custom(panic_response))
+            .service(tower::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.route(req).await) }
+            }));
+        let service = TowerToHyperService::new(service);
+        match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(err) = conn.await {
+                        tracing::debug!("connection ended with error: {err}");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let handshake_timeout = settings.header_read_timeout;
+                tokio::spawn(async move {
+                    // The handshake gets the same bound as reading a request head.
+                    let stream = match tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, "TLS handshake failed: {err}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(err) = watcher.watch(conn).await {
+                        tracing::debug!("connection ended with error: {err}");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tracing::info!(
@@ -171,4 +210,31 @@ pub async fn serve(
     {
         tracing::warn!("drain bound reached with requests still open; closing them");
     }
+}
+
+/// Loads a PEM certificate chain and private key into a TLS acceptor offering HTTP/2 and
+/// HTTP/1.1 by ALPN.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("tls_cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("tls_cert {}: no certificate in the file", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("tls_key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| anyhow::anyhow!("TLS certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -13,6 +13,7 @@ fn run(server: &Server, args: &[&str]) -> (bool, String, String) {
         .arg(format!("http://{}", server.addr))
         .args(args)
         .env_remove("MODELGATE_ACCESS_KEY")
+        .env("MODELGATE_API_KEY", common::admin_key())
         .output()
         .unwrap();
     (
@@ -139,8 +140,9 @@ async fn the_cli_covers_projects_models_builds_deployments_replicas_and_predict(
     assert_eq!(d["status"], "deployed");
     let did = d["id"].to_string();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_modelgate"))
-        .args([
+    let predict = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelgate"));
+        cmd.args([
             "--url",
             &format!("http://{}", server.addr),
             "predict",
@@ -148,6 +150,19 @@ async fn the_cli_covers_projects_models_builds_deployments_replicas_and_predict(
             r#"{"x": 21}"#,
         ])
         .env("MODELGATE_ACCESS_KEY", &key)
+        .env_remove("MODELGATE_API_KEY");
+        cmd
+    };
+    // The model was created with authentication on (the default): the access key alone fails.
+    let out = predict().output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401 auth.unauthorized"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = predict()
+        .env("MODELGATE_API_KEY", common::admin_key())
         .output()
         .unwrap();
     assert!(
@@ -356,7 +371,7 @@ async fn projects_can_be_uploaded_as_archives_and_hostile_ones_are_refused() {
     }
 
     // Not an archive: a clear 400. A server-path project takes no uploads: 409.
-    let c = reqwest::Client::new();
+    let c = common::admin_client(std::time::Duration::from_secs(60));
     let r = c
         .put(server.url(&format!("/api/v2/projects/{pid}/files")))
         .body("definitely not a tar archive, just some text that goes on for a while....")

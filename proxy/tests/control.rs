@@ -10,10 +10,7 @@ use common::Server;
 use serde_json::{json, Value};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
+    common::admin_client(Duration::from_secs(120))
 }
 
 struct Api<'a> {
@@ -489,10 +486,7 @@ async fn kill_9_during_api_writes_loses_no_acknowledged_write() {
             project.path().to_owned(),
         );
         writers.push(tokio::spawn(async move {
-            let c = reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap();
+            let c = common::admin_client(Duration::from_secs(5));
             for i in 0..10_000 {
                 let name = format!("p-{w}-{i}");
                 match c

@@ -892,14 +892,46 @@ async fn bundled_examples_serve_add_and_iris() {
         assert!(key.len() >= 32 && key.bytes().all(|b| b.is_ascii_alphanumeric()));
     }
     assert_ne!(keys["add"], keys["iris"]);
-    let c = client();
-    let (status, body) = server
-        .predict(&c, &keys["add"], json!({"a": 3, "b": 5}))
-        .await;
+    // The first start created an admin and handed its API key over in a private file, and
+    // nowhere else: not on stdout, not in the log.
+    let key_file = server.dir.path().join("data/admin-api-key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let admin = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(admin.starts_with("mgk_"), "not an API key");
+    assert!(
+        !server.logs().contains(&admin),
+        "the admin key is in the log"
+    );
+    let call = |key: &str, api_key: Option<&str>, request: serde_json::Value| {
+        let mut req = client()
+            .post(server.url("/model"))
+            .json(&json!({"accessKey": key, "request": request}));
+        if let Some(k) = api_key {
+            req = req.bearer_auth(k);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    // Declared models have authentication on by default.
+    let (status, body) = call(&keys["add"], None, json!({"a": 3, "b": 5})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("auth.unauthorized"))
+    );
+    let (status, body) = call(&keys["add"], Some(&admin), json!({"a": 3, "b": 5})).await;
     assert_eq!((status, body["response"].clone()), (200, json!(8)));
-    let (status, body) = server
-        .predict(&c, &keys["iris"], json!({"petal_length": 4.0}))
-        .await;
+    let (status, body) = call(&keys["iris"], Some(&admin), json!({"petal_length": 4.0})).await;
     assert_eq!(status, 200, "{body}");
     let width = body["response"]["petal_width"].as_f64().unwrap();
     assert!(
@@ -907,7 +939,19 @@ async fn bundled_examples_serve_add_and_iris() {
         "petal width {width} for length 4.0"
     );
     // Declared models are ordinary projects, models, builds and deployments.
-    let api = |path: &str| reqwest::get(server.url(&format!("/api/v2{path}")));
+    let api = |path: &str| {
+        client()
+            .get(server.url(&format!("/api/v2{path}")))
+            .bearer_auth(&admin)
+            .send()
+    };
+    assert_eq!(
+        reqwest::get(server.url("/api/v2/projects"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     let projects: serde_json::Value = api("/projects").await.unwrap().json().await.unwrap();
     let iris = projects["projects"]
         .as_array()

@@ -20,10 +20,31 @@ pub fn examples() -> PathBuf {
 /// A model table for the config; `function` is in `tests/fixtures/models/funcs.py` by default.
 pub fn model(name: &str, function: &str, replicas: u32) -> String {
     format!(
-        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nfile = \"funcs.py\"\nfunction = \"{function}\"\nreplicas = {replicas}\naccess_key = \"{}\"\nenv = {{ GREETING = \"hi\" }}\n",
+        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nfile = \"funcs.py\"\nfunction = \"{function}\"\nreplicas = {replicas}\naccess_key = \"{}\"\nenv = {{ GREETING = \"hi\" }}\nenable_authentication = false\n",
         fixtures().display(),
         key_for(name)
     )
+}
+
+/// The first admin's API key, handed to every server this test process starts through
+/// `MODELGATE_ADMIN_API_KEY` (generated once per process; never a fixed string).
+pub fn admin_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| modelgate::auth::key::generate().0)
+}
+
+/// A client that sends the admin's API key with every request.
+pub fn admin_client(timeout: Duration) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", admin_key()).parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .timeout(timeout)
+        .build()
+        .unwrap()
 }
 
 pub fn key_for(name: &str) -> String {
@@ -92,6 +113,7 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
             .args(args)
             .env("MODELGATE_LOG", "info")
+            .env("MODELGATE_ADMIN_API_KEY", admin_key())
             .env_remove("MODEL_REQUEST_TIMEOUT_SECONDS")
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -101,7 +123,10 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("modelgate listening on http://") {
+                let addr = line
+                    .strip_prefix("modelgate listening on http://")
+                    .or_else(|| line.strip_prefix("modelgate listening on https://"));
+                if let Some(addr) = addr {
                     let _ = tx.send(addr.to_owned());
                 }
             }
@@ -174,6 +199,7 @@ impl Server {
     ) -> (u16, serde_json::Value) {
         let resp = client
             .post(self.url("/model"))
+            .bearer_auth(admin_key())
             .json(&serde_json::json!({ "accessKey": key, "request": request }))
             .send()
             .await
