@@ -392,6 +392,12 @@ async fn create_project(ctx: &Ctx<'_>, body: CreateProject) -> Result<Response<B
         ));
     }
     let source = match &body.path {
+        // A server directory can be anything modelgate may read: site admins only.
+        Some(_) if ctx.who.site != crate::auth::SiteRole::Admin => {
+            return Err(ApiError::Forbidden(
+                "creating a project from a server directory needs the site admin role; create it without \"path\" and upload an archive".into(),
+            ))
+        }
         Some(p) => {
             if !p.is_absolute() {
                 return Err(ApiError::InvalidRequest("path must be absolute".into()));

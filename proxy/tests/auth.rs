@@ -452,6 +452,15 @@ async fn every_credential_failure_is_refused_before_the_replica_and_revocations_
             "auth.forbidden",
         ),
         (
+            "user makes a project from a server directory",
+            Some(&stranger),
+            M::POST,
+            "/projects".into(),
+            Some(json!({"name": "etc", "path": "/etc"})),
+            403,
+            "auth.forbidden",
+        ),
+        (
             "stranger reads the project",
             Some(&stranger),
             M::GET,
@@ -514,6 +523,32 @@ async fn every_credential_failure_is_refused_before_the_replica_and_revocations_
             "{name}: {v}"
         );
     }
+    // Any user may create a project (to upload files into) and becomes its owner and admin.
+    let (s, v) = t
+        .api(
+            Some(&stranger),
+            M::POST,
+            "/projects",
+            Some(json!({"name": "mine"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let mine = v["id"].as_i64().unwrap();
+    let (s, v) = t
+        .api(
+            Some(&stranger),
+            M::GET,
+            &format!("/projects/{mine}/collaborators"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["collaborators"][0]["username"], "stranger");
+    assert_eq!(v["collaborators"][0]["owner"], true);
+    let (s, _) = t
+        .api(Some(&viewer), M::GET, &format!("/projects/{mine}"), None)
+        .await;
+    assert_eq!(s, 403);
     // A viewer sees their project and nothing else, and may read what is in it.
     let (s, v) = t.api(Some(&viewer), M::GET, "/projects", None).await;
     assert_eq!(s, 200);
