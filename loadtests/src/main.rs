@@ -146,7 +146,7 @@ fn plan(args: Args) -> Result<Plan, String> {
     if !args.http2 {
         headers.insert(HOST, authority.parse().map_err(|_| "--url: bad host")?);
     }
-    if let Some(key) = &args.api_key {
+    if let Some(key) = args.api_key.as_deref().filter(|k| !k.is_empty()) {
         let bearer = format!("Bearer {key}")
             .parse()
             .map_err(|_| "--api-key: bad value")?;

@@ -399,3 +399,183 @@ async fn projects_can_be_uploaded_as_archives_and_hostile_ones_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 409);
 }
+
+#[tokio::test]
+async fn the_cli_covers_users_keys_collaborators_audit_settings_and_login() {
+    let server = Server::start("", &[]);
+    // An admin creates a user, a project for them to see, a key, and a role.
+    let ana = json(&server, &["users", "create", "--username", "ana"]);
+    assert_eq!(
+        (ana["username"].as_str(), ana["role"].as_str()),
+        (Some("ana"), Some("user"))
+    );
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("m.py"), "def f(args):\n    return 1\n").unwrap();
+    let project = json(
+        &server,
+        &[
+            "projects",
+            "create",
+            "--name",
+            "shared",
+            "--upload",
+            files.path().to_str().unwrap(),
+        ],
+    );
+    let pid = project["id"].to_string();
+    let set = json(
+        &server,
+        &[
+            "collaborators",
+            "set",
+            "--project",
+            &pid,
+            "--user",
+            "ana",
+            "--role",
+            "viewer",
+        ],
+    );
+    assert_eq!(set["role"], "viewer");
+    let (ok, table, _) = run(&server, &["collaborators", "list", "--project", &pid]);
+    assert!(
+        ok && table.contains("ana") && table.contains("viewer"),
+        "{table}"
+    );
+    let created = json(
+        &server,
+        &["keys", "create", "--user", "ana", "--expires-in", "2h"],
+    );
+    let key = created["key"].as_str().unwrap().to_owned();
+    let lifetime = created["expires_at"].as_i64().unwrap() - modelgate::auth::now_unix();
+    assert!((7000..=7200).contains(&lifetime), "{created}");
+
+    // Ana logs in: the key is read from standard input (never an argument) and stored 0600.
+    let home = tempfile::tempdir().unwrap();
+    let as_ana = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .arg("--url")
+            .arg(format!("http://{}", server.addr))
+            .args(args)
+            .env_remove("MODELGATE_API_KEY")
+            .env("XDG_CONFIG_HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = as_ana(&["users", "get"], None);
+    assert!(!ok && err.contains("401 auth.unauthorized"), "{err}");
+    let (ok, _, err) = as_ana(&["login"], Some("mgk_not-a-key\n"));
+    assert!(!ok && err.contains("not a modelgate API key"), "{err}");
+    let (ok, out, err) = as_ana(&["login"], Some(&format!("{key}\n")));
+    assert!(ok, "{err}");
+    assert!(out.contains("logged in as ana"), "{out}");
+    let stored = home.path().join("modelgate/api-key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&stored).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let (ok, out, err) = as_ana(&["--json", "users", "get"], None);
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["username"],
+        "ana"
+    );
+    let (ok, out, _) = as_ana(&["projects", "list"], None);
+    assert!(ok && out.contains("shared"), "{out}");
+    // Ana may not do what viewers and users may not.
+    let (ok, _, err) = as_ana(&["users", "list"], None);
+    assert!(!ok && err.contains("403 auth.forbidden"), "{err}");
+    let (ok, _, err) = as_ana(
+        &[
+            "collaborators",
+            "set",
+            "--project",
+            &pid,
+            "--user",
+            "ana",
+            "--role",
+            "admin",
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("403 auth.forbidden"), "{err}");
+    // Her own keys: list (no secret), create another.
+    let (ok, out, _) = as_ana(&["keys", "list"], None);
+    assert!(
+        ok && out.contains(created["key_id"].as_str().unwrap()),
+        "{out}"
+    );
+    assert!(!out.contains(&key[12..]), "a key list shows a secret");
+
+    // Settings and the maximum expiry.
+    let s = json(
+        &server,
+        &[
+            "settings",
+            "set",
+            "--max-expiry-days",
+            "10",
+            "--default-expiry-days",
+            "5",
+        ],
+    );
+    assert_eq!(s["api_key_max_expiry_days"], 10);
+    let (ok, _, err) = as_ana(&["keys", "create", "--expires-in", "11d"], None);
+    assert!(!ok && err.contains("400 api_key.expiry_too_long"), "{err}");
+
+    // The admin deactivates her: the stored key stops working at once.
+    let updated = json(
+        &server,
+        &["users", "update", "--user", "ana", "--active", "false"],
+    );
+    assert_eq!(updated["active"], false);
+    let (ok, _, err) = as_ana(&["users", "get"], None);
+    assert!(!ok && err.contains("401 auth.unauthorized"), "{err}");
+    let wiped = json(&server, &["keys", "delete-all", "--user", "ana"]);
+    assert_eq!(wiped["deleted"], 1);
+    let (ok, _, _) = run(
+        &server,
+        &[
+            "collaborators",
+            "remove",
+            "--project",
+            &pid,
+            "--user",
+            "ana",
+        ],
+    );
+    assert!(ok);
+
+    // The audit trail shows it all, and no secret.
+    let audit = json(&server, &["audit", "--limit", "1000"]);
+    let text = audit.to_string();
+    for action in [
+        "user.created",
+        "collaborator.set",
+        "api_key.created",
+        "auth.failed",
+        "authz.denied",
+        "settings.updated",
+        "user.updated",
+        "api_key.deleted_all",
+        "collaborator.removed",
+    ] {
+        assert!(text.contains(action), "{action} missing from {text}");
+    }
+    assert!(!text.contains(&key[12..]));
+    assert!(!server.logs().contains(&key[12..]));
+}
