@@ -203,6 +203,9 @@ pub trait Store: crate::identity::IdentityStore + Send + Sync {
     fn active_deployments(&self) -> Result<Vec<Deployment>>;
     /// Every model, across projects (for building routing snapshots).
     fn all_models(&self) -> Result<Vec<Model>>;
+    /// A number that changes when another process (or connection) commits to the store, so a
+    /// server can notice changes it did not make (e.g. `modelgate recover-admin`).
+    fn external_changes(&self) -> Result<i64>;
 }
 
 fn migrations() -> Migrations<'static> {
@@ -635,6 +638,12 @@ impl Store for SqliteStore {
 
     fn active_deployments(&self) -> Result<Vec<Deployment>> {
         self.deployments_where("status IN ('pending', 'deploying', 'deployed')", &[])
+    }
+
+    fn external_changes(&self) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     fn all_models(&self) -> Result<Vec<Model>> {

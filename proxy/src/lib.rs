@@ -80,7 +80,6 @@ pub async fn run(
     };
     let (auth, audit_rx) = auth::Auth::new();
     tokio::spawn(auth::run_audit_writer(store.clone(), audit_rx));
-    tokio::spawn(auth::run_expiry_sweeper(store.clone(), auth.clone()));
 
     let routes = Arc::new(Routes::default());
     let control = Arc::new(ControlPlane::new(
@@ -109,6 +108,24 @@ pub async fn run(
         .publish_auth()
         .await
         .map_err(|e| anyhow::anyhow!("loading users and keys: {e}"))?;
+    {
+        let cp = control.clone();
+        tokio::spawn(auth::run_sweeper(
+            cp.store.clone(),
+            auth.clone(),
+            move || {
+                let cp = cp.clone();
+                async move {
+                    tracing::info!(
+                        "the store was changed by another process; reloading users and keys"
+                    );
+                    if let Err(e) = cp.publish_auth().await {
+                        tracing::error!("reloading users and keys: {e}");
+                    }
+                }
+            },
+        ));
+    }
     // Declared models first, so that restoring skips them: they are rebuilt from their directory.
     let shown = control
         .declare(&config.models, admin_id)

@@ -53,6 +53,17 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Give the oldest active admin a new API key, written to DATA_DIR/admin-api-key (0600), for
+    /// when the admin's key is lost or expired. Works on the data directory directly; a running
+    /// modelgate picks the key up within seconds.
+    RecoverAdmin {
+        /// Configuration whose server.data_dir to use.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory; overrides the configuration's. Default ./data.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Projects: directories of model code.
     #[command(subcommand)]
     Projects(cli::Projects),
@@ -136,6 +147,7 @@ fn main() -> ExitCode {
             data_dir,
             check,
         } => serve(config, listen, data_dir, check),
+        Command::RecoverAdmin { config, data_dir } => recover_admin(config, data_dir),
         Command::Projects(c) => client(Box::pin(cli::projects(&target, c))),
         Command::Models(c) => client(Box::pin(cli::models(&target, c))),
         Command::Builds(c) => client(Box::pin(cli::builds(&target, c))),
@@ -253,6 +265,38 @@ fn serve(
             }
         }
     })
+}
+
+fn recover_admin(config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> ExitCode {
+    let data_dir = match (data_dir, &config_path) {
+        (Some(d), _) => d,
+        (None, Some(path)) => match Config::from_file(path, &Overrides::default()) {
+            Ok(c) => c.server.data_dir(),
+            Err(err) => {
+                eprintln!("modelgate: {err}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        (None, None) => PathBuf::from("data"),
+    };
+    let db = data_dir.join("modelgate.db");
+    if !db.is_file() {
+        eprintln!("modelgate: no store at {}", db.display());
+        return ExitCode::FAILURE;
+    }
+    let result = modelgate_control::store::SqliteStore::open(&db)
+        .map_err(anyhow::Error::from)
+        .and_then(|store| modelgate::auth::recover_admin(&store, &data_dir));
+    match result {
+        Ok(path) => {
+            println!("a new API key of the admin is in {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("modelgate: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn replica_runtime_path(config: &Config) -> Result<PathBuf, String> {

@@ -799,3 +799,53 @@ async fn tls_serves_http1_and_http2_by_alpn_and_the_cli_trusts_a_given_ca() {
     let me: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(me["role"], "admin");
 }
+
+#[tokio::test]
+async fn a_lost_admin_key_is_replaced_from_the_data_directory_while_modelgate_runs() {
+    let server = Server::start("", &[]);
+    let data = server.dir.path().join("data");
+    let recover = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelgate"))
+            .args(["recover-admin", "--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = recover();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = data.join("admin-api-key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let key = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&key));
+    // The running server notices the change made by another process.
+    let c = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(server.url("/api/v2/users/me"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            let me: Value = r.json().await.unwrap();
+            assert_eq!(me["username"], "admin");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new key never worked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An existing key file is never overwritten.
+    let out = recover();
+    assert!(!out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().trim(),
+        key,
+        "the key file was replaced"
+    );
+}

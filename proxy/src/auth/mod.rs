@@ -393,7 +393,8 @@ pub fn bootstrap_admin(
     provided: Option<&str>,
 ) -> anyhow::Result<i64> {
     if store.user_count()? == 0 {
-        let (full, id) = match provided {
+        let user = store.create_user("admin", "admin")?;
+        match provided {
             Some(k) => {
                 let parsed = key::parse(k).map_err(|_| {
                     anyhow::anyhow!(
@@ -401,72 +402,133 @@ pub fn bootstrap_admin(
                          (mgk_..., as `modelgate keys create` prints)"
                     )
                 })?;
-                (k.to_owned(), parsed.id.to_owned())
+                store_admin_key(store, user.id, k, parsed.id, "first admin")?;
+                tracing::info!(
+                    "created the first admin user with the key from MODELGATE_ADMIN_API_KEY (id {})",
+                    parsed.id
+                );
             }
-            None => key::generate(),
-        };
-        let user = store.create_user("admin", "admin")?;
-        store.create_api_key(modelgate_control::identity::NewApiKey {
-            key_id: &id,
-            user_id: user.id,
-            digest: &key::digest_hex(&full),
-            description: "created at first start",
-            expires_at: now_unix() + DEFAULT_EXPIRY_DAYS * 86_400,
-        })?;
-        store.append_audit(&[AuditEvent {
-            at: crate::now_rfc3339(),
-            actor: "modelgate".into(),
-            action: "api_key.created".into(),
-            target: format!("user:{} key:{id}", user.id),
-            outcome: "ok".into(),
-            detail: "first admin".into(),
-            ..Default::default()
-        }])?;
-        if provided.is_none() {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let path = data_dir.join(ADMIN_KEY_FILE);
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-            writeln!(file, "{full}")?;
-            file.sync_all()?;
-            tracing::warn!(
-                "created the first admin user; its API key (id {id}) is in {} - keep it, then delete the file",
-                path.display()
-            );
-            eprintln!(
-                "modelgate: created user \"admin\"; its API key is in {} (readable by you only)",
-                path.display()
-            );
-        } else {
-            tracing::info!(
-                "created the first admin user with the key from MODELGATE_ADMIN_API_KEY (id {id})"
-            );
+            None => {
+                let path = issue_admin_key(store, user.id, data_dir, "first admin")?;
+                tracing::warn!(
+                    "created the first admin user; its API key is in {} - keep it, then delete the file",
+                    path.display()
+                );
+                eprintln!(
+                    "modelgate: created user \"admin\"; its API key is in {} (readable by you only)",
+                    path.display()
+                );
+            }
         }
     }
-    let admin = store
+    oldest_admin(store)
+}
+
+fn oldest_admin(store: &dyn modelgate_control::store::Store) -> anyhow::Result<i64> {
+    store
         .users()?
         .into_iter()
         .find(|u| u.role == "admin" && u.active)
-        .ok_or_else(|| anyhow::anyhow!("the store has users but no active admin"))?;
-    Ok(admin.id)
+        .map(|u| u.id)
+        .ok_or_else(|| anyhow::anyhow!("the store has users but no active admin"))
 }
 
-/// Records, once per key, that it expired. Runs until the process ends.
-pub async fn run_expiry_sweeper(store: Arc<dyn modelgate_control::store::Store>, auth: Arc<Auth>) {
+fn store_admin_key(
+    store: &dyn modelgate_control::store::Store,
+    user_id: i64,
+    full: &str,
+    id: &str,
+    why: &str,
+) -> anyhow::Result<()> {
+    store.create_api_key(modelgate_control::identity::NewApiKey {
+        key_id: id,
+        user_id,
+        digest: &key::digest_hex(full),
+        description: why,
+        expires_at: now_unix() + DEFAULT_EXPIRY_DAYS * 86_400,
+    })?;
+    store.append_audit(&[AuditEvent {
+        at: crate::now_rfc3339(),
+        actor: "modelgate (local)".into(),
+        action: "api_key.created".into(),
+        target: format!("user:{user_id} key:{id}"),
+        outcome: "ok".into(),
+        detail: why.into(),
+        ..Default::default()
+    }])?;
+    Ok(())
+}
+
+/// Generates a key for an admin and writes it to a new 0600 file `data_dir/admin-api-key`
+/// (refusing to overwrite one); returns the file's path.
+fn issue_admin_key(
+    store: &dyn modelgate_control::store::Store,
+    user_id: i64,
+    data_dir: &std::path::Path,
+    why: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    // The file first: a key nobody can read must not exist.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    let (full, id) = key::generate();
+    let written = writeln!(file, "{full}").and_then(|_| file.sync_all());
+    if let Err(e) = written
+        .map_err(anyhow::Error::from)
+        .and_then(|_| store_admin_key(store, user_id, &full, &id, why))
+    {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// For an operator locked out of the API (the admin key lost or expired): gives the oldest
+/// active admin a new key in `data_dir/admin-api-key`. Needs only the data directory; a running
+/// modelgate picks the key up within a few seconds.
+pub fn recover_admin(
+    store: &dyn modelgate_control::store::Store,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let admin = oldest_admin(store)?;
+    issue_admin_key(store, admin, data_dir, "recover-admin")
+}
+
+/// Once a second: records, once per key, that it expired; and rebuilds the auth index when
+/// another process changed the store (`refresh`). Runs until the process ends.
+pub async fn run_sweeper<F, Fut>(
+    store: Arc<dyn modelgate_control::store::Store>,
+    auth: Arc<Auth>,
+    refresh: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut seen = None;
     loop {
         tick.tick().await;
         let s = store.clone();
-        let Ok(Ok(expired)) =
-            tokio::task::spawn_blocking(move || s.take_newly_expired(now_unix())).await
+        let Ok(Ok((expired, changes))) = tokio::task::spawn_blocking(move || {
+            Ok::<_, modelgate_control::store::StoreError>((
+                s.take_newly_expired(now_unix())?,
+                s.external_changes()?,
+            ))
+        })
+        .await
         else {
             continue;
         };
+        if seen.is_some_and(|v| v != changes) {
+            refresh().await;
+        }
+        seen = Some(changes);
         for k in expired {
             auth.record(AuditEvent {
                 at: crate::now_rfc3339(),
