@@ -44,6 +44,9 @@ struct Args {
     /// Send `{"pad": "<N chars>"}` instead of --body, for echo-style models.
     #[arg(long, value_name = "N")]
     payload_bytes: Option<usize>,
+    /// The `response` must equal the request object (for echo-style models).
+    #[arg(long, conflicts_with = "expect")]
+    expect_echo: bool,
     /// Sent as `Authorization: Bearer <KEY>` when given (prefer the environment variable:
     /// arguments land in shell history).
     #[arg(
@@ -131,7 +134,7 @@ struct Plan {
 }
 
 /// Turns the arguments into a plan starting now; an error is a usage error.
-fn plan(args: Args) -> Result<Plan, String> {
+fn plan(mut args: Args) -> Result<Plan, String> {
     let url = &args.url;
     if url.scheme_str() != Some("http") {
         return Err("--url must start with http:// (TLS is not supported)".into());
@@ -163,6 +166,9 @@ fn plan(args: Args) -> Result<Plan, String> {
         None => args.body.clone(),
     };
     let body = json!({ "accessKey": args.access_key, "request": request }).to_string();
+    if args.expect_echo {
+        args.expect = Some(request);
+    }
     if args.duration.is_zero() || args.timeout.is_zero() {
         return Err("--duration and --timeout must be > 0".into());
     }

@@ -37,6 +37,48 @@ use crate::server::ClientAddr;
 /// Largest JSON body the API accepts.
 const MAX_JSON_BYTES: usize = 1024 * 1024;
 
+/// A request path fit for the audit trail: bounded, and with anything shaped like an API key
+/// (someone pasting a key where its id belongs) cut down to its public prefix.
+fn audit_path(path: &str) -> String {
+    path.split('/')
+        .map(|seg| match seg.strip_prefix(crate::auth::key::PREFIX) {
+            Some(rest) => format!(
+                "{}{}…",
+                crate::auth::key::PREFIX,
+                rest.chars()
+                    .take(crate::auth::key::ID_LEN)
+                    .collect::<String>()
+            ),
+            None => seg.chars().take(100).collect(),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+        .chars()
+        .take(300)
+        .collect()
+}
+
+/// Environment variables often hold secrets: below the role that may change them, callers see
+/// their names only.
+fn env_shown(ctx: &Ctx<'_>, project_id: i64, mut value: serde_json::Value) -> serde_json::Value {
+    if !ctx
+        .cp
+        .auth
+        .load()
+        .allowed(&ctx.who, project_id, Action::EditProject)
+    {
+        if let Some(env) = value
+            .get_mut("environment")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            for v in env.values_mut() {
+                *v = json!("(hidden)");
+            }
+        }
+    }
+    value
+}
+
 /// One API call: the control plane, the authenticated caller and where they called from.
 pub(crate) struct Ctx<'a> {
     pub cp: &'a Arc<ControlPlane>,
@@ -78,10 +120,7 @@ impl Ctx<'_> {
 
 pub async fn handle(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Response<Body> {
     let remote = req.extensions().get::<ClientAddr>().map(|a| a.0);
-    let target = || {
-        let path: String = req.uri().path().chars().take(200).collect();
-        format!("{} {path}", req.method())
-    };
+    let target = || format!("{} {}", req.method(), audit_path(req.uri().path()));
     let who = match cp.auth.authenticate(
         req.headers().get(http::header::AUTHORIZATION),
         remote,
@@ -142,6 +181,7 @@ async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
             let list: Vec<_> = list
                 .into_iter()
                 .filter(|p| index.project_role(&ctx.who, p.id).is_some())
+                .map(|p| env_shown(ctx, p.id, json!(p)))
                 .collect();
             ok(StatusCode::OK, json!({ "projects": list }))
         }
@@ -155,7 +195,7 @@ async fn route(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<Body>, 
             let store = cp.store.clone();
             ok(
                 StatusCode::OK,
-                json!(blocking(move || store.project(pid)).await?),
+                env_shown(ctx, pid, json!(blocking(move || store.project(pid)).await?)),
             )
         }
         (Method::PUT, ["projects", p, "files"]) => {
@@ -290,6 +330,10 @@ async fn model_routes(
             let store = cp.store.clone();
             let mid = model.id;
             let list = blocking(move || store.deployments(mid)).await?;
+            let list: Vec<_> = list
+                .into_iter()
+                .map(|d| env_shown(ctx, model.project_id, json!(d)))
+                .collect();
             ok(StatusCode::OK, json!({ "deployments": list }))
         }
         (Method::POST, ["deployments"]) => {
@@ -297,7 +341,7 @@ async fn model_routes(
         }
         (Method::GET, ["deployments", d]) => {
             let dep = owned_deployment(cp, &model, d).await?;
-            ok(StatusCode::OK, json!(dep))
+            ok(StatusCode::OK, env_shown(ctx, model.project_id, json!(dep)))
         }
         (Method::POST, ["deployments", d, "stop"]) => {
             let dep = owned_deployment(cp, &model, d).await?;
@@ -305,15 +349,34 @@ async fn model_routes(
             let store = cp.store.clone();
             ok(
                 StatusCode::OK,
-                json!(blocking(move || store.deployment(dep.id)).await?),
+                env_shown(
+                    ctx,
+                    model.project_id,
+                    json!(blocking(move || store.deployment(dep.id)).await?),
+                ),
             )
         }
         (Method::POST, ["deployments", d, "restart"]) => {
             let dep = owned_deployment(cp, &model, d).await?;
+            // Restarting the model's latest deployment is an operator's job; bringing back an
+            // older one is a rollback, which is deploying.
+            let store = cp.store.clone();
+            let mid = model.id;
+            let latest = blocking(move || store.deployments(mid))
+                .await?
+                .iter()
+                .map(|d| d.id)
+                .max();
+            if latest != Some(dep.id) {
+                ctx.allow(model.project_id, Action::Deploy)?;
+            }
             let cp2 = cp.clone();
             let dep2 = dep.clone();
             tokio::spawn(async move { cp2.run_deployment(dep2).await });
-            ok(StatusCode::ACCEPTED, json!(dep))
+            ok(
+                StatusCode::ACCEPTED,
+                env_shown(ctx, model.project_id, json!(dep)),
+            )
         }
         (Method::GET, ["replicas"]) => {
             let list = match cp.running(model.id).await {
@@ -391,13 +454,10 @@ async fn create_project(ctx: &Ctx<'_>, body: CreateProject) -> Result<Response<B
             "name must be 1-64 letters, digits, '-', '_' or '.'".into(),
         ));
     }
+    if body.path.is_some() {
+        ctx.allow_site(SiteAction::CreateProjectFromPath)?;
+    }
     let source = match &body.path {
-        // A server directory can be anything modelgate may read: site admins only.
-        Some(_) if ctx.who.site != crate::auth::SiteRole::Admin => {
-            return Err(ApiError::Forbidden(
-                "creating a project from a server directory needs the site admin role; create it without \"path\" and upload an archive".into(),
-            ))
-        }
         Some(p) => {
             if !p.is_absolute() {
                 return Err(ApiError::InvalidRequest("path must be absolute".into()));
@@ -587,15 +647,18 @@ async fn update_model(
     let auth = body.enable_authentication;
     let updated =
         blocking(move || store.update_model(mid, body.description.as_deref(), auth)).await?;
-    if let Some(on) = auth.filter(|on| *on != model.enable_authentication) {
-        // In the snapshot before the answer: the next call is checked (or not) accordingly.
+    if let Some(on) = auth {
+        // In the snapshot before the answer (even when unchanged: a concurrent PATCH may have
+        // published an older view), so the next call is checked, or not, accordingly.
         ctx.cp.publish().await?;
-        ctx.audit(
-            "model.authentication_changed",
-            format!("model:{mid}"),
-            format!("enable_authentication: {on}"),
-        )
-        .await?;
+        if on != model.enable_authentication {
+            ctx.audit(
+                "model.authentication_changed",
+                format!("model:{mid}"),
+                format!("enable_authentication: {on}"),
+            )
+            .await?;
+        }
     }
     ok(StatusCode::OK, model_json(&updated))
 }

@@ -1145,6 +1145,12 @@ pub async fn keys(target: &Target, cmd: Keys) -> CliResult {
             Ok(())
         }
         Keys::Delete { user, key_id } => {
+            if key_id.starts_with(modelgate::auth::key::PREFIX) {
+                return Err(
+                    "--key-id takes the key's 8-character id (see `keys list`), not the key itself"
+                        .into(),
+                );
+            }
             api.json(
                 http::Method::DELETE,
                 &format!("/api/v2/users/{user}/keys/{key_id}"),
@@ -1292,6 +1298,9 @@ pub async fn login(target: &Target) -> CliResult {
         .truncate(true)
         .mode(0o600)
         .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // `mode` applies only to a new file: an existing one is narrowed before the key goes in.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     writeln!(file, "{key}").map_err(|e| format!("{}: {e}", path.display()))?;
     println!(

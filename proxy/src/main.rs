@@ -217,6 +217,12 @@ fn serve(
     for name in ["MODELGATE_ADMIN_API_KEY", "MODELGATE_API_KEY"] {
         std::env::remove_var(name);
     }
+    // `remove_var` cannot wipe the environment block the kernel shows in /proc/<pid>/environ.
+    // A non-dumpable process's /proc files belong to root, so replicas and builds (same user,
+    // not root) cannot read it, nor attach to this process.
+    if let Err(err) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("could not make the process non-dumpable: {err}");
+    }
 
     // One worker per CPU this process may run on (its affinity mask, so a pinned server does not
     // bounce requests between workers that share one core), unless configured.

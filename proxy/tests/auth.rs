@@ -645,6 +645,95 @@ async fn every_credential_failure_is_refused_before_the_replica_and_revocations_
         .iter()
         .any(|k| k["key_id"] == short_id.as_str() && k["expired"] == true));
 
+    // Below contributor, environment variables show their names only.
+    let (s, v) = t
+        .api(
+            Some(&viewer),
+            M::GET,
+            &format!("{model_path}/deployments"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        v["deployments"][0]["environment"]["CALLS_FILE"], "(hidden)",
+        "{v}"
+    );
+    let v = t
+        .admin(M::GET, &format!("{model_path}/deployments"), None)
+        .await;
+    assert_eq!(
+        v["deployments"][0]["environment"]["CALLS_FILE"],
+        calls_file.to_str().unwrap()
+    );
+    // Other users are not revealed to those who may not list them; digit-only names are refused.
+    let (s, _) = t.api(Some(&viewer), M::GET, "/users/nobody", None).await;
+    assert_eq!(
+        s, 403,
+        "a refusal must not depend on whether the user exists"
+    );
+    let (s, v) = t
+        .api(
+            Some(admin_key()),
+            M::POST,
+            "/users",
+            Some(json!({"username": "42"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("request.invalid"))
+    );
+    // An operator restarts the latest deployment, but bringing back an older one is a rollback.
+    let first = t
+        .admin(M::GET, &format!("{model_path}/deployments"), None)
+        .await["deployments"][0]
+        .clone();
+    let redeployed = t
+        .admin(
+            M::POST,
+            &format!("{model_path}/deployments"),
+            Some(json!({"build_id": first["build_id"], "environment": first["environment"]})),
+        )
+        .await;
+    let (s, v) = t
+        .api(
+            Some(&viewer),
+            M::POST,
+            &format!("{model_path}/deployments/{}/restart", first["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("auth.forbidden")),
+        "{v}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = t
+            .admin(
+                M::GET,
+                &format!("{model_path}/deployments/{}", redeployed["id"]),
+                None,
+            )
+            .await;
+        if d["status"] == "deployed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redeploy did not finish: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, v) = t
+        .api(
+            Some(&viewer),
+            M::POST,
+            &format!("{model_path}/deployments/{}/restart", redeployed["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+
     // The audit trail: failures with where they came from, key lifecycle, role changes.
     let deadline = Instant::now() + Duration::from_secs(10);
     let audit = loop {

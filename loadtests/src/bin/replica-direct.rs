@@ -35,6 +35,9 @@ struct Args {
     duration: f64,
     #[arg(long, default_value_t = 10_000_000)]
     max_requests: u64,
+    /// Send `{"pad":"<N chars>"}` instead of --body and expect it back (an echo function).
+    #[arg(long, value_name = "N")]
+    payload_bytes: Option<usize>,
     /// Pin the replica process to this CPU (with `taskset`), as the runner pins servers.
     #[arg(long)]
     runtime_cpu: Option<u32>,
@@ -83,8 +86,15 @@ fn main() -> std::process::ExitCode {
         "replica did not load"
     );
 
-    let mut frame = protocol::encode_header(Kind::Predict, args.body.len()).to_vec();
-    frame.extend_from_slice(args.body.as_bytes());
+    let (body, expect) = match args.payload_bytes {
+        Some(n) => {
+            let echo = format!(r#"{{"pad":"{}"}}"#, "x".repeat(n));
+            (echo.clone(), echo)
+        }
+        None => (args.body.clone(), args.expect.clone()),
+    };
+    let mut frame = protocol::encode_header(Kind::Predict, body.len()).to_vec();
+    frame.extend_from_slice(body.as_bytes());
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
     let (mut sent, mut errors) = (0u64, 0u64);
     let warm_end = Instant::now() + Duration::from_secs_f64(args.warmup);
@@ -102,7 +112,7 @@ fn main() -> std::process::ExitCode {
         if now >= warm_end {
             measured_start.get_or_insert(now);
             sent += 1;
-            if Kind::from_u8(kind) != Some(Kind::ResultOk) || payload != args.expect.as_bytes() {
+            if Kind::from_u8(kind) != Some(Kind::ResultOk) || payload != expect.as_bytes() {
                 errors += 1;
             } else {
                 let _ = hist.record(us.max(1));

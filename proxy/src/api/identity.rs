@@ -22,6 +22,12 @@ fn no_content() -> Result<Response<Body>, ApiError> {
         .expect("static response"))
 }
 
+/// Whether a path segment names the caller (`me`, their id or their name), decided before any
+/// lookup so a refusal says nothing about which other users exist.
+fn is_self(ctx: &Ctx<'_>, segment: &str) -> bool {
+    segment == "me" || segment == ctx.who.user_id.to_string() || segment == &*ctx.who.username
+}
+
 /// Resolves `me`, a numeric id or a username to a user id.
 async fn user_id(ctx: &Ctx<'_>, segment: &str) -> Result<i64, ApiError> {
     if segment == "me" {
@@ -82,9 +88,13 @@ pub(super) async fn users(
         (Method::POST, []) => {
             ctx.allow_site(SiteAction::ManageUsers)?;
             let body: CreateUser = read_json(req).await?;
-            if !crate::config::valid_name(&body.username) || body.username == "me" {
+            // All-digit names would read as user ids in paths.
+            if !crate::config::valid_name(&body.username)
+                || body.username == "me"
+                || body.username.bytes().all(|b| b.is_ascii_digit())
+            {
                 return Err(ApiError::InvalidRequest(
-                    "username must be 1-64 letters, digits, '-', '_' or '.' (and not \"me\")"
+                    "username must be 1-64 letters, digits, '-', '_' or '.', not only digits, and not \"me\""
                         .into(),
                 ));
             }
@@ -105,10 +115,10 @@ pub(super) async fn users(
             ok(StatusCode::CREATED, json!(user))
         }
         (Method::GET, [u]) => {
-            let uid = user_id(ctx, u).await?;
-            if uid != ctx.who.user_id {
-                ctx.allow_site(SiteAction::ManageUsers)?;
+            if !is_self(ctx, u) {
+                ctx.allow_site(SiteAction::ReadUsers)?;
             }
+            let uid = user_id(ctx, u).await?;
             let store = cp.store.clone();
             ok(
                 StatusCode::OK,
@@ -150,6 +160,13 @@ pub(super) async fn users(
             ok(StatusCode::OK, json!(after))
         }
         (method, [u, "keys", rest @ ..]) => {
+            let own = is_self(ctx, u);
+            // Checked before the name is looked up; the handlers check again with the id.
+            if method == Method::DELETE && rest.is_empty() {
+                ctx.allow_site(SiteAction::ManageUsers)?;
+            } else {
+                ctx.allow_site(SiteAction::ManageKeys { own })?;
+            }
             let uid = user_id(ctx, u).await?;
             keys(ctx, method, uid, rest, req).await
         }

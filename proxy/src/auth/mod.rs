@@ -392,33 +392,50 @@ pub fn bootstrap_admin(
     data_dir: &std::path::Path,
     provided: Option<&str>,
 ) -> anyhow::Result<i64> {
-    if store.user_count()? == 0 {
-        let user = store.create_user("admin", "admin")?;
-        match provided {
-            Some(k) => {
-                let parsed = key::parse(k).map_err(|_| {
-                    anyhow::anyhow!(
-                        "MODELGATE_ADMIN_API_KEY is not a well-formed modelgate API key \
-                         (mgk_..., as `modelgate keys create` prints)"
-                    )
-                })?;
-                store_admin_key(store, user.id, k, parsed.id, "first admin")?;
-                tracing::info!(
-                    "created the first admin user with the key from MODELGATE_ADMIN_API_KEY (id {})",
-                    parsed.id
-                );
-            }
-            None => {
-                let path = issue_admin_key(store, user.id, data_dir, "first admin")?;
-                tracing::warn!(
-                    "created the first admin user; its API key is in {} - keep it, then delete the file",
+    if store.user_count()? > 0 {
+        if provided.is_some() {
+            tracing::warn!(
+                "MODELGATE_ADMIN_API_KEY is only read on the first start (the store has users); \
+                 use `modelgate recover-admin` for a new admin key"
+            );
+        }
+        return oldest_admin(store);
+    }
+    // Everything that can fail is checked before the user exists: a half-made first admin
+    // would lock the site out (later starts see users and skip this).
+    match provided {
+        Some(k) => {
+            let parsed = key::parse(k).map_err(|_| {
+                anyhow::anyhow!(
+                    "MODELGATE_ADMIN_API_KEY is not a well-formed modelgate API key \
+                     (mgk_..., as `modelgate keys create` prints)"
+                )
+            })?;
+            let user = store.create_user("admin", "admin")?;
+            store_admin_key(store, user.id, k, parsed.id, "first admin")?;
+            tracing::info!(
+                "created the first admin user with the key from MODELGATE_ADMIN_API_KEY (id {})",
+                parsed.id
+            );
+        }
+        None => {
+            let path = data_dir.join(ADMIN_KEY_FILE);
+            if path.exists() {
+                anyhow::bail!(
+                    "{} exists but the store has no users; move it away and start again",
                     path.display()
                 );
-                eprintln!(
-                    "modelgate: created user \"admin\"; its API key is in {} (readable by you only)",
-                    path.display()
-                );
             }
+            let user = store.create_user("admin", "admin")?;
+            let path = issue_admin_key(store, user.id, data_dir, "first admin")?;
+            tracing::warn!(
+                "created the first admin user; its API key is in {} - keep it, then delete the file",
+                path.display()
+            );
+            eprintln!(
+                "modelgate: created user \"admin\"; its API key is in {} (readable by you only)",
+                path.display()
+            );
         }
     }
     oldest_admin(store)
@@ -500,8 +517,9 @@ pub fn recover_admin(
     issue_admin_key(store, admin, data_dir, "recover-admin")
 }
 
-/// Once a second: records, once per key, that it expired; and rebuilds the auth index when
-/// another process changed the store (`refresh`). Runs until the process ends.
+/// Once a second: records, once per key, that it expired; and rebuilds the auth index
+/// (`refresh`) when another process changed the store, and every 30 s regardless. Runs until
+/// the process ends.
 pub async fn run_sweeper<F, Fut>(
     store: Arc<dyn modelgate_control::store::Store>,
     auth: Arc<Auth>,
@@ -512,8 +530,10 @@ pub async fn run_sweeper<F, Fut>(
 {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut seen = None;
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
+        ticks += 1;
         let s = store.clone();
         let Ok(Ok((expired, changes))) = tokio::task::spawn_blocking(move || {
             Ok::<_, modelgate_control::store::StoreError>((
@@ -525,7 +545,9 @@ pub async fn run_sweeper<F, Fut>(
         else {
             continue;
         };
-        if seen.is_some_and(|v| v != changes) {
+        // Also every 30 s, in case a publish after a change failed (the change is in the
+        // store; the index must not stay behind it).
+        if seen.is_some_and(|v| v != changes) || ticks.is_multiple_of(30) {
             refresh().await;
         }
         seen = Some(changes);
