@@ -4,7 +4,8 @@
 #   1. add, with an API key (authentication on) and without (off), c=1 and c=16;
 #   2. iris (scikit-learn) with an API key, c=1 and c=16;
 #   3. a slow model (20 ms a call, one replica) under 64 callers: the queue fills, 429s follow;
-#   4. a payload sweep (1 KB, 100 KB, 1 MB, 5 MB) through an echo model, against the same replica
+#   4. a payload sweep (1 KB, 100 KB, 1 MB, 5 MB): requests of that size to a model that answers
+#      their length, and through an echo model (the same size back), each against the same replica
 #      code called directly over its socket, to isolate what the proxy adds per size.
 # Bounded: every run is 0.5 s warm-up + DURATION s (default 3); about 30 runs.
 set -euo pipefail
@@ -23,6 +24,10 @@ def slow(args):
 
 def echo(args):
     return args
+
+
+def size(args):
+    return len(args["pad"])
 PY
 model() { # name path file function auth
   printf '[[models]]\nname = "%s"\npath = "%s"\nfile = "%s"\nfunction = "%s"\naccess_key = "scenario-%s-key-0123456789"\nenable_authentication = %s\n' "$1" "$2" "$3" "$4" "$1" "$5"
@@ -34,6 +39,7 @@ model() { # name path file function auth
   model iris "$PWD/examples/iris" predict.py predict true
   model slow "$work/models" scenarios.py slow false
   model echo "$work/models" scenarios.py echo false
+  model size "$work/models" scenarios.py size false
 } > "$work/c.toml"
 taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
@@ -60,10 +66,14 @@ run() { # label, loadgen arguments...
   run "slow (20 ms), 64 callers" --access-key scenario-slow-key-0123456789 --expect '{"slept_ms":20}' \
     --concurrency 64 --expect-status 200,429
   for n in 1000 100000 1000000 5000000; do
-    run "echo $n B, modelgate" --access-key scenario-echo-key-0123456789 --payload-bytes "$n" --expect-echo --concurrency 1
-    printf '%s\t' "echo $n B, replica direct"
-    ./target/release/replica-direct --runtime-cpu 0 --dir "$work/models" --file scenarios.py --function echo \
-      --payload-bytes "$n" --warmup 0.5 --duration "$D"
+    run "$n B in, length out: modelgate" --access-key scenario-size-key-0123456789 --payload-bytes "$n" --expect "$n" --concurrency 1
+    printf '%s\t' "$n B in, length out: replica direct"
+    taskset -c 1 ./target/release/replica-direct --runtime-cpu 0 --dir "$work/models" --file scenarios.py --function size \
+      --payload-bytes "$n" --expect "$n" --warmup 0.5 --duration "$D"
+    run "$n B echoed: modelgate" --access-key scenario-echo-key-0123456789 --payload-bytes "$n" --expect-echo --concurrency 1
+    printf '%s\t' "$n B echoed: replica direct"
+    taskset -c 1 ./target/release/replica-direct --runtime-cpu 0 --dir "$work/models" --file scenarios.py --function echo \
+      --payload-bytes "$n" --expect-echo --warmup 0.5 --duration "$D"
   done
 } | tee "$work/runs" >&2
 python3 - "$work/runs" <<'PY'

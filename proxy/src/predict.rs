@@ -28,6 +28,10 @@ use crate::routing::{ModelRoute, Routes};
 use crate::server::ClientAddr;
 use modelgate_protocol::ModelErrorKind;
 
+/// Answers up to this size are copied into one buffer with their envelope; larger ones are
+/// sent in place.
+const SPLICE_COPY_LIMIT: usize = 64 * 1024;
+
 /// Limits applied to every prediction.
 #[derive(Debug, Clone, Copy)]
 pub struct PredictLimits {
@@ -183,15 +187,31 @@ async fn predict(
     // Phase 6: respond.
     match reply.reply {
         Reply::Ok(payload) => {
+            const HEAD: &[u8] = b"{\"success\":true,\"response\":";
             let id = &reply.replica_id;
-            let mut out = BytesMut::with_capacity(payload.len() + id.len() + 48);
-            out.extend_from_slice(b"{\"success\":true,\"response\":");
-            out.extend_from_slice(&payload);
-            out.extend_from_slice(b",\"replicaId\":\"");
-            out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(b"\"}");
-            route.metrics.response_size.record(out.len() as f64);
-            Ok(json_response(StatusCode::OK, out.freeze()))
+            let mut tail = BytesMut::with_capacity(id.len() + 16);
+            tail.extend_from_slice(b",\"replicaId\":\"");
+            tail.extend_from_slice(id.as_bytes());
+            tail.extend_from_slice(b"\"}");
+            let size = HEAD.len() + payload.len() + tail.len();
+            route.metrics.response_size.record(size as f64);
+            // Small answers are copied into one buffer (one write); large ones are sent as they
+            // came from the replica, with the envelope around them, never copied.
+            if payload.len() <= SPLICE_COPY_LIMIT {
+                let mut out = BytesMut::with_capacity(size);
+                out.extend_from_slice(HEAD);
+                out.extend_from_slice(&payload);
+                out.extend_from_slice(&tail);
+                Ok(json_response(StatusCode::OK, out.freeze()))
+            } else {
+                let body = crate::body::parts([Bytes::from_static(HEAD), payload, tail.freeze()]);
+                let mut resp = Response::new(body);
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                Ok(resp)
+            }
         }
         Reply::Err(err) if err.kind == ModelErrorKind::OutOfMemory => Err(ApiError::OutOfMemory {
             exception: err.exception,

@@ -285,6 +285,33 @@ async fn default_cap_is_5mb() {
     })
     .await
     .unwrap();
+    // Just under the cap, echoed back whole (a large answer is sent without being copied, with
+    // its Content-Length), over HTTP/1.1 and h2c.
+    server.wait_ready().await;
+    let pad = "z".repeat(5 * 1024 * 1024 - 100);
+    let body = json!({"accessKey": key_for("echo"), "request": {"pad": pad}}).to_string();
+    assert!(body.len() <= 5 * 1024 * 1024);
+    for c in [
+        client(),
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap(),
+    ] {
+        let r = c
+            .post(server.url("/model"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let announced = r.content_length();
+        let text = r.text().await.unwrap();
+        assert_eq!(announced, Some(text.len() as u64));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["response"]["pad"].as_str().map(str::len), Some(pad.len()));
+        assert_eq!(v["replicaId"], "echo-0");
+    }
 }
 
 #[tokio::test]

@@ -35,9 +35,12 @@ struct Args {
     duration: f64,
     #[arg(long, default_value_t = 10_000_000)]
     max_requests: u64,
-    /// Send `{"pad":"<N chars>"}` instead of --body and expect it back (an echo function).
+    /// Send `{"pad":"<N chars>"}` instead of --body.
     #[arg(long, value_name = "N")]
     payload_bytes: Option<usize>,
+    /// Expect the request back (an echo function) instead of --expect.
+    #[arg(long)]
+    expect_echo: bool,
     /// Pin the replica process to this CPU (with `taskset`), as the runner pins servers.
     #[arg(long)]
     runtime_cpu: Option<u32>,
@@ -86,12 +89,14 @@ fn main() -> std::process::ExitCode {
         "replica did not load"
     );
 
-    let (body, expect) = match args.payload_bytes {
-        Some(n) => {
-            let echo = format!(r#"{{"pad":"{}"}}"#, "x".repeat(n));
-            (echo.clone(), echo)
-        }
-        None => (args.body.clone(), args.expect.clone()),
+    let body = match args.payload_bytes {
+        Some(n) => format!(r#"{{"pad":"{}"}}"#, "x".repeat(n)),
+        None => args.body.clone(),
+    };
+    let expect = if args.expect_echo {
+        body.clone()
+    } else {
+        args.expect.clone()
     };
     let mut frame = protocol::encode_header(Kind::Predict, body.len()).to_vec();
     frame.extend_from_slice(body.as_bytes());
