@@ -298,12 +298,17 @@ async fn pump(r: impl AsyncRead + Unpin, tx: tokio::sync::mpsc::UnboundedSender<
     }
 }
 
-/// Copies the project tree into `dest`; returns the number of files copied.
-pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize, BuildError> {
+/// Walks the project as a build sees it: every file except `.git` directories and what
+/// `.gitignore` ignores, symlinks resolved (and refused when they leave the project). Calls
+/// `file(rel, path)` for each file and `dir(rel)` for each directory, in walk order.
+fn walk_project(
+    source: &Path,
+    mut dir: impl FnMut(&Path) -> Result<(), BuildError>,
+    mut file: impl FnMut(&Path, &Path) -> Result<(), BuildError>,
+) -> Result<(), BuildError> {
     let source = source
         .canonicalize()
         .map_err(|e| BuildError::Failed(format!("project directory {}: {e}", source.display())))?;
-    std::fs::create_dir_all(dest)?;
     let walker = ignore::WalkBuilder::new(&source)
         .hidden(false)
         .git_ignore(true)
@@ -315,7 +320,6 @@ pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize
         .follow_links(false)
         .filter_entry(|e| e.file_name() != ".git")
         .build();
-    let mut copied = 0;
     for entry in walker {
         let entry = entry.map_err(|e| BuildError::Failed(format!("walking the project: {e}")))?;
         let path = entry.path();
@@ -325,12 +329,11 @@ pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize
         if rel.as_os_str().is_empty() {
             continue;
         }
-        let target = dest.join(rel);
         let ft = entry
             .file_type()
             .expect("entries below the root have a type");
         if ft.is_dir() {
-            std::fs::create_dir_all(&target)?;
+            dir(rel)?;
         } else if ft.is_symlink() {
             let resolved = path
                 .canonicalize()
@@ -342,15 +345,49 @@ pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize
                 )));
             }
             if resolved.is_file() {
-                copy_file(&resolved, &target, rel, max_file_bytes)?;
-                copied += 1;
+                file(rel, &resolved)?;
             }
         } else if ft.is_file() {
-            copy_file(path, &target, rel, max_file_bytes)?;
-            copied += 1;
+            file(rel, path)?;
         }
     }
+    Ok(())
+}
+
+/// Copies the project tree into `dest`; returns the number of files copied.
+pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize, BuildError> {
+    std::fs::create_dir_all(dest)?;
+    let mut copied = 0;
+    walk_project(
+        source,
+        |rel| Ok(std::fs::create_dir_all(dest.join(rel))?),
+        |rel, path| {
+            copy_file(path, &dest.join(rel), rel, max_file_bytes)?;
+            copied += 1;
+            Ok(())
+        },
+    )?;
     Ok(copied)
+}
+
+/// The sha256 of what a build of `source` would start from: each file the snapshot would take
+/// (path and content) and `extra` (the entry point and the interpreter). Two equal fingerprints
+/// mean a new build would start from the same inputs.
+pub fn fingerprint(source: &Path, extra: &str) -> Result<String, BuildError> {
+    let mut lines = Vec::new();
+    walk_project(
+        source,
+        |_| Ok(()),
+        |rel, path| {
+            let mut h = Sha256::new();
+            std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+            lines.push(format!("{}  {}", hex(&h.finalize()), rel.display()));
+            Ok(())
+        },
+    )?;
+    lines.sort();
+    lines.push(extra.to_owned());
+    Ok(hex(&Sha256::digest(lines.join("\n").as_bytes())))
 }
 
 fn copy_file(from: &Path, to: &Path, rel: &Path, max: u64) -> Result<(), BuildError> {
@@ -454,6 +491,14 @@ mod tests {
         for absent in [".git", "sub/.git", "debug.log", "secret"] {
             assert!(!dest.join(absent).exists(), "{absent} was copied");
         }
+        let before = fingerprint(p, "predict.py:f").unwrap();
+        assert_eq!(before, fingerprint(p, "predict.py:f").unwrap());
+        assert_ne!(before, fingerprint(p, "predict.py:g").unwrap());
+        std::fs::write(p.join("debug.log"), "ignored files do not count").unwrap();
+        assert_eq!(before, fingerprint(p, "predict.py:f").unwrap());
+        std::fs::write(p.join("sub/data.csv"), "1,3").unwrap();
+        assert_ne!(before, fingerprint(p, "predict.py:f").unwrap());
+        std::fs::write(p.join("sub/data.csv"), "1,2").unwrap();
         let digest = seal(&dest, &out.path().join("m")).unwrap();
         verify(&dest, &digest).unwrap();
         std::fs::write(dest.join("predict.py"), "tampered").unwrap();

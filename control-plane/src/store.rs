@@ -107,6 +107,8 @@ pub struct Build {
     pub function_name: String,
     /// sha256 of the artifact's manifest, set once built.
     pub sha256: Option<String>,
+    /// Fingerprint of the inputs the build started from (`builds::fingerprint`), when known.
+    pub source_sha256: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
 }
@@ -194,6 +196,7 @@ pub trait Store: crate::identity::IdentityStore + Send + Sync {
     fn builds(&self, model_id: i64) -> Result<Vec<Build>>;
     fn set_build_status(&self, id: i64, status: BuildStatus, sha256: Option<&str>)
         -> Result<Build>;
+    fn set_build_source(&self, id: i64, source_sha256: &str) -> Result<()>;
 
     fn create_deployment(&self, new: NewDeployment<'_>) -> Result<Deployment>;
     fn deployment(&self, id: i64) -> Result<Deployment>;
@@ -261,6 +264,7 @@ fn migrations() -> Migrations<'static> {
         ),
         M::up("ALTER TABLE projects ADD COLUMN environment TEXT NOT NULL DEFAULT '{}';"),
         M::up(crate::identity::MIGRATION),
+        M::up("ALTER TABLE builds ADD COLUMN source_sha256 TEXT;"),
     ])
 }
 
@@ -327,7 +331,7 @@ const PROJECT_COLS: &str =
 const MODEL_COLS: &str =
     "id, project_id, name, description, owner, access_key, enable_authentication, created_at, updated_at";
 const BUILD_COLS: &str =
-    "id, model_id, build_number, status, file_path, function_name, sha256, created_at, finished_at";
+    "id, model_id, build_number, status, file_path, function_name, sha256, created_at, finished_at, source_sha256";
 
 fn project_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Project> {
     Ok(Project {
@@ -367,6 +371,7 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Build> {
         sha256: r.get(6)?,
         created_at: r.get(7)?,
         finished_at: r.get(8)?,
+        source_sha256: r.get(9)?,
     })
 }
 
@@ -593,6 +598,17 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound("build"));
         }
         self.build(id)
+    }
+
+    fn set_build_source(&self, id: i64, source_sha256: &str) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE builds SET source_sha256 = ?2 WHERE id = ?1",
+            params![id, source_sha256],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound("build"));
+        }
+        Ok(())
     }
 
     fn create_deployment(&self, new: NewDeployment<'_>) -> Result<Deployment> {

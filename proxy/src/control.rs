@@ -228,6 +228,19 @@ impl ControlPlane {
         model_id: i64,
         source: PathBuf,
     ) {
+        // An unchanged model is not rebuilt at every start: the newest intact build that started
+        // from the same inputs is deployed again.
+        let extra = format!("{}:{}:{:?}", cfg.file, cfg.function, self.builds.python);
+        let src = source.clone();
+        let fingerprint = tokio::task::spawn_blocking(move || builds::fingerprint(&src, &extra))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        if let Some(build) = self.reusable_build(model_id, fingerprint.as_deref()).await {
+            tracing::info!(model = %cfg.name, build = build.build_number, "unchanged since this build; deploying it again");
+            self.deploy_declared(cfg, model_id, build.id).await;
+            return;
+        }
         let store = self.store.clone();
         let (file, function) = (cfg.file.clone(), cfg.function.clone());
         let Ok(build) = blocking(move || store.create_build(model_id, &file, &function)).await
@@ -235,6 +248,10 @@ impl ControlPlane {
             return;
         };
         tracing::info!(model = %cfg.name, build = build.build_number, "building declared model");
+        if let Some(fp) = fingerprint {
+            let store = self.store.clone();
+            let _ = blocking(move || store.set_build_source(build.id, &fp)).await;
+        }
         if !self.execute_build(build.id, source).await {
             // Keep serving what served before (say the package index is unreachable at start):
             // the newest deployment that was active when modelgate last stopped.
@@ -249,12 +266,48 @@ impl ControlPlane {
             }
             return;
         }
+        self.deploy_declared(cfg, model_id, build.id).await;
+    }
+
+    /// The newest built build of a model that started from `fingerprint` and whose artifact is
+    /// intact.
+    async fn reusable_build(
+        &self,
+        model_id: i64,
+        fingerprint: Option<&str>,
+    ) -> Option<modelgate_control::store::Build> {
+        let fingerprint = fingerprint?.to_owned();
+        let store = self.store.clone();
+        let candidate = blocking(move || store.builds(model_id))
+            .await
+            .ok()?
+            .into_iter()
+            .rev()
+            .find(|b| {
+                b.status == BuildStatus::Built
+                    && b.source_sha256.as_deref() == Some(fingerprint.as_str())
+            })?;
+        let src = BuildPaths::new(&self.builds.data_dir, candidate.id).src;
+        let digest = candidate.sha256.clone()?;
+        tokio::task::spawn_blocking(move || builds::verify(&src, &digest))
+            .await
+            .ok()?
+            .ok()?;
+        Some(candidate)
+    }
+
+    async fn deploy_declared(
+        self: &Arc<Self>,
+        cfg: &crate::config::ModelConfig,
+        model_id: i64,
+        build_id: i64,
+    ) {
         let store = self.store.clone();
         let (env, replicas) = (cfg.env.clone(), i64::from(cfg.replicas));
         let created = blocking(move || {
             store.create_deployment(NewDeployment {
                 model_id,
-                build_id: build.id,
+                build_id,
                 replicas,
                 cpu: 1.0,
                 memory_mb: 2048,

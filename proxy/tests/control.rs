@@ -690,6 +690,80 @@ async fn a_declared_model_whose_rebuild_fails_keeps_its_previous_deployment() {
     assert!(server.logs().contains("restoring the previous deployment"));
 }
 
+/// The `version` the model of `write_model` answers with.
+async fn version(server: &Server) -> i64 {
+    let (s, body) = server
+        .predict(
+            &client(),
+            "key-for-same-0123456789",
+            json!({"a": 1, "b": 1}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    body["response"]["version"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
+    let project = tempfile::tempdir().unwrap();
+    write_model(project.path(), 1);
+    let table = format!(
+        "[[models]]\nname = \"same\"\npath = \"{}\"\nfile = \"model.py\"\nfunction = \"predict\"\naccess_key = \"key-for-same-0123456789\"\n",
+        project.path().display()
+    );
+    let mut server = Server::start("", &[table]);
+    server.wait_ready().await;
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let (_, projects) = api.get("/projects").await;
+    let pid = projects["projects"][0]["id"].as_i64().unwrap();
+    let (_, models) = api.get(&format!("/projects/{pid}/models")).await;
+    let mid = models["models"][0]["id"].as_i64().unwrap();
+    let builds_path = format!("/projects/{pid}/models/{mid}/builds");
+    drop(api);
+    assert_eq!(version(&server).await, 1);
+
+    // Restarted with nothing changed: the same build is deployed again, none is added.
+    server.restart(false);
+    server.wait_ready().await;
+    assert_eq!(version(&server).await, 1);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let (_, builds) = api.get(&builds_path).await;
+    assert_eq!(builds["builds"].as_array().unwrap().len(), 1, "{builds}");
+    assert!(server.logs().contains("unchanged since this build"));
+
+    // A changed file is a new build.
+    write_model(project.path(), 2);
+    drop(api);
+    server.restart(false);
+    server.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while version(&server).await != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the changed model was not rebuilt"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let (_, builds) = api.get(&builds_path).await;
+    let numbers: Vec<i64> = builds["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["build_number"].as_i64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2]);
+}
+
 #[tokio::test]
 async fn a_build_log_streams_while_the_build_runs() {
     let server = Server::start("", &[]);
