@@ -381,6 +381,8 @@ async fn model_routes(
         (Method::GET, ["replicas"]) => {
             let list = match cp.running(model.id).await {
                 Some((dep, route)) => {
+                    let store = cp.store.clone();
+                    let memory_mb = blocking(move || store.deployment(dep)).await?.memory_mb;
                     let health = route.pool.health();
                     route
                         .slots
@@ -392,6 +394,10 @@ async fn model_routes(
                                 "deployment_id": dep,
                                 "status": format!("{h:?}").to_lowercase(),
                                 "pid": s.pgid(),
+                                "memory_limit_mb": memory_mb,
+                                // How the limit is enforced: the process's address space
+                                // (RLIMIT_AS). cgroup v2 memory limits are not used yet.
+                                "memory_enforcement": "rlimit_as",
                             })
                         })
                         .collect()

@@ -196,6 +196,9 @@ async fn build_deploy_redeploy_rollback_stop_restart_delete() {
         2,
         "{replicas}"
     );
+    // The listing says how much memory each replica may use, and how that is enforced.
+    assert_eq!(replicas["replicas"][0]["memory_limit_mb"], 2048);
+    assert_eq!(replicas["replicas"][0]["memory_enforcement"], "rlimit_as");
 
     // A second build, deployed while a load loop runs: no request may fail.
     write_model(dir, 2);
