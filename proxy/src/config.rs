@@ -68,6 +68,12 @@ pub struct ServerConfig {
     pub max_queue: usize,
     /// Seconds a client may take to send request headers. Default 10.
     pub header_read_timeout_secs: f64,
+    /// Seconds a client may take to send a prediction's whole body; past it, 408 and the
+    /// connection is closed. Default 30.
+    pub body_read_timeout_secs: f64,
+    /// Most client connections open at once; further connections wait in the kernel's accept
+    /// queue until one closes. Default 10000.
+    pub max_connections: usize,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT. Default 30.
     pub shutdown_grace_secs: f64,
     /// Seconds a replica may take to import its model and report ready. Default 120.
@@ -101,6 +107,8 @@ impl Default for ServerConfig {
             queue_timeout_secs: 30.0,
             max_queue: 1024,
             header_read_timeout_secs: 10.0,
+            body_read_timeout_secs: 30.0,
+            max_connections: 10_000,
             shutdown_grace_secs: 30.0,
             replica_start_timeout_secs: 120.0,
             max_replicas: 9,
@@ -253,6 +261,7 @@ impl Config {
             ("request_timeout_secs", s.request_timeout_secs),
             ("queue_timeout_secs", s.queue_timeout_secs),
             ("header_read_timeout_secs", s.header_read_timeout_secs),
+            ("body_read_timeout_secs", s.body_read_timeout_secs),
             ("replica_start_timeout_secs", s.replica_start_timeout_secs),
         ] {
             if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
@@ -277,6 +286,9 @@ impl Config {
             }
             (None, None) => {}
             _ => errors.push("server.tls_cert and server.tls_key go together".into()),
+        }
+        if s.max_connections == 0 {
+            errors.push("server.max_connections must be at least 1".into());
         }
         if s.max_queue == 0 {
             errors.push("server.max_queue must be at least 1".into());
@@ -356,6 +368,9 @@ impl ServerConfig {
     }
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.header_read_timeout_secs)
+    }
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.body_read_timeout_secs)
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_secs)

@@ -52,6 +52,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("the API key would expire after the site's maximum of {max_days} days")]
     ExpiryTooLong { max_days: i64 },
+    #[error("the request body did not arrive within {secs} s; the connection is closed")]
+    BodyTimeout { secs: f64 },
 }
 
 impl From<modelgate_control::store::StoreError> for ApiError {
@@ -89,6 +91,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::ExpiryTooLong { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -113,6 +116,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "auth.unauthorized",
             ApiError::Forbidden(_) => "auth.forbidden",
             ApiError::ExpiryTooLong { .. } => "api_key.expiry_too_long",
+            ApiError::BodyTimeout { .. } => "request.timeout",
         }
     }
 
@@ -138,6 +142,11 @@ impl ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"modelgate\""),
                 );
+            }
+            ApiError::BodyTimeout { .. } => {
+                // The rest of the body may still be on its way: this connection is done.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

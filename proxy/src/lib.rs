@@ -156,11 +156,13 @@ pub async fn run(
             max_request_bytes: server.max_request_bytes,
             request_timeout: server.request_timeout(),
             queue_timeout: server.queue_timeout(),
+            body_timeout: server.body_read_timeout(),
         },
         metrics,
     });
     let conn = ConnSettings {
         header_read_timeout: server.header_read_timeout(),
+        max_connections: server.max_connections,
         max_concurrent_streams: server.max_concurrent_streams,
         shutdown_grace: server.shutdown_grace(),
     };

@@ -38,6 +38,8 @@ pub struct PredictLimits {
     pub max_request_bytes: u64,
     pub request_timeout: Duration,
     pub queue_timeout: Duration,
+    /// How long the client may take to send the whole body.
+    pub body_timeout: Duration,
 }
 
 /// The request envelope, borrowing from the body buffer.
@@ -131,7 +133,14 @@ async fn predict(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = read_body(req.into_body(), content_length, limits.max_request_bytes).await?;
+    let body = tokio::time::timeout(
+        limits.body_timeout,
+        read_body(req.into_body(), content_length, limits.max_request_bytes),
+    )
+    .await
+    .map_err(|_| ApiError::BodyTimeout {
+        secs: limits.body_timeout.as_secs_f64(),
+    })??;
 
     // Phase 2: parse.
     let (access_key, request) = parse_envelope(&body)?;

@@ -38,6 +38,8 @@ pub struct App {
 #[derive(Debug, Clone, Copy)]
 pub struct ConnSettings {
     pub header_read_timeout: Duration,
+    /// Connections served at once; accepting pauses at the limit.
+    pub max_connections: usize,
     pub max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
 }
@@ -129,8 +131,15 @@ pub async fn serve(
         .max_concurrent_streams(settings.max_concurrent_streams);
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     tokio::pin!(shutdown);
     loop {
+        // At the connection limit, stop accepting: new connections wait in the kernel's
+        // backlog (and time out there) instead of costing memory here.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -164,6 +173,7 @@ pub async fn serve(
                     if let Err(err) = conn.await {
                         tracing::debug!("connection ended with error: {err}");
                     }
+                    drop(permit);
                 });
             }
             Some(acceptor) => {
@@ -195,6 +205,7 @@ pub async fn serve(
                     if let Err(err) = watcher.watch(conn).await {
                         tracing::debug!("connection ended with error: {err}");
                     }
+                    drop(permit);
                 });
             }
         }

@@ -814,6 +814,96 @@ async fn header_read_timeout_closes_slow_clients() {
 }
 
 #[tokio::test]
+async fn a_slow_body_gets_408_and_the_connection_closes_while_others_are_served() {
+    let server = Server::start("body_read_timeout_secs = 1", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let addr = server.addr.clone();
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Headers promptly, then the body a byte at a time, far too slowly.
+        s.write_all(b"POST /model HTTP/1.1\r\nHost: x\r\nContent-Length: 200\r\n\r\n{")
+            .unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            // Keep dribbling; the server must cut us off regardless.
+            let _ = s.write_all(b" ");
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&answer).into_owned(),
+        )
+    });
+    // Meanwhile another client is served normally.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = server
+        .predict(&client(), &key_for("add"), json!({"a": 1, "b": 2}))
+        .await;
+    assert_eq!((status, body["response"].clone()), (200, json!(3)));
+    let (waited, answer) = slow.await.unwrap();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request.timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    let server = Server::start("max_connections = 2", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let request = |s: &mut TcpStream| {
+            let body = format!(
+                r#"{{"accessKey":"{}","request":{{"a":1,"b":1}}}}"#,
+                key_for("add")
+            );
+            let req = format!(
+                "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).unwrap();
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        // Two keep-alive connections take both slots.
+        let mut a = TcpStream::connect(&addr).unwrap();
+        let mut b = TcpStream::connect(&addr).unwrap();
+        for s in [&mut a, &mut b] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert!(request(s).starts_with("HTTP/1.1 200"));
+        }
+        // A third connects (the kernel queues it) but is not served while both are open.
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+        let waiting = request(&mut c);
+        assert_eq!(waiting, "", "served past the connection limit");
+        // One closes: the third is taken and answered.
+        drop(a);
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        assert!(request(&mut b).starts_with("HTTP/1.1 200"));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_are_json_errors() {
     let server = Server::start("", &[model("add", "add", 1)]);
     let c = client();
