@@ -138,3 +138,145 @@ async fn ambiguous_framing_and_oversized_heads_are_refused_and_never_forwarded()
         .await;
     assert_eq!(status, 200);
 }
+
+/// modelgate's resident memory, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// An HTTP/2 frame: 9-byte header and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Writes `frames` (after the preface and an empty SETTINGS) until the server closes the
+/// connection or `budget` bytes are sent; returns the bytes sent.
+fn flood(addr: &str, opening: &[Vec<u8>], repeat: &[u8], budget: usize) -> usize {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sent = 0;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    for f in opening {
+        out.extend_from_slice(f);
+    }
+    if s.write_all(&out).is_err() {
+        return sent;
+    }
+    sent += out.len();
+    // A reader keeps the server's frames (SETTINGS, GOAWAY) from filling the socket.
+    let mut reader = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let batch: Vec<u8> = repeat.repeat((64 * 1024 / repeat.len()).max(1));
+    while sent < budget {
+        if s.write_all(&batch).is_err() {
+            break;
+        }
+        sent += batch.len();
+    }
+    sent
+}
+
+#[tokio::test]
+async fn http2_floods_are_cut_off_with_memory_bounded_and_other_clients_served() {
+    let work = tempfile::tempdir().unwrap();
+    let calls = work.path().join("calls");
+    let server = Server::start("body_read_timeout_secs = 2", &[counted_model(&calls)]);
+    server.wait_ready().await;
+    let pid = server.child.id();
+    let before = rss_kb(pid);
+    let addr = server.addr.clone();
+    // HPACK: :method POST, :scheme http, :path /model (indexed), :authority x (literal).
+    let request_head: &[u8] = &[
+        0x83, 0x86, 0x44, 0x06, b'/', b'm', b'o', b'd', b'e', b'l', 0x41, 0x01, b'x',
+    ];
+    const BUDGET: usize = 256 * 1024 * 1024;
+
+    let floods: Vec<(&str, Vec<Vec<u8>>, Vec<u8>)> = vec![
+        (
+            // HEADERS without END_HEADERS, then CONTINUATION frames forever.
+            "CONTINUATION flood",
+            vec![frame(1, 0, 1, request_head)],
+            frame(9, 0, 1, &[0x40, 0x01, b'a', 0x7f, 0x7f].repeat(3000)),
+        ),
+        (
+            // A request whose body is an endless run of empty DATA frames.
+            "empty DATA flood",
+            vec![frame(1, 0x4, 1, request_head)],
+            frame(0, 0, 1, &[]),
+        ),
+        (
+            // Rapid reset: open a stream and cancel it, over and over (CVE-2023-44487).
+            "rapid reset",
+            vec![],
+            Vec::new(),
+        ),
+    ];
+    for (name, opening, repeat) in floods {
+        let addr2 = addr.clone();
+        let sent = if name == "rapid reset" {
+            tokio::task::spawn_blocking(move || {
+                let mut s = TcpStream::connect(&addr2).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                out.extend(frame(4, 0, 0, &[]));
+                let _ = s.write_all(&out);
+                let mut reader = s.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+                });
+                let mut sent = out.len();
+                for id in (1..2_000_000u32).step_by(2) {
+                    let mut pair = frame(1, 0x4, id, request_head);
+                    pair.extend(frame(3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+                    if s.write_all(&pair).is_err() {
+                        break;
+                    }
+                    sent += pair.len();
+                }
+                sent
+            })
+            .await
+            .unwrap()
+        } else {
+            tokio::task::spawn_blocking(move || flood(&addr2, &opening, &repeat, BUDGET))
+                .await
+                .unwrap()
+        };
+        let rss = rss_kb(pid);
+        eprintln!("{name}: server stopped reading after {sent} bytes; RSS {before} -> {rss} kB");
+        assert!(
+            sent < BUDGET,
+            "{name}: the server read {sent} bytes without cutting the connection"
+        );
+        assert!(
+            rss < before + 64 * 1024,
+            "{name}: RSS grew from {before} to {rss} kB"
+        );
+        // A well-behaved client is served meanwhile and afterwards.
+        let (status, _) = server
+            .predict(
+                &reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .build()
+                    .unwrap(),
+                &common::key_for("counted"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{name}");
+    }
+}
