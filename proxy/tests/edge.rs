@@ -204,7 +204,9 @@ async fn http2_floods_are_cut_off_with_memory_bounded_and_other_clients_served()
     ];
     const BUDGET: usize = 256 * 1024 * 1024;
 
-    let floods: Vec<(&str, Vec<Vec<u8>>, Vec<u8>)> = vec![
+    // (name, frames sent once, frame repeated)
+    type Flood = (&'static str, Vec<Vec<u8>>, Vec<u8>);
+    let floods: Vec<Flood> = vec![
         (
             // HEADERS without END_HEADERS, then CONTINUATION frames forever.
             "CONTINUATION flood",
