@@ -232,10 +232,11 @@ impl IdentityStore for SqliteStore {
     }
 
     fn users(&self) -> Result<Vec<User>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY id"))?;
-        let rows = stmt.query_map([], user_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {USER_COLS} FROM users ORDER BY id"),
+            [],
+            user_row,
+        )
     }
 
     fn user_count(&self) -> Result<i64> {
@@ -300,12 +301,11 @@ impl IdentityStore for SqliteStore {
 
     fn api_keys(&self, user_id: i64) -> Result<Vec<ApiKey>> {
         self.user(user_id)?;
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {KEY_COLS} FROM api_keys WHERE user_id = ?1 ORDER BY id"
-        ))?;
-        let rows = stmt.query_map([user_id], key_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {KEY_COLS} FROM api_keys WHERE user_id = ?1 ORDER BY id"),
+            [user_id],
+            key_row,
+        )
     }
 
     fn delete_api_key(&self, user_id: i64, key_id: &str) -> Result<()> {
@@ -321,30 +321,31 @@ impl IdentityStore for SqliteStore {
 
     fn delete_api_keys(&self, user_id: i64) -> Result<Vec<String>> {
         self.user(user_id)?;
-        let conn = self.conn();
-        let mut stmt = conn.prepare("DELETE FROM api_keys WHERE user_id = ?1 RETURNING key_id")?;
-        let rows = stmt.query_map([user_id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            "DELETE FROM api_keys WHERE user_id = ?1 RETURNING key_id",
+            [user_id],
+            |r| r.get(0),
+        )
     }
 
     fn take_newly_expired(&self, now_unix: i64) -> Result<Vec<ApiKey>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "UPDATE api_keys SET expiry_recorded = 1
+        self.all(
+            &format!(
+                "UPDATE api_keys SET expiry_recorded = 1
              WHERE expires_at <= ?1 AND expiry_recorded = 0 RETURNING {KEY_COLS}"
-        ))?;
-        let rows = stmt.query_map([now_unix], key_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            ),
+            [now_unix],
+            key_row,
+        )
     }
 
     fn collaborators(&self, project_id: i64) -> Result<Vec<Collaborator>> {
         self.project_exists(project_id)?;
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "{COLLAB_SELECT} WHERE c.project_id = ?1 ORDER BY c.user_id"
-        ))?;
-        let rows = stmt.query_map([project_id], collab_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("{COLLAB_SELECT} WHERE c.project_id = ?1 ORDER BY c.user_id"),
+            [project_id],
+            collab_row,
+        )
     }
 
     fn set_collaborator(&self, project_id: i64, user_id: i64, role: &str) -> Result<Collaborator> {
@@ -448,12 +449,11 @@ impl IdentityStore for SqliteStore {
     }
 
     fn audit(&self, after: i64, limit: i64) -> Result<Vec<AuditEvent>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {AUDIT_COLS} FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map([after, limit], audit_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {AUDIT_COLS} FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2"),
+            [after, limit],
+            audit_row,
+        )
     }
 
     fn prune_audit(&self, keep: i64) -> Result<()> {

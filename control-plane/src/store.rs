@@ -299,6 +299,19 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs a query and maps every row it returns.
+    pub(crate) fn all<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map(params, row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// `PRAGMA integrity_check`, for tests and operators.
     pub fn integrity_check(&self) -> Result<String> {
         Ok(self
@@ -417,10 +430,11 @@ impl Store for SqliteStore {
     }
 
     fn projects(&self) -> Result<Vec<Project>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {PROJECT_COLS} FROM projects ORDER BY id"))?;
-        let rows = stmt.query_map([], project_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {PROJECT_COLS} FROM projects ORDER BY id"),
+            [],
+            project_row,
+        )
     }
 
     fn set_project_source(&self, id: i64, source_path: &str) -> Result<Project> {
@@ -492,12 +506,11 @@ impl Store for SqliteStore {
     }
 
     fn models(&self, project_id: i64) -> Result<Vec<Model>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {MODEL_COLS} FROM models WHERE project_id = ?1 ORDER BY id"
-        ))?;
-        let rows = stmt.query_map([project_id], model_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {MODEL_COLS} FROM models WHERE project_id = ?1 ORDER BY id"),
+            [project_id],
+            model_row,
+        )
     }
 
     fn delete_model(&self, id: i64) -> Result<()> {
@@ -574,12 +587,11 @@ impl Store for SqliteStore {
     }
 
     fn builds(&self, model_id: i64) -> Result<Vec<Build>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {BUILD_COLS} FROM builds WHERE model_id = ?1 ORDER BY build_number"
-        ))?;
-        let rows = stmt.query_map([model_id], build_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {BUILD_COLS} FROM builds WHERE model_id = ?1 ORDER BY build_number"),
+            [model_id],
+            build_row,
+        )
     }
 
     fn set_build_status(
@@ -663,10 +675,11 @@ impl Store for SqliteStore {
     }
 
     fn all_models(&self) -> Result<Vec<Model>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {MODEL_COLS} FROM models ORDER BY id"))?;
-        let rows = stmt.query_map([], model_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {MODEL_COLS} FROM models ORDER BY id"),
+            [],
+            model_row,
+        )
     }
 }
 
@@ -676,12 +689,11 @@ impl SqliteStore {
         clause: &str,
         args: &[&dyn rusqlite::ToSql],
     ) -> Result<Vec<Deployment>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {DEPLOYMENT_COLS} FROM deployments WHERE {clause} ORDER BY id"
-        ))?;
-        let rows = stmt.query_map(args, deployment_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.all(
+            &format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE {clause} ORDER BY id"),
+            args,
+            deployment_row,
+        )
     }
 }
 
