@@ -544,6 +544,91 @@ async fn timeout_kills_the_replica_with_504_and_a_fresh_one_serves() {
 }
 
 #[tokio::test]
+async fn a_function_that_ignores_sigterm_is_still_killed_at_the_timeout() {
+    let server = Server::start(
+        "request_timeout_secs = 1",
+        &[model("stubborn", "stubborn", 1)],
+    );
+    server.wait_ready().await;
+    let pids = server.children();
+    let (status, body) = server
+        .predict(&client(), &key_for("stubborn"), json!({}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("model.timeout"))
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| common::alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the replica ignoring SIGTERM is still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.wait_ready().await;
+}
+
+#[tokio::test]
+async fn sigkill_of_a_replica_mid_request_fails_that_request_only() {
+    let server = Server::start("", &[model("slow", "slow", 1), model("add", "add", 1)]);
+    server.wait_ready().await;
+    server.wait_replicas_ready(&["slow-0", "add-0"]).await;
+    let c = client();
+    let (_, first) = server
+        .predict(&c, &key_for("slow"), json!({"secs": 0}))
+        .await;
+    let victim = first["response"]["pid"].as_i64().unwrap() as i32;
+    let in_flight = {
+        let (c, url, key) = (c.clone(), server.url("/model"), key_for("slow"));
+        tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .json(&json!({"accessKey": key, "request": {"secs": 5}}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("model.shutdown")),
+        "{body}"
+    );
+    // The other model never noticed; the killed one is back within the backoff.
+    let (status, _) = server
+        .predict(&c, &key_for("add"), json!({"a": 1, "b": 1}))
+        .await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = server
+            .predict(&c, &key_for("slow"), json!({"secs": 0}))
+            .await;
+        if status == 200 {
+            assert_ne!(body["response"]["pid"].as_i64(), Some(victim as i64));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not come back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn timeout_from_environment_and_next_request_works() {
     // MODEL_REQUEST_TIMEOUT_SECONDS overrides the file; the replica killed for the timeout is
     // replaced and the next request succeeds.
