@@ -171,6 +171,31 @@ pub fn extract(archive: &Path, dest: &Path, limits: ArchiveLimits) -> Result<usi
     Ok(count)
 }
 
+/// For the fuzz target and its corpus replay: extracts `data` as an archive into a scratch
+/// directory under small limits, then removes it. Must never panic or write outside it.
+#[doc(hidden)]
+pub fn fuzz_extract(data: &[u8]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "modelgate-fuzz-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::create_dir_all(&root);
+    let archive = root.join("archive");
+    let dest = root.join("out");
+    if std::fs::write(&archive, data).is_ok() {
+        let limits = ArchiveLimits {
+            max_total_bytes: 1 << 20,
+            max_file_bytes: 1 << 18,
+            max_entries: 256,
+        };
+        let _ = extract(&archive, &dest, limits);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
