@@ -154,6 +154,8 @@ pub async fn run(
         routes: routes.clone(),
         auth: auth.clone(),
         control: control.clone(),
+        panic_failpoint: cfg!(debug_assertions)
+            && std::env::var_os("MODELGATE_TEST_FAILPOINTS").is_some(),
         limits: PredictLimits {
             max_request_bytes: server.max_request_bytes,
             request_timeout: server.request_timeout(),

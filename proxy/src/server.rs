@@ -30,6 +30,9 @@ pub struct App {
     pub auth: Arc<crate::auth::Auth>,
     /// The control plane, whose REST API is served under `/api/v2`.
     pub control: Arc<crate::control::ControlPlane>,
+    /// Debug builds only, with `MODELGATE_TEST_FAILPOINTS` set: `GET /__test/panic` panics, so
+    /// tests can prove a panic fails one request and not the process.
+    pub panic_failpoint: bool,
     pub limits: PredictLimits,
     pub metrics: PrometheusHandle,
 }
@@ -46,6 +49,9 @@ pub struct ConnSettings {
 
 impl App {
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if cfg!(debug_assertions) && self.panic_failpoint && req.uri().path() == "/__test/panic" {
+            panic!("failpoint /__test/panic");
+        }
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/model") => {
                 predict::handle(&self.routes, &self.auth, self.limits, req).await

@@ -272,3 +272,68 @@ async fn chaos_random_replica_kills_under_load_every_request_ends_and_metrics_ag
     }
     assert_eq!(counts_by_code(&server, "chaos").await, expected);
 }
+
+#[tokio::test]
+async fn a_replica_writing_megabytes_to_stdout_neither_blocks_nor_grows_memory() {
+    let server = Server::start("", &[common::model("flood", "flood_output", 1)]);
+    server.wait_ready().await;
+    let pid = server.child.id();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let (status, body) = server
+            .predict(&c, &common::key_for("flood"), json!({}))
+            .await;
+        assert_eq!(
+            (status, body["response"].as_str()),
+            (200, Some("done")),
+            "{body}"
+        );
+    }
+    let took = started.elapsed();
+    // 5 calls wrote about 20 MB of output and 100,000 lines.
+    let hwm: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!("5 calls in {took:?}; modelgate peak RSS {hwm} kB");
+    assert!(hwm < 100 * 1024, "peak RSS {hwm} kB");
+    // The kept log is bounded and ends with the newest lines.
+    let admin = common::admin_client(Duration::from_secs(10));
+    let projects: Value = admin
+        .get(server.url("/api/v2/projects"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = projects["projects"][0]["id"].as_i64().unwrap();
+    let models: Value = admin
+        .get(server.url(&format!("/api/v2/projects/{pid}/models")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mid = models["models"][0]["id"].as_i64().unwrap();
+    let logs: Value = admin
+        .get(server.url(&format!(
+            "/api/v2/projects/{pid}/models/{mid}/replicas/flood-0/logs"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let lines = logs["lines"].as_array().unwrap();
+    assert!(lines.len() <= 2000, "{} lines kept", lines.len());
+    assert!(lines.last().unwrap().to_string().contains("line 19999"));
+}

@@ -43,6 +43,14 @@ async fn predicts_over_http1_and_h2c() {
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["response"], 42);
+    close_h2(h2).await;
+}
+
+/// Drops an HTTP/2 client and lets its connection close while this runtime still runs: the
+/// server's drain at shutdown waits for open h2 connections, and `Server`'s drop blocks.
+async fn close_h2(client: reqwest::Client) {
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 #[tokio::test]
@@ -311,6 +319,7 @@ async fn default_cap_is_5mb() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["response"]["pad"].as_str().map(str::len), Some(pad.len()));
         assert_eq!(v["replicaId"], "echo-0");
+        close_h2(c).await;
     }
 }
 
@@ -986,6 +995,31 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_panic_in_a_handler_fails_that_request_only() {
+    let server = Server::start("", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    // Several connections panic, over HTTP/1.1 and h2c; each gets a JSON 500.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for c in [&c, &h2, &c] {
+        let r = c.get(server.url("/__test/panic")).send().await.unwrap();
+        assert_eq!(r.status(), 500);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "internal.error");
+    }
+    close_h2(h2).await;
+    // The process is alive and serving.
+    let (status, body) = server
+        .predict(&c, &key_for("add"), json!({"a": 2, "b": 2}))
+        .await;
+    assert_eq!((status, body["response"].clone()), (200, json!(4)));
+    assert!(server.logs().contains("request handler panicked"));
 }
 
 #[tokio::test]

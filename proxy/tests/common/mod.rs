@@ -114,6 +114,7 @@ impl Server {
             .args(args)
             .env("MODELGATE_LOG", "info")
             .env("MODELGATE_ADMIN_API_KEY", admin_key())
+            .env("MODELGATE_TEST_FAILPOINTS", "1")
             .env_remove("MODEL_REQUEST_TIMEOUT_SECONDS")
             .stdout(Stdio::piped())
             .stderr(log_file)
