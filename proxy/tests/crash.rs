@@ -133,34 +133,30 @@ async fn counts_by_code(server: &Server, model: &str) -> std::collections::BTree
     out
 }
 
-/// (slot id, pid) of each ready replica of a declared model, through the API.
-async fn replica_pids(server: &Server, c: &reqwest::Client) -> Vec<(String, i32)> {
-    let projects: Value = c
-        .get(server.url("/api/v2/projects"))
+/// GETs `path` under `/api/v2` as the admin.
+async fn api_get(server: &Server, c: &reqwest::Client, path: &str) -> Value {
+    c.get(server.url(&format!("/api/v2{path}")))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// `/projects/{p}/models/{m}` of the (only) model declared in the configuration.
+async fn declared_model(server: &Server, c: &reqwest::Client) -> String {
+    let projects = api_get(server, c, "/projects").await;
     let pid = projects["projects"][0]["id"].as_i64().unwrap();
-    let models: Value = c
-        .get(server.url(&format!("/api/v2/projects/{pid}/models")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = api_get(server, c, &format!("/projects/{pid}/models")).await;
     let mid = models["models"][0]["id"].as_i64().unwrap();
-    let replicas: Value = c
-        .get(server.url(&format!("/api/v2/projects/{pid}/models/{mid}/replicas")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    format!("/projects/{pid}/models/{mid}")
+}
+
+/// (slot id, pid) of each ready replica of the declared model, through the API.
+async fn replica_pids(server: &Server, c: &reqwest::Client) -> Vec<(String, i32)> {
+    let model = declared_model(server, c).await;
+    let replicas = api_get(server, c, &format!("{model}/replicas")).await;
     replicas["replicas"]
         .as_array()
         .unwrap()
@@ -305,34 +301,8 @@ async fn a_replica_writing_megabytes_to_stdout_neither_blocks_nor_grows_memory()
     assert!(hwm < 100 * 1024, "peak RSS {hwm} kB");
     // The kept log is bounded and ends with the newest lines.
     let admin = common::admin_client(Duration::from_secs(10));
-    let projects: Value = admin
-        .get(server.url("/api/v2/projects"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let pid = projects["projects"][0]["id"].as_i64().unwrap();
-    let models: Value = admin
-        .get(server.url(&format!("/api/v2/projects/{pid}/models")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mid = models["models"][0]["id"].as_i64().unwrap();
-    let logs: Value = admin
-        .get(server.url(&format!(
-            "/api/v2/projects/{pid}/models/{mid}/replicas/flood-0/logs"
-        )))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let model = declared_model(&server, &admin).await;
+    let logs = api_get(&server, &admin, &format!("{model}/replicas/flood-0/logs")).await;
     let lines = logs["lines"].as_array().unwrap();
     assert!(lines.len() <= 2000, "{} lines kept", lines.len());
     assert!(lines.last().unwrap().to_string().contains("line 19999"));
