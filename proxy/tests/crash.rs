@@ -302,8 +302,22 @@ async fn a_replica_writing_megabytes_to_stdout_neither_blocks_nor_grows_memory()
     // The kept log is bounded and ends with the newest lines.
     let admin = common::admin_client(Duration::from_secs(10));
     let model = declared_model(&server, &admin).await;
-    let logs = api_get(&server, &admin, &format!("{model}/replicas/flood-0/logs")).await;
-    let lines = logs["lines"].as_array().unwrap();
-    assert!(lines.len() <= 2000, "{} lines kept", lines.len());
-    assert!(lines.last().unwrap().to_string().contains("line 19999"));
+    // The log is read as the replica writes it, not before the answer: wait for its end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let logs = api_get(&server, &admin, &format!("{model}/replicas/flood-0/logs")).await;
+        let lines = logs["lines"].as_array().unwrap();
+        assert!(lines.len() <= 2000, "{} lines kept", lines.len());
+        if lines
+            .last()
+            .is_some_and(|l| l.to_string().contains("line 19999"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last line never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
