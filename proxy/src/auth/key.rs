@@ -44,19 +44,20 @@ pub fn generate() -> (String, String) {
     }
     let check = checksum(&key);
     key.push('_');
-    key.push_str(&check);
+    key.extend(check.iter().map(|&b| b as char));
     let id = key[PREFIX.len()..PREFIX.len() + ID_LEN].to_owned();
     (key, id)
 }
 
-fn checksum(body: &str) -> String {
+/// The CRC-32 of `body` as 6 base62 characters (ASCII).
+fn checksum(body: &str) -> [u8; CHECK_LEN] {
     let mut n = crc32fast::hash(body.as_bytes());
     let mut out = [b'0'; CHECK_LEN];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8(out.to_vec()).expect("base62 is ASCII")
+    out
 }
 
 /// Checks shape and checksum; touches no store.
@@ -75,7 +76,7 @@ pub fn parse(s: &str) -> Result<ParsedKey<'_>, FormatError> {
     {
         return Err(FormatError::Malformed);
     }
-    if checksum(body) != check {
+    if checksum(body) != check.as_bytes() {
         return Err(FormatError::BadChecksum);
     }
     Ok(ParsedKey {
