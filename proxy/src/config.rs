@@ -91,6 +91,9 @@ pub struct ServerConfig {
     pub env: BTreeMap<String, String>,
     /// Threads serving HTTP and dispatch. Default: the CPUs this process may run on.
     pub worker_threads: Option<usize>,
+    /// Address of a second listener serving only `/metrics`, `/healthz` and `/readyz` (with TLS
+    /// when configured); when set, the main listener no longer serves `/metrics`.
+    pub metrics_listen: Option<String>,
     /// PEM certificate chain; with `tls_key`, the listener serves HTTPS only (HTTP/2 and
     /// HTTP/1.1 by ALPN). Relative to the config file.
     pub tls_cert: Option<PathBuf>,
@@ -117,6 +120,7 @@ impl Default for ServerConfig {
             data_dir: None,
             env: BTreeMap::new(),
             worker_threads: None,
+            metrics_listen: None,
             tls_cert: None,
             tls_key: None,
         }
@@ -253,6 +257,15 @@ impl Config {
                 "server.listen must be an IP:port address, got {:?}",
                 s.listen
             ));
+        }
+        if let Some(m) = &s.metrics_listen {
+            if m.parse::<SocketAddr>().is_err() {
+                errors.push(format!(
+                    "server.metrics_listen must be an IP:port address, got {m:?}"
+                ));
+            } else if *m == s.listen && !m.ends_with(":0") {
+                errors.push("server.metrics_listen must differ from server.listen".into());
+            }
         }
         if s.max_request_bytes == 0 {
             errors.push("server.max_request_bytes must be at least 1".into());

@@ -150,10 +150,26 @@ pub async fn run(
     println!("modelgate listening on {scheme}://{addr}");
     tracing::info!(%addr, scheme, "listening");
 
+    let metrics_listener = match &server.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (metrics_listen): {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(l) = &metrics_listener {
+        println!("modelgate metrics on {scheme}://{}", l.local_addr()?);
+    }
     let app = Arc::new(App {
         routes: routes.clone(),
         auth: auth.clone(),
         control: control.clone(),
+        serves: if metrics_listener.is_some() {
+            server::Serves::EverythingButMetrics
+        } else {
+            server::Serves::Everything
+        },
         panic_failpoint: cfg!(debug_assertions)
             && std::env::var_os("MODELGATE_TEST_FAILPOINTS").is_some(),
         limits: PredictLimits {
@@ -170,7 +186,37 @@ pub async fn run(
         max_concurrent_streams: server.max_concurrent_streams,
         shutdown_grace: server.shutdown_grace(),
     };
-    server::serve(app, listener, conn, tls, shutdown).await;
+    // One shutdown signal for every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let metrics_server = metrics_listener.map(|listener| {
+        let app = Arc::new(App {
+            serves: server::Serves::MetricsAndProbes,
+            ..(*app).clone()
+        });
+        tokio::spawn(server::serve(
+            app,
+            listener,
+            conn,
+            tls.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let main_server = server::serve(app, listener, conn, tls, stopped(stop_rx));
+    tokio::pin!(main_server);
+    tokio::select! {
+        _ = &mut main_server => {}
+        _ = shutdown => {
+            let _ = stop_tx.send(true);
+            main_server.await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
 
     tracing::info!("stopping replicas");
     control.shutdown().await;

@@ -25,16 +25,28 @@ use crate::routing::Routes;
 pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// Shared state of the HTTP front.
+#[derive(Clone)]
 pub struct App {
     pub routes: Arc<Routes>,
     pub auth: Arc<crate::auth::Auth>,
     /// The control plane, whose REST API is served under `/api/v2`.
     pub control: Arc<crate::control::ControlPlane>,
+    /// What this listener serves.
+    pub serves: Serves,
     /// Debug builds only, with `MODELGATE_TEST_FAILPOINTS` set: `GET /__test/panic` panics, so
     /// tests can prove a panic fails one request and not the process.
     pub panic_failpoint: bool,
     pub limits: PredictLimits,
     pub metrics: PrometheusHandle,
+}
+
+/// Which routes a listener serves: the main one everything (without `/metrics` when a
+/// metrics listener exists), the metrics listener only `/metrics` and the probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    Everything,
+    EverythingButMetrics,
+    MetricsAndProbes,
 }
 
 /// Connection-level settings.
@@ -51,6 +63,14 @@ impl App {
     async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         if cfg!(debug_assertions) && self.panic_failpoint && req.uri().path() == "/__test/panic" {
             panic!("failpoint /__test/panic");
+        }
+        match (self.serves, req.uri().path()) {
+            (Serves::MetricsAndProbes, "/metrics" | "/healthz" | "/readyz") => {}
+            (Serves::MetricsAndProbes, path)
+            | (Serves::EverythingButMetrics, path @ "/metrics") => {
+                return ApiError::NotFound(path.chars().take(200).collect()).into_response()
+            }
+            _ => {}
         }
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/model") => {

@@ -1023,6 +1023,62 @@ async fn a_panic_in_a_handler_fails_that_request_only() {
 }
 
 #[tokio::test]
+async fn metrics_can_move_to_their_own_listener() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Server::start(
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        &[model("add", "add", 1)],
+    );
+    server.wait_ready().await;
+    let c = client();
+    let (status, _) = server
+        .predict(&c, &key_for("add"), json!({"a": 1, "b": 1}))
+        .await;
+    assert_eq!(status, 200);
+    // The main listener no longer shows metrics...
+    let r = c.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // ...the metrics listener does, with the probes, and nothing else.
+    let m = format!("http://127.0.0.1:{port}");
+    let text = c
+        .get(format!("{m}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("modelgate_requests_total{"), "{text:.500}");
+    assert_eq!(
+        c.get(format!("{m}/readyz")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.get(format!("{m}/healthz")).send().await.unwrap().status(),
+        200
+    );
+    let r = c
+        .post(format!("{m}/model"))
+        .json(&json!({"accessKey": key_for("add"), "request": {"a": 1, "b": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        c.get(format!("{m}/api/v2/projects"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_are_json_errors() {
     let server = Server::start("", &[model("add", "add", 1)]);
     let c = client();
