@@ -1,5 +1,8 @@
 # modelgate image: the proxy, the replica runtime and the bundled examples.
-#   docker build -t modelgate . && docker run -p 8080:8080 modelgate
+#   docker build -t modelgate . && docker run -p 8080:8080 -v modelgate-data:/srv/modelgate/data modelgate
+# The first start writes the admin's API key to /srv/modelgate/data/admin-api-key (read it with
+# `docker exec`), or set MODELGATE_ADMIN_API_KEY (a key of the mgk_ form) for that first start.
+# Serve TLS by mounting a certificate and key and pointing server.tls_cert / tls_key at them.
 # Debian 12's python3 is CPython 3.11, the interpreter replica-runtime links against.
 
 FROM rust:1-bookworm AS build
@@ -21,5 +24,4 @@ COPY examples ./examples
 RUN mkdir data && chown -R modelgate /srv/modelgate
 USER modelgate
 EXPOSE 8080
-# Note: on a non-loopback listener /api/v2 is disabled until API keys exist.
 ENTRYPOINT ["modelgate", "serve", "--listen", "0.0.0.0:8080"]
