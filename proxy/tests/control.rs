@@ -583,51 +583,30 @@ async fn environment_precedence_is_deployment_over_project_over_global() {
 async fn a_declared_model_whose_rebuild_fails_keeps_its_previous_deployment() {
     let project = tempfile::tempdir().unwrap();
     write_model(project.path(), 3);
-    let table = format!(
-        "[[models]]\nname = \"keep\"\npath = \"{}\"\nfile = \"model.py\"\nfunction = \"predict\"\naccess_key = \"key-for-keep-0123456789\"\n",
-        project.path().display()
-    );
-    let mut server = Server::start("", &[table]);
+    let mut server = Server::start("", &[declared("keep", project.path())]);
     server.wait_ready().await;
-    let (s, body) = server
-        .predict(
-            &client(),
-            "key-for-keep-0123456789",
-            json!({"a": 1, "b": 1}),
-        )
-        .await;
-    assert_eq!(
-        (s, body["response"]["version"].as_i64()),
-        (200, Some(3)),
-        "{body}"
-    );
+    assert_eq!(version(&server, "keep").await, 3);
     // The next start's build fails (a broken module); the last good build keeps serving.
     std::fs::write(project.path().join("model.py"), "this is not python\n").unwrap();
     server.restart(false);
     server.wait_ready().await;
-    let (s, body) = server
-        .predict(
-            &client(),
-            "key-for-keep-0123456789",
-            json!({"a": 1, "b": 1}),
-        )
-        .await;
-    assert_eq!(
-        (s, body["response"]["version"].as_i64()),
-        (200, Some(3)),
-        "{body}"
-    );
+    assert_eq!(version(&server, "keep").await, 3);
     assert!(server.logs().contains("restoring the previous deployment"));
 }
 
-/// The `version` the model of `write_model` answers with.
-async fn version(server: &Server) -> i64 {
+/// A `[[models]]` table declaring the `write_model` model in `dir` as `name`.
+fn declared(name: &str, dir: &Path) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nfile = \"model.py\"\nfunction = \"predict\"\naccess_key = \"{}\"\n",
+        dir.display(),
+        common::key_for(name)
+    )
+}
+
+/// The `version` the declared `write_model` model `name` answers with.
+async fn version(server: &Server, name: &str) -> i64 {
     let (s, body) = server
-        .predict(
-            &client(),
-            "key-for-same-0123456789",
-            json!({"a": 1, "b": 1}),
-        )
+        .predict(&client(), &common::key_for(name), json!({"a": 1, "b": 1}))
         .await;
     assert_eq!(s, 200, "{body}");
     body["response"]["version"].as_i64().unwrap()
@@ -637,11 +616,7 @@ async fn version(server: &Server) -> i64 {
 async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
     let project = tempfile::tempdir().unwrap();
     write_model(project.path(), 1);
-    let table = format!(
-        "[[models]]\nname = \"same\"\npath = \"{}\"\nfile = \"model.py\"\nfunction = \"predict\"\naccess_key = \"key-for-same-0123456789\"\n",
-        project.path().display()
-    );
-    let mut server = Server::start("", &[table]);
+    let mut server = Server::start("", &[declared("same", project.path())]);
     server.wait_ready().await;
     let api = Api {
         server: &server,
@@ -653,12 +628,12 @@ async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
     let mid = models["models"][0]["id"].as_i64().unwrap();
     let builds_path = format!("/projects/{pid}/models/{mid}/builds");
     drop(api);
-    assert_eq!(version(&server).await, 1);
+    assert_eq!(version(&server, "same").await, 1);
 
     // Restarted with nothing changed: the same build is deployed again, none is added.
     server.restart(false);
     server.wait_ready().await;
-    assert_eq!(version(&server).await, 1);
+    assert_eq!(version(&server, "same").await, 1);
     let api = Api {
         server: &server,
         c: client(),
@@ -673,7 +648,7 @@ async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
     server.restart(false);
     server.wait_ready().await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while version(&server).await != 2 {
+    while version(&server, "same").await != 2 {
         assert!(
             Instant::now() < deadline,
             "the changed model was not rebuilt"

@@ -161,7 +161,7 @@ pub(super) async fn users(
         }
         (method, [u, "keys", rest @ ..]) => {
             let own = is_self(ctx, u);
-            // Checked before the name is looked up; the handlers check again with the id.
+            // Checked before the name is looked up, for every key route.
             if method == Method::DELETE && rest.is_empty() {
                 ctx.allow_site(SiteAction::ManageUsers)?;
             } else {
@@ -181,11 +181,10 @@ async fn keys(
     rest: &[&str],
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    // Authorized by the caller (`users`), before the user was looked up.
     let cp = ctx.cp;
-    let own = uid == ctx.who.user_id;
     match (method, rest) {
         (Method::GET, []) => {
-            ctx.allow_site(SiteAction::ManageKeys { own })?;
             let store = cp.store.clone();
             let keys = blocking(move || store.api_keys(uid)).await?;
             let now = auth::now_unix();
@@ -205,7 +204,6 @@ async fn keys(
             ok(StatusCode::OK, json!({ "keys": list }))
         }
         (Method::POST, []) => {
-            ctx.allow_site(SiteAction::ManageKeys { own })?;
             let body: CreateKey = read_json(req).await?;
             if body.description.len() > 200 {
                 return Err(ApiError::InvalidRequest(
@@ -271,7 +269,6 @@ async fn keys(
         }
         (Method::DELETE, []) => {
             // Deleting all keys of a user is an admin's tool (e.g. when a laptop is lost).
-            ctx.allow_site(SiteAction::ManageUsers)?;
             let store = cp.store.clone();
             let deleted = blocking(move || store.delete_api_keys(uid)).await?;
             cp.publish_auth().await?;
@@ -284,7 +281,6 @@ async fn keys(
             ok(StatusCode::OK, json!({ "deleted": deleted.len() }))
         }
         (Method::DELETE, [key_id]) => {
-            ctx.allow_site(SiteAction::ManageKeys { own })?;
             let store = cp.store.clone();
             let kid = key_id.to_string();
             blocking(move || store.delete_api_key(uid, &kid)).await?;
