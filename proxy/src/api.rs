@@ -382,7 +382,8 @@ async fn model_routes(
             let list = match cp.running(model.id).await {
                 Some((dep, route)) => {
                     let store = cp.store.clone();
-                    let memory_mb = blocking(move || store.deployment(dep)).await?.memory_mb;
+                    let deployment = blocking(move || store.deployment(dep)).await?;
+                    let limits = &cp.replicas.limits;
                     let health = route.pool.health();
                     route
                         .slots
@@ -394,10 +395,12 @@ async fn model_routes(
                                 "deployment_id": dep,
                                 "status": format!("{h:?}").to_lowercase(),
                                 "pid": s.pgid(),
-                                "memory_limit_mb": memory_mb,
-                                // How the limit is enforced: the process's address space
-                                // (RLIMIT_AS). cgroup v2 memory limits are not used yet.
-                                "memory_enforcement": "rlimit_as",
+                                "memory_limit_mb": deployment.memory_mb,
+                                "memory_enforcement": limits.enforcement().as_str(),
+                                // Only a cgroup measures the whole process tree.
+                                "memory_bytes": s.cgroup().and_then(|cg| cg.memory_current()),
+                                "cpu": deployment.cpu,
+                                "cpu_enforced": limits.cpu_enforced(),
                             })
                         })
                         .collect()

@@ -99,6 +99,9 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// How replica memory and CPU limits are enforced: `auto` (cgroup v2, else cgroup v1, else
+    /// RLIMIT_AS without a CPU limit), `cgroup` (refuse to start without one) or `rlimit`.
+    pub replica_limits: crate::cgroup::LimitsMode,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +126,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             tls_cert: None,
             tls_key: None,
+            replica_limits: crate::cgroup::LimitsMode::Auto,
         }
     }
 }

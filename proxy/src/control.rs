@@ -40,7 +40,7 @@ pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub builds: BuildSettings,
     pub deploy: DeploySettings,
-    replicas: Arc<ReplicaSettings>,
+    pub replicas: Arc<ReplicaSettings>,
     routes: Arc<Routes>,
     pub auth: Arc<crate::auth::Auth>,
     /// Held across read-and-swap, so an older view never replaces a newer one.
@@ -367,6 +367,7 @@ impl ControlPlane {
             replicas: dep.replicas as usize,
             env,
             memory_limit_bytes: Some(dep.memory_mb as u64 * 1024 * 1024),
+            cpu: Some(dep.cpu),
         });
         let (stop, stop_rx) = watch::channel(false);
         let pool = Arc::new(Pool::new(

@@ -26,6 +26,8 @@ pub enum ApiError {
     Model { exception: String, message: String },
     #[error("the model ran out of memory under its replica's limit ({exception}: {message}); the replica is being restarted")]
     OutOfMemory { exception: String, message: String },
+    #[error("the replica was {0} while handling the request; it is being restarted")]
+    MemoryLimit(String),
     #[error("unexpected model shutdown: the replica died while handling the request and is being restarted")]
     Shutdown,
     #[error("model {model:?} has no ready replica")]
@@ -77,7 +79,7 @@ impl ApiError {
             ApiError::InvalidAccessKey => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Model { .. } | ApiError::OutOfMemory { .. } => {
+            ApiError::Model { .. } | ApiError::OutOfMemory { .. } | ApiError::MemoryLimit(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             ApiError::Shutdown | ApiError::BadReplicaResponse(_) => StatusCode::BAD_GATEWAY,
@@ -103,7 +105,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "request.too_large",
             ApiError::Busy { .. } => "model.busy",
             ApiError::Model { .. } => "model.error",
-            ApiError::OutOfMemory { .. } => "model.out_of_memory",
+            ApiError::OutOfMemory { .. } | ApiError::MemoryLimit(_) => "model.out_of_memory",
             ApiError::Shutdown => "model.shutdown",
             ApiError::BadReplicaResponse(_) => "model.invalid_response",
             ApiError::Unavailable { .. } => "model.unavailable",

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod body;
+pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -65,10 +66,12 @@ pub async fn run(
     tracing::info!(data_dir = %data_dir.display(), "store open");
 
     let socket_dir = keys::private_runtime_dir()?;
+    let limits = cgroup::Limits::detect(server.replica_limits)?;
     let settings = Arc::new(ReplicaSettings::new(
         runtime.clone(),
         socket_dir.clone(),
         server.replica_start_timeout(),
+        limits,
     ));
 
     let admin_id = {
@@ -102,7 +105,7 @@ pub async fn run(
             drain_timeout: server.shutdown_grace(),
             global_env: server.env.clone(),
         },
-        settings,
+        settings.clone(),
         routes.clone(),
         auth.clone(),
     ));
@@ -220,6 +223,7 @@ pub async fn run(
 
     tracing::info!("stopping replicas");
     control.shutdown().await;
+    settings.limits.remove();
     auth.flush().await;
     let _ = std::fs::remove_dir_all(&socket_dir);
     tracing::info!("stopped");

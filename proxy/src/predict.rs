@@ -319,6 +319,10 @@ async fn call_replica(
                 }
                 // The process died (or is dying): make sure, and let the supervisor restart it.
                 CallError::Closed | CallError::Io(_) => {
+                    if let Some(why) = conn.slot.memory_killed(conn.generation) {
+                        conn.slot.kill(KillReason::MemoryLimit);
+                        return Err(ApiError::MemoryLimit(why));
+                    }
                     conn.slot.kill(KillReason::None);
                     Err(ApiError::Shutdown)
                 }

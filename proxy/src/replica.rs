@@ -9,6 +9,8 @@ use modelgate_protocol::{self as protocol, Kind, ModelError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+use crate::cgroup::ReplicaCgroup;
+
 /// Why a replica process was killed by the proxy (label `reason` of the restart counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -40,6 +42,10 @@ pub struct Slot {
     /// Process group of the running process, 0 when none.
     pgid: AtomicI32,
     kill_reason: AtomicU8,
+    /// The cgroup of the running process and its generation, when limits use cgroups.
+    cgroup: Mutex<Option<(u64, Arc<ReplicaCgroup>)>>,
+    /// The last process generation the kernel killed for its memory limit, and how it is told.
+    memory_killed: Mutex<Option<(u64, String)>>,
     pub busy: Gauge,
     /// CPU seconds of the slot's processes, for `modelgate_replica_cpu_seconds_total`.
     pub cpu: Mutex<CpuTotals>,
@@ -74,6 +80,8 @@ impl Slot {
             model,
             pgid: AtomicI32::new(0),
             kill_reason: AtomicU8::new(0),
+            cgroup: Mutex::new(None),
+            memory_killed: Mutex::new(None),
             busy,
             cpu: Mutex::new(CpuTotals::default()),
             log: Mutex::new(std::collections::VecDeque::new()),
@@ -84,6 +92,46 @@ impl Slot {
     pub fn begin_process(&self, pgid: i32) {
         self.kill_reason.store(0, Ordering::SeqCst);
         self.pgid.store(pgid, Ordering::SeqCst);
+    }
+
+    pub fn set_cgroup(&self, cgroup: Option<(u64, Arc<ReplicaCgroup>)>) {
+        *self.cgroup.lock().unwrap_or_else(|p| p.into_inner()) = cgroup;
+    }
+
+    /// The cgroup of the running process, if it has one.
+    pub fn cgroup(&self) -> Option<Arc<ReplicaCgroup>> {
+        let cgroup = self.cgroup.lock().unwrap_or_else(|p| p.into_inner());
+        cgroup.as_ref().map(|(_, cg)| cg.clone())
+    }
+
+    /// Whether the kernel killed process `generation` for going over its memory limit, and if so
+    /// how to say it. Decided once per process and remembered, since its cgroup is removed as
+    /// soon as it is reaped.
+    pub fn memory_killed(&self, generation: u64) -> Option<String> {
+        let mut killed = self.memory_killed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, why)) = killed.as_ref() {
+            if *g == generation {
+                return Some(why.clone());
+            }
+        }
+        let cg = match &*self.cgroup.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((g, cg)) if *g == generation => cg.clone(),
+            _ => return None,
+        };
+        if cg.oom_kills() == 0 {
+            return None;
+        }
+        let why = match cg.memory_limit() {
+            Some(b) => format!(
+                "killed by the kernel: over its memory limit of {} MB",
+                b / (1024 * 1024)
+            ),
+            None => "killed by the kernel: out of memory".to_string(),
+        };
+        tracing::warn!(replica = %self.id, generation, "replica {why}");
+        self.push_log(format!("{} modelgate replica {why}", crate::now_rfc3339()));
+        *killed = Some((generation, why.clone()));
+        Some(why)
     }
 
     /// Forgets the process group once its leader has been reaped.

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::cgroup::{Enforcement, Limits, ReplicaCgroup};
 use crate::pool::{Pool, SlotHealth};
 use crate::replica::{KillReason, ReplicaConn, Slot};
 
@@ -45,15 +46,23 @@ pub struct ReplicaSettings {
     /// Private (0700) directory for the per-process sockets.
     pub socket_dir: PathBuf,
     pub start_timeout: Duration,
+    /// How memory and CPU limits are enforced.
+    pub limits: Limits,
     next_socket: AtomicU64,
 }
 
 impl ReplicaSettings {
-    pub fn new(runtime: PathBuf, socket_dir: PathBuf, start_timeout: Duration) -> Self {
+    pub fn new(
+        runtime: PathBuf,
+        socket_dir: PathBuf,
+        start_timeout: Duration,
+        limits: Limits,
+    ) -> Self {
         ReplicaSettings {
             runtime,
             socket_dir,
             start_timeout,
+            limits,
             next_socket: AtomicU64::new(0),
         }
     }
@@ -70,8 +79,10 @@ pub struct ModelSpec {
     pub function: String,
     pub replicas: usize,
     pub env: BTreeMap<String, String>,
-    /// Address-space limit of each replica process (RLIMIT_AS), if any.
+    /// Memory limit of each replica process, if any (enforced as [`ReplicaSettings::limits`] says).
     pub memory_limit_bytes: Option<u64>,
+    /// CPU cores each replica process may use, if limited (where cgroups allow).
+    pub cpu: Option<f64>,
 }
 
 /// A model's running replicas.
@@ -159,7 +170,10 @@ async fn run_slot(mut task: SlotTask) {
                 "start_failed"
             }
             Outcome::Exited { ran_for, reason } => {
-                if reason == "timeout" || reason == "memory_limit" {
+                if reason == "killed" {
+                    // SIGKILL from outside (an operator, a chaos tool, the system's OOM killer):
+                    // not the model's fault, so it does not count towards a crash loop.
+                } else if reason == "timeout" || reason == "memory_limit" {
                     // The proxy killed a replica that was working as designed: restart at once.
                     failures = 0;
                 } else if ran_for >= STABLE_AFTER {
@@ -183,7 +197,11 @@ async fn run_slot(mut task: SlotTask) {
             SlotHealth::Starting
         };
         task.pool.set_health(task.index, health);
-        let delay = backoff(failures);
+        let delay = if reason == "killed" {
+            backoff(failures).max(INITIAL_BACKOFF)
+        } else {
+            backoff(failures)
+        };
         tracing::warn!(
             replica = %task.slot.id, generation, reason, failures,
             "replica restarting in {delay:?}{}",
@@ -217,6 +235,34 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
     let _cleanup = RemoveOnDrop(socket.clone());
 
     let spec = &task.spec;
+    let cgroup = match settings
+        .limits
+        .create(&format!("r{n}"), spec.memory_limit_bytes, spec.cpu)
+    {
+        Ok(cg) => cg.map(Arc::new),
+        Err(err) => return Outcome::StartFailed(format!("creating the replica's cgroup: {err}")),
+    };
+    let outcome = run_in_cgroup(task, generation, socket, listener, cgroup.clone()).await;
+    task.slot.set_cgroup(None);
+    if let Some(cg) = cgroup.and_then(Arc::into_inner) {
+        cg.release().await;
+    }
+    outcome
+}
+
+async fn run_in_cgroup(
+    task: &mut SlotTask,
+    generation: u64,
+    socket: PathBuf,
+    listener: UnixListener,
+    cgroup: Option<Arc<ReplicaCgroup>>,
+) -> Outcome {
+    let settings = &task.settings;
+    let spec = &task.spec;
+    let rlimit = match settings.limits.enforcement() {
+        Enforcement::RlimitAs => spec.memory_limit_bytes,
+        Enforcement::CgroupV1 | Enforcement::CgroupV2 => None,
+    };
     let mut cmd = Command::new(&settings.runtime);
     cmd.arg("serve")
         .arg("--connect")
@@ -233,10 +279,16 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
                 .flat_map(|p| [std::ffi::OsStr::new("--python-path"), p.as_os_str()]),
         )
         .args(
-            spec.memory_limit_bytes
+            rlimit
                 .map(|b| vec!["--memory-limit-bytes".to_string(), b.to_string()])
                 .unwrap_or_default(),
         )
+        .args(cgroup.iter().flat_map(|cg| cg.procs_files()).flat_map(|p| {
+            [
+                std::ffi::OsString::from("--join-cgroup"),
+                p.into_os_string(),
+            ]
+        }))
         .envs(&spec.env)
         .env("PYTHONUNBUFFERED", "1")
         .env("MODELGATE_MODEL", &*spec.name)
@@ -255,6 +307,8 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
     };
     let pid = child.id().unwrap_or(0) as i32;
     task.slot.begin_process(pid);
+    task.slot
+        .set_cgroup(cgroup.clone().map(|cg| (generation, cg)));
     let slot = &task.slot;
     tracing::info!(replica = %slot.id, generation, pid, "replica starting");
     if let Some(out) = child.stdout.take() {
@@ -275,6 +329,12 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
         r = tokio::time::timeout(settings.start_timeout, handshake) => r,
         status = child.wait() => {
             slot.end_process();
+            if slot.memory_killed(generation).is_some() {
+                return Outcome::LoadFailed;
+            }
+            if killed_from_outside(&status) {
+                return Outcome::Exited { ran_for: Duration::ZERO, reason: "killed" };
+            }
             return Outcome::StartFailed(format!("exited before connecting: {}", describe_exit(status)));
         }
         _ = task.stop.changed() => {
@@ -290,9 +350,21 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
             return Outcome::StartFailed(format!("not ready within {:?}", settings.start_timeout));
         }
         Ok(Err(err)) => {
+            // Usually the process died: give it a moment to be reaped, to tell how.
+            let died = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            // Whatever it left in its group goes too.
             slot.kill(KillReason::ProtocolError);
             let _ = child.wait().await;
             slot.end_process();
+            if slot.memory_killed(generation).is_some() {
+                return Outcome::LoadFailed;
+            }
+            if matches!(&died, Ok(status) if killed_from_outside(status)) {
+                return Outcome::Exited {
+                    ran_for: Duration::ZERO,
+                    reason: "killed",
+                };
+            }
             return Outcome::StartFailed(format!("handshake: {err}"));
         }
         Ok(Ok((conn, kind, payload))) => match Kind::from_u8(kind) {
@@ -334,6 +406,8 @@ async fn run_process(task: &mut SlotTask, generation: u64) -> Outcome {
                 KillReason::ProtocolError => "protocol_error",
                 KillReason::Shutdown => "stopped",
                 KillReason::MemoryLimit => "memory_limit",
+                KillReason::None if slot.memory_killed(generation).is_some() => "memory_limit",
+                KillReason::None if killed_from_outside(&status) => "killed",
                 KillReason::None => "exited",
             };
             tracing::warn!(replica = %slot.id, generation, reason, "replica process ended: {}", describe_exit(status));
@@ -367,6 +441,12 @@ async fn stop_process(slot: &Slot, child: &mut Child) {
     slot.kill(KillReason::Shutdown);
     crate::metrics::retire_replica_cpu(slot);
     slot.end_process();
+}
+
+/// Whether the process died of a SIGKILL (the proxy's own kills carry a [`KillReason`]).
+fn killed_from_outside(status: &std::io::Result<std::process::ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    matches!(status, Ok(s) if s.signal() == Some(nix::libc::SIGKILL))
 }
 
 fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {

@@ -198,7 +198,11 @@ async fn build_deploy_redeploy_rollback_stop_restart_delete() {
     );
     // The listing says how much memory each replica may use, and how that is enforced.
     assert_eq!(replicas["replicas"][0]["memory_limit_mb"], 2048);
-    assert_eq!(replicas["replicas"][0]["memory_enforcement"], "rlimit_as");
+    let enforcement = replicas["replicas"][0]["memory_enforcement"].as_str();
+    assert!(
+        matches!(enforcement, Some("cgroup_v2" | "cgroup_v1" | "rlimit_as")),
+        "{replicas}"
+    );
 
     // A second build, deployed while a load loop runs: no request may fail.
     write_model(dir, 2);
@@ -477,8 +481,8 @@ async fn deployments_come_back_after_a_restart() {
 }
 
 #[tokio::test]
-async fn a_replica_over_its_memory_limit_fails_the_request_and_is_replaced() {
-    let server = Server::start("", &[]);
+async fn under_rlimit_a_replica_over_its_memory_limit_fails_the_request_and_is_replaced() {
+    let server = Server::start("replica_limits = \"rlimit\"", &[]);
     let api = Api {
         server: &server,
         c: client(),
@@ -533,6 +537,122 @@ async fn a_replica_over_its_memory_limit_fails_the_request_and_is_replaced() {
         before["response"], after["response"],
         "a fresh process serves"
     );
+}
+
+/// A model that can allocate, spin, and report its own CPU time and cgroups.
+const LIMITED_MODEL: &str = r#"
+import os, time
+
+def f(args):
+    if args.get("hog"):
+        block = bytearray(args["hog"] * 1024 * 1024)
+        return {"bytes": len(block)}
+    if args.get("spin"):
+        start_cpu, start = time.process_time(), time.monotonic()
+        while time.monotonic() - start < args["spin"]:
+            pass
+        return {"cpu": time.process_time() - start_cpu}
+    return {"pid": os.getpid(), "cgroup": open("/proc/self/cgroup").read()}
+"#;
+
+#[tokio::test]
+async fn with_cgroups_memory_over_the_limit_is_killed_and_cpu_is_capped() {
+    let server = Server::start("replica_limits = \"cgroup\"", &[]);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    std::fs::write(project.path().join("limited.py"), LIMITED_MODEL).unwrap();
+    std::fs::write(
+        project.path().join("bloated.py"),
+        "ballast = bytearray(400 * 1024 * 1024)\n\ndef f(args):\n    return 1\n",
+    )
+    .unwrap();
+    let (pid, mid, key) = api.project_and_model("limited", project.path()).await;
+    let (b, log) = api.build(pid, mid, "limited.py", "f").await;
+    assert_eq!(b["status"], "built", "{log}");
+    let base = format!("/projects/{pid}/models/{mid}");
+    let (s, d) = api
+        .post(
+            &format!("{base}/deployments"),
+            json!({"build_id": b["id"], "replicas": 1, "memory_mb": 256, "cpu": 0.2}),
+        )
+        .await;
+    assert_eq!(s, 201, "{d}");
+    api.wait_deployment(&format!("{base}/deployments/{}", d["id"]), "deployed")
+        .await;
+
+    // The replica runs in a group of its own, under modelgate's.
+    let (_, replicas) = api.get(&format!("{base}/replicas")).await;
+    let replica = &replicas["replicas"][0];
+    let enforcement = replica["memory_enforcement"].as_str().unwrap();
+    assert!(enforcement.starts_with("cgroup_v"), "{replicas}");
+    assert_eq!(replica["cpu_enforced"], true, "{replicas}");
+    assert!(
+        replica["memory_bytes"].as_u64().unwrap() > 1_000_000,
+        "{replicas}"
+    );
+    let c = client();
+    let (s, before) = server.predict(&c, &key, json!({})).await;
+    assert_eq!(s, 200, "{before}");
+    let groups = before["response"]["cgroup"].as_str().unwrap();
+    let modelgate_group = format!("/modelgate-{}/", server.pid());
+    assert!(groups.contains(&modelgate_group), "{groups}");
+
+    // CPU: 0.2 of a core, so one second of spinning gets about 0.2 s of CPU time.
+    let (s, spun) = server.predict(&c, &key, json!({"spin": 1.0})).await;
+    assert_eq!(s, 200, "{spun}");
+    let cpu = spun["response"]["cpu"].as_f64().unwrap();
+    assert!(
+        cpu > 0.05 && cpu < 0.45,
+        "CPU time in 1 s at cpu=0.2: {cpu}"
+    );
+
+    // Memory: under the limit is fine; over it, the kernel kills the replica, only that request
+    // fails, with a clear error, and a fresh process serves the next one.
+    let (s, body) = server.predict(&c, &key, json!({"hog": 64})).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = server.predict(&c, &key, json!({"hog": 1024})).await;
+    assert_eq!(s, 500, "{body}\n{}", server.logs());
+    assert_eq!(body["error"]["code"], "model.out_of_memory", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("memory limit of 256 MB"), "{message}");
+    assert_eq!(
+        server
+            .wait_metric(r#"modelgate_replica_restarts_total{model="limited",replica="limited-0",reason="memory_limit"}"#, 1.0)
+            .await,
+        Some(1.0)
+    );
+    let (s, after) = server.predict(&c, &key, json!({})).await;
+    assert_eq!(s, 200, "{after}");
+    assert_ne!(before["response"]["pid"], after["response"]["pid"]);
+    let (_, logs) = api.get(&format!("{base}/replicas/limited-0/logs")).await;
+    assert!(
+        logs.to_string().contains("over its memory limit of 256 MB"),
+        "{logs}"
+    );
+
+    // A model whose import alone is over the limit fails to deploy, and the log says why.
+    let (b2, log) = api.build(pid, mid, "bloated.py", "f").await;
+    assert_eq!(b2["status"], "built", "{log}");
+    let (s, d2) = api
+        .post(
+            &format!("{base}/deployments"),
+            json!({"build_id": b2["id"], "replicas": 1, "memory_mb": 128}),
+        )
+        .await;
+    assert_eq!(s, 201, "{d2}");
+    api.wait_deployment(&format!("{base}/deployments/{}", d2["id"]), "failed")
+        .await;
+    assert!(
+        server.logs().contains("over its memory limit of 128 MB"),
+        "{}",
+        server.logs()
+    );
+    // The earlier deployment still serves.
+    let (s, body) = server.predict(&c, &key, json!({})).await;
+    assert_eq!(s, 200, "{body}");
 }
 
 #[tokio::test]

@@ -168,10 +168,9 @@ async fn replica_pids(server: &Server, c: &reqwest::Client) -> Vec<(String, i32)
 
 #[tokio::test]
 async fn chaos_random_replica_kills_under_load_every_request_ends_and_metrics_agree() {
-    // Three replicas, each killed at random moments but at most twice: a third death within
-    // 30 s is the supervisor's crash-loop signal (503 by design, tested elsewhere).
+    // Three replicas, killed at random moments several times each: kills from outside are not
+    // crashes, so however often they come the model never turns 503 `model.unavailable`.
     const REPLICAS: usize = 3;
-    const KILLS_PER_REPLICA: usize = 2;
     let server = Server::start(
         "request_timeout_secs = 3\nqueue_timeout_secs = 1",
         &[common::model("chaos", "slow", REPLICAS as u32)],
@@ -210,17 +209,11 @@ async fn chaos_random_replica_kills_under_load_every_request_ends_and_metrics_ag
             (seen, slowest)
         }));
     }
-    // Meanwhile, SIGKILL a random ready replica every 0.5-1.5 s.
+    // Meanwhile, SIGKILL a random replica process every 0.2-0.6 s, starting or serving.
     let mut kills = std::collections::BTreeMap::<String, usize>::new();
-    while std::time::Instant::now() + Duration::from_millis(1500) < deadline
-        && kills.values().sum::<usize>() < REPLICAS * KILLS_PER_REPLICA
-    {
-        tokio::time::sleep(Duration::from_millis(500 + random(1000))).await;
-        let candidates: Vec<(String, i32)> = replica_pids(&server, &admin)
-            .await
-            .into_iter()
-            .filter(|(id, _)| kills.get(id).copied().unwrap_or(0) < KILLS_PER_REPLICA)
-            .collect();
+    while std::time::Instant::now() + Duration::from_millis(1500) < deadline {
+        tokio::time::sleep(Duration::from_millis(200 + random(400))).await;
+        let candidates: Vec<(String, i32)> = replica_pids(&server, &admin).await;
         if candidates.is_empty() {
             continue;
         }
@@ -244,7 +237,11 @@ async fn chaos_random_replica_kills_under_load_every_request_ends_and_metrics_ag
         }
     }
     eprintln!("kills {kills:?}; client saw {client_counts:?}; slowest answer {slowest:?}");
-    assert!(kills.values().sum::<usize>() >= 4, "{kills:?}");
+    assert!(kills.values().sum::<usize>() >= 10, "{kills:?}");
+    assert!(
+        kills.values().any(|&n| n >= 3),
+        "a replica died more often than the crash-loop threshold: {kills:?}"
+    );
     for status in client_counts.keys() {
         assert!(
             [200, 429, 502, 504].contains(status),

@@ -33,6 +33,10 @@ enum Command {
         /// Unix socket the proxy listens on for this replica.
         #[arg(long)]
         connect: PathBuf,
+        /// A `cgroup.procs` file to move this process into before anything else runs (the
+        /// proxy's per-replica memory and CPU limits); repeatable, one per hierarchy.
+        #[arg(long = "join-cgroup")]
+        join_cgroup: Vec<PathBuf>,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -73,7 +77,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { connect, model } => {
+        Command::Serve {
+            connect,
+            join_cgroup,
+            model,
+        } => {
+            // Before the interpreter starts, so the model's import is inside the limits too.
+            for procs in &join_cgroup {
+                if let Err(err) = std::fs::write(procs, b"0") {
+                    eprintln!(
+                        "replica-runtime: cannot join cgroup {}: {err}",
+                        procs.display()
+                    );
+                    return ExitCode::from(4);
+                }
+            }
             // The interpreter lives on this thread for the life of the process: it owns the model,
             // reads requests from the socket and answers them, so a request costs no thread hop.
             let stream = match UnixStream::connect(&connect) {

@@ -143,6 +143,11 @@ impl Server {
         (child, addr)
     }
 
+    /// The process id of the running modelgate.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
