@@ -19,14 +19,53 @@ fn envelope(request_bytes: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The JSON of a request whose bulk is one string, or a list of numbers (a feature vector).
+fn numeric_envelope(request_bytes: usize) -> Vec<u8> {
+    let values: Vec<String> = (0..request_bytes / 9)
+        .map(|i| format!("{:.5}", i as f64 / 7.0))
+        .collect();
+    format!(
+        r#"{{"accessKey":"abcdefghijklmnopqrstuvwxyz012345","request":{{"instances":[{}]}}}}"#,
+        values.join(",")
+    )
+    .into_bytes()
+}
+
 fn parse(c: &mut Criterion) {
+    // `envelope` is the parser modelgate uses (whole body, and in the 64 KB frames hyper hands
+    // over); `serde_json` is the same envelope parsed by serde_json from one buffer, for scale.
     let mut group = c.benchmark_group("parse_envelope");
-    for (name, size) in [("1KB", 1024), ("5MB", 5 * 1024 * 1024 - 64)] {
-        let body = envelope(size);
+    for (name, body) in [
+        ("1KB", envelope(1024)),
+        ("5MB", envelope(5 * 1024 * 1024 - 64)),
+        ("5MB-numbers", numeric_envelope(5 * 1024 * 1024 - 64)),
+    ] {
+        let body = bytes::Bytes::from(body);
         group.throughput(Throughput::Bytes(body.len() as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(name), &body, |b, body| {
+        group.bench_with_input(BenchmarkId::new("envelope", name), &body, |b, body| {
             b.iter(|| {
-                let (key, request) = modelgate::predict::parse_envelope(body).unwrap();
+                let e = modelgate::envelope::parse(body).unwrap();
+                std::hint::black_box((e.access_key.len(), e.request.len()))
+            })
+        });
+        let frames: Vec<bytes::Bytes> = body.chunks(64 * 1024).map(|c| body.slice_ref(c)).collect();
+        group.bench_with_input(
+            BenchmarkId::new("envelope-64KB-frames", name),
+            &frames,
+            |b, frames| {
+                b.iter(|| {
+                    let mut s = modelgate::envelope::Scanner::new();
+                    for f in frames {
+                        s.feed(f).unwrap();
+                    }
+                    let e = s.finish().unwrap();
+                    std::hint::black_box((e.access_key.len(), e.request.len()))
+                })
+            },
+        );
+        group.bench_with_input(BenchmarkId::new("serde_json", name), &body, |b, body| {
+            b.iter(|| {
+                let (key, request) = modelgate::fuzzing::reference_envelope(body).unwrap();
                 std::hint::black_box((key.len(), request.get().len()))
             })
         });

@@ -10,6 +10,7 @@ pub mod body;
 pub mod cgroup;
 pub mod config;
 pub mod control;
+pub mod envelope;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,14 +1,14 @@
 //! `POST /model`: the prediction request, phase by phase.
 //!
-//! 1. **Read** the body, refusing it past `max_request_bytes` by Content-Length or while streaming.
-//! 2. **Parse** the envelope `{"accessKey", "request"}`; `request` stays a borrowed slice.
-//! 3. **Route** by access key through the routing snapshot (no store access), and when the model
+//! 1. **Read and parse** the body as it arrives, refusing it past `max_request_bytes` by
+//!    Content-Length or while streaming; the envelope `{"accessKey", "request"}` is parsed frame
+//!    by frame ([`crate::envelope`]) and `request` stays slices of the frames, never copied.
+//! 2. **Route** by access key through the routing snapshot (no store access), and when the model
 //!    has authentication enabled, check the caller's API key against the in-memory auth index.
-//! 4. **Queue** in the model's FIFO for a free replica, up to `queue_timeout`.
-//! 5. **Call** the replica, up to `request_timeout`; past it the replica's process group is killed.
-//! 6. **Respond**: the function's JSON is spliced, unparsed, into the success envelope.
+//! 3. **Queue** in the model's FIFO for a free replica, up to `queue_timeout`.
+//! 4. **Call** the replica, up to `request_timeout`; past it the replica's process group is killed.
+//! 5. **Respond**: the function's JSON is spliced, unparsed, into the success envelope.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +16,10 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::auth::{Action, Auth};
+use crate::envelope::{Envelope, Scanner};
 use crate::error::{json_response, ApiError, Body};
 use crate::pool::{AcquireError, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
@@ -40,36 +39,6 @@ pub struct PredictLimits {
     pub queue_timeout: Duration,
     /// How long the client may take to send the whole body.
     pub body_timeout: Duration,
-}
-
-/// The request envelope, borrowing from the body buffer.
-#[derive(Deserialize)]
-pub struct Envelope<'a> {
-    #[serde(rename = "accessKey", borrow, default)]
-    pub access_key: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub request: Option<&'a RawValue>,
-}
-
-/// Parses the envelope; `request` must be a JSON object.
-pub fn parse_envelope(body: &[u8]) -> Result<(Cow<'_, str>, &RawValue), ApiError> {
-    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| {
-        ApiError::InvalidRequest(format!(
-            "request body must be a JSON object with \"accessKey\" and \"request\": {e}"
-        ))
-    })?;
-    let key = env
-        .access_key
-        .ok_or_else(|| ApiError::InvalidRequest("missing \"accessKey\"".into()))?;
-    let request = env
-        .request
-        .ok_or_else(|| ApiError::InvalidRequest("missing \"request\"".into()))?;
-    if !request.get().starts_with('{') {
-        return Err(ApiError::InvalidRequest(
-            "\"request\" must be a JSON object".into(),
-        ));
-    }
-    Ok((key, request))
 }
 
 /// Which model and replica a request reached, for the metric labels.
@@ -127,28 +96,26 @@ async fn predict(
     // Kept from the head for phase 3; a HeaderValue clone shares its bytes.
     let authorization = req.headers().get(http::header::AUTHORIZATION).cloned();
     let remote = req.extensions().get::<ClientAddr>().map(|a| a.0);
-    // Phase 1: read.
+    // Phase 1: read and parse.
     let content_length = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = tokio::time::timeout(
+    let envelope = tokio::time::timeout(
         limits.body_timeout,
-        read_body(req.into_body(), content_length, limits.max_request_bytes),
+        read_envelope(req.into_body(), content_length, limits.max_request_bytes),
     )
     .await
     .map_err(|_| ApiError::BodyTimeout {
         secs: limits.body_timeout.as_secs_f64(),
     })??;
+    let access_key = &envelope.access_key;
 
-    // Phase 2: parse.
-    let (access_key, request) = parse_envelope(&body)?;
-
-    // Phase 3: route.
+    // Phase 2: route.
     let entry = routes
         .load()
-        .by_access_key(&access_key)
+        .by_access_key(access_key)
         .cloned()
         .ok_or(ApiError::InvalidAccessKey)?;
     let route = entry.route;
@@ -161,9 +128,9 @@ async fn predict(
                 ApiError::Forbidden("User APikey not authorized to access model".into())
             })?;
     }
-    route.metrics.request_size.record(body.len() as f64);
+    route.metrics.request_size.record(envelope.body_len as f64);
 
-    // Phase 4: queue.
+    // Phase 3: queue.
     let queued_at = Instant::now();
     let conn = route
         .pool
@@ -184,16 +151,10 @@ async fn predict(
         .record(queued_at.elapsed().as_secs_f64());
     reached.slot_index = route.slots.iter().position(|s| Arc::ptr_eq(s, &conn.slot));
 
-    // Phase 5: call.
-    let reply = call_replica(
-        &route.pool,
-        conn,
-        request.get().as_bytes(),
-        limits.request_timeout,
-    )
-    .await?;
+    // Phase 4: call.
+    let reply = call_replica(&route.pool, conn, &envelope.request, limits.request_timeout).await?;
 
-    // Phase 6: respond.
+    // Phase 5: respond.
     match reply.reply {
         Reply::Ok(payload) => {
             const HEAD: &[u8] = b"{\"success\":true,\"response\":";
@@ -233,19 +194,20 @@ async fn predict(
     }
 }
 
-async fn read_body(
+/// Reads the body frame by frame into the envelope parser. A body that is too large is refused
+/// as such even when it is also malformed, so the rest is still read (and dropped) after a parse
+/// error, up to the limit.
+async fn read_envelope(
     body: Incoming,
     content_length: Option<u64>,
     limit: u64,
-) -> Result<Bytes, ApiError> {
+) -> Result<Envelope, ApiError> {
     if content_length.is_some_and(|len| len > limit) {
         return Err(ApiError::TooLarge { limit });
     }
     let mut body = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    // A body that arrives as one frame is used as is; otherwise frames are copied into one buffer
-    // sized from Content-Length, so at most one copy of the body is ever held.
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
+    let mut scanner = Scanner::new();
+    let mut invalid = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
@@ -257,18 +219,14 @@ async fn read_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if buf.is_empty() && first.is_none() {
-            first = Some(data);
-            continue;
+        if invalid.is_none() {
+            invalid = scanner.feed(&data).err();
         }
-        if let Some(f) = first.take() {
-            let hint = content_length.unwrap_or(0).min(limit) as usize;
-            buf.reserve(hint.max(f.len() + data.len()));
-            buf.extend_from_slice(&f);
-        }
-        buf.extend_from_slice(&data);
     }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+    match invalid {
+        Some(e) => Err(ApiError::InvalidRequest(e.0)),
+        None => scanner.finish().map_err(|e| ApiError::InvalidRequest(e.0)),
+    }
 }
 
 struct Answered {
@@ -279,7 +237,7 @@ struct Answered {
 async fn call_replica(
     pool: &Arc<Pool>,
     conn: ReplicaConn,
-    request: &[u8],
+    request: &[Bytes],
     timeout: Duration,
 ) -> Result<Answered, ApiError> {
     conn.slot.busy.set(1.0);
@@ -376,38 +334,5 @@ impl Drop for InFlight {
                 }
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn envelope_cases() {
-        let ok = br#"{"accessKey":"k1","request":{"a":1}}"#;
-        let (k, r) = parse_envelope(ok).unwrap();
-        assert_eq!(k, "k1");
-        assert_eq!(r.get(), r#"{"a":1}"#);
-        let escaped = br#"{"accessKey":"k\u0031","request":{}, "extra": [1]}"#;
-        assert_eq!(parse_envelope(escaped).unwrap().0, "k1");
-        for bad in [
-            &b"not json"[..],
-            br#"{"request":{}}"#,
-            br#"{"accessKey":"k"}"#,
-            br#"{"accessKey":5,"request":{}}"#,
-            br#"{"accessKey":"k","request":[1]}"#,
-            br#"{"accessKey":"k","request":{}"#,
-            br#"[]"#,
-            b"",
-        ] {
-            let err = parse_envelope(bad).unwrap_err();
-            assert_eq!(
-                err.code(),
-                "request.invalid",
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
     }
 }

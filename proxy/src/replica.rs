@@ -259,24 +259,31 @@ impl ReplicaConn {
         Ok((header.kind, payload))
     }
 
-    async fn write_frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), CallError> {
-        let header = protocol::encode_header(kind, payload.len());
-        if payload.len() <= COALESCE_LIMIT {
-            let mut buf = Vec::with_capacity(header.len() + payload.len());
+    /// Writes one frame whose payload is `parts`, in order.
+    async fn write_frame(&mut self, kind: Kind, parts: &[Bytes]) -> Result<(), CallError> {
+        let len = parts.iter().map(Bytes::len).sum();
+        let header = protocol::encode_header(kind, len);
+        if len <= COALESCE_LIMIT {
+            let mut buf = Vec::with_capacity(header.len() + len);
             buf.extend_from_slice(&header);
-            buf.extend_from_slice(payload);
+            for part in parts {
+                buf.extend_from_slice(part);
+            }
             self.stream.write_all(&buf).await?;
         } else {
+            // Large payloads go out as they arrived from the client, never copied together.
             self.stream.write_all(&header).await?;
-            self.stream.write_all(payload).await?;
+            for part in parts {
+                self.stream.write_all(part).await?;
+            }
         }
         Ok(())
     }
 
-    /// Sends one request and waits for its terminal answer.
-    pub async fn call(&mut self, request: &[u8]) -> Result<Reply, CallError> {
+    /// Sends one request (its JSON text in `parts`) and waits for its terminal answer.
+    pub async fn call(&mut self, parts: &[Bytes]) -> Result<Reply, CallError> {
         self.phase = Phase::Writing;
-        self.write_frame(Kind::Predict, request).await?;
+        self.write_frame(Kind::Predict, parts).await?;
         self.phase = Phase::Reading;
         self.finish_call().await
     }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# What a large request costs, side by side in one run, servers on CPU 0 and the client on CPU 1:
+#   floor     the bare hyper server reading the same body over HTTP and answering a fixed body:
+#             what HTTP alone costs for that many bytes on this machine;
+#   modelgate the proxy and one replica of a model answering the body's length;
+#   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
+# The issue's "proxy overhead" is modelgate - direct; floor - floor(1 KB) is the share of it that
+# is moving the bytes over HTTP at all. Rounds alternate the three, and the table shows each
+# one's median p50 over ROUNDS rounds (default 3) of DURATION s (default 3). Bounded: about
+# ROUNDS x sizes x 3 runs of 0.5 + DURATION s.
+# BASELINE=/path/to/an/older/modelgate adds that build as a fourth column, in the same rounds,
+# to compare two builds side by side (it uses this tree's replica-runtime).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
+work=$(mktemp -d)
+mkdir -p "$work/models"
+cat > "$work/models/size.py" <<'PY'
+def size(args):
+    return len(args["pad"])
+PY
+cat > "$work/c.toml" <<EOF
+[server]
+listen = "127.0.0.1:18630"
+data_dir = "$work/data"
+[[models]]
+name = "size"
+path = "$work/models"
+file = "size.py"
+function = "size"
+access_key = "large-bodies-key-0123456789"
+enable_authentication = false
+EOF
+taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+server=$!
+taskset -c 0 ./target/release/floor --listen 127.0.0.1:18631 >/dev/null &
+floor=$!
+baseline=
+if [ -n "${BASELINE:-}" ]; then
+  sed -e 's/18630/18632/' -e "s|$work/data|$work/data-baseline|" "$work/c.toml" > "$work/b.toml"
+  printf 'replica_runtime = "%s"\n' "$PWD/target/release/replica-runtime" > "$work/b-server"
+  # replica_runtime belongs to [server]: insert it after that header.
+  sed -i "/^\[server\]/r $work/b-server" "$work/b.toml"
+  taskset -c 0 "$BASELINE" serve --config "$work/b.toml" >/dev/null 2>"$work/b.log" &
+  baseline=$!
+fi
+trap 'kill -INT $server ${baseline:+$baseline}; kill $floor; wait; rm -rf "$work"' EXIT
+for port in 18630 ${baseline:+18632}; do
+  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "not ready"; tail -30 "$work/log"; exit 1; }
+done
+D=${DURATION:-3}
+ROUNDS=${ROUNDS:-3}
+SIZES=${SIZES:-1000 1000000 5000000}
+for round in $(seq 1 "$ROUNDS"); do
+  for n in $SIZES; do
+    printf 'floor\t%s\t' "$n"
+    taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18631/model --access-key x \
+      --payload-bytes "$n" --expect 8 --concurrency 1 --warmup 0.5 --duration "$D" --json | tail -n 1
+    printf 'modelgate\t%s\t' "$n"
+    taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18630/model --access-key large-bodies-key-0123456789 \
+      --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D" --json | tail -n 1
+    if [ -n "$baseline" ]; then
+      printf 'baseline\t%s\t' "$n"
+      taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18632/model --access-key large-bodies-key-0123456789 \
+        --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D" --json | tail -n 1
+    fi
+    printf 'direct\t%s\t' "$n"
+    taskset -c 1 ./target/release/replica-direct --runtime-cpu 0 --dir "$work/models" --file size.py --function size \
+      --payload-bytes "$n" --expect "$n" --warmup 0.5 --duration "$D"
+  done
+done | tee "$work/runs" >&2
+python3 - "$work/runs" <<'PY'
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    who, n, j = line.rstrip("\n").split("\t", 2)
+    r = json.loads(j)
+    assert r["error_total"] == 0, line
+    runs.setdefault((int(n), who), []).append(r["latency_us"]["p50"])
+sizes = sorted({n for n, _ in runs})
+med = {k: statistics.median(v) for k, v in runs.items()}
+fmt = lambda us: f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+small = sizes[0]
+print("| body | floor p50 | modelgate p50 | direct p50 | modelgate − direct | floor − floor(%d B) | rest (proxy's own) |" % small)
+print("|---|---|---|---|---|---|---|")
+for n in sizes:
+    f, m, d = med[(n, "floor")], med[(n, "modelgate")], med[(n, "direct")]
+    http = f - med[(small, "floor")]
+    print(f"| {n:,} B | {fmt(f)} | {fmt(m)} | {fmt(d)} | {fmt(m - d)} | {fmt(http)} | {fmt(m - d - http)} |")
+if any(who == "baseline" for _, who in runs):
+    print()
+    print("| body | baseline p50 (each round) | modelgate p50 (each round) | direct p50 (each round) |")
+    print("|---|---|---|---|")
+    for n in sizes:
+        row = lambda who: " · ".join(fmt(x) for x in sorted(runs[(n, who)]))
+        print(f"| {n:,} B | {row('baseline')} | {row('modelgate')} | {row('direct')} |")
+PY

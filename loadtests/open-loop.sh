@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Open-loop tail latency (fixed arrival rate, latency from each request's intended send time), the
+# add model with one replica, servers on CPU 0, loadgen on CPU 1, 127.0.0.1 only:
+#   1. modelgate's maximum: closed loop at c=16 for DURATION s;
+#   2. ROUNDS rounds, each: modelgate open loop at 50 % and 80 % of that maximum, and the bare
+#      hyper floor open loop at the same 80 % rate (a quarter of what the floor can do), which
+#      shows this machine's own stalls with no proxy and no replica in the way.
+# Bounded: (1 + ROUNDS x 3) runs of 0.5 + DURATION s (defaults: ROUNDS=3, DURATION=5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
+work=$(mktemp -d)
+cat > "$work/c.toml" <<EOF
+[server]
+listen = "127.0.0.1:18660"
+data_dir = "$work/data"
+[[models]]
+name = "add"
+path = "$PWD/examples/add_numbers"
+file = "add_numbers.py"
+function = "add"
+access_key = "open-loop-key-0123456789"
+enable_authentication = false
+EOF
+taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+server=$!
+taskset -c 0 ./target/release/floor --listen 127.0.0.1:18661 >/dev/null &
+floor=$!
+trap 'kill -INT $server; kill $floor; wait; rm -rf "$work"' EXIT
+for _ in $(seq 1 600); do curl -sf http://127.0.0.1:18660/readyz >/dev/null && break; sleep 0.1; done
+curl -sf http://127.0.0.1:18660/readyz >/dev/null || { echo "not ready"; tail -30 "$work/log"; exit 1; }
+D=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
+load() { # url, loadgen arguments...
+  local url=$1; shift
+  taskset -c 1 ./target/release/loadgen --url "$url" --access-key open-loop-key-0123456789 --expect 8 \
+    --warmup 0.5 --duration "$D" --json "$@" | tail -n 1
+}
+max=$(load http://127.0.0.1:18660/model --concurrency 16 | python3 -c "import json,sys; print(int(json.load(sys.stdin)['achieved_rps']))")
+echo "modelgate closed loop c=16: $max req/s" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  for pct in 50 80; do
+    rate=$((max * pct / 100))
+    printf 'modelgate %s%%\t' "$pct"
+    load http://127.0.0.1:18660/model --mode open --rate "$rate" --connections 32
+  done
+  printf 'floor at modelgate 80%%\t'
+  load http://127.0.0.1:18661/model --mode open --rate $((max * 80 / 100)) --connections 32
+done | tee "$work/runs" >&2
+python3 - "$work/runs" "$max" <<'PY'
+import json, sys
+print(f"modelgate maximum (closed loop, c=16): {int(sys.argv[2]):,} req/s\n")
+print("| run | rate | achieved | p50 | p99 | p99.9 | max | errors |")
+print("|---|---|---|---|---|---|---|---|")
+fmt = lambda us: f"{us / 1000:.2f} ms" if us >= 1000 else f"{us} µs"
+for line in open(sys.argv[1]):
+    label, j = line.rstrip("\n").split("\t", 1)
+    r = json.loads(j)
+    l = r["latency_us"]
+    print(f"| {label} | {r['target_rps']:,.0f} | {r['achieved_rps']:,.0f} | {fmt(l['p50'])} | {fmt(l['p99'])} "
+          f"| {fmt(l['p99_9'])} | {fmt(l['max'])} | {r['error_total']} of {r['sent']:,} |")
+PY
