@@ -400,7 +400,7 @@ async fn model_routes(
                                 // Only a cgroup measures the whole process tree.
                                 "memory_bytes": s.cgroup().and_then(|cg| cg.memory_current()),
                                 "cpu": deployment.cpu,
-                                "cpu_enforced": limits.cpu_enforced(),
+                                "cpu_enforced": limits.cpu_enforced(deployment.cpu),
                             })
                         })
                         .collect()
