@@ -158,21 +158,18 @@ impl Limits {
         if let (Some(cpu_root), Some(cpu)) = (&self.cpu_root, cpu.filter(|&c| self.cpu_enforced(c)))
         {
             let quota = cpu_quota_us(cpu);
-            let dir = if v2 {
-                group.memory_dir.clone()
+            if v2 {
+                write(
+                    &group.memory_dir.join("cpu.max"),
+                    format!("{quota} {CPU_PERIOD_US}"),
+                )?;
             } else {
                 let dir = cpu_root.join(name);
                 make_dir(&dir)?;
-                dir
-            };
-            if v2 {
-                write(&dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
-            } else {
+                // Recorded before the writes, so a failed one still gets the group removed.
+                group.cpu_dir = Some(dir.clone());
                 write(&dir.join("cpu.cfs_period_us"), CPU_PERIOD_US)?;
                 write(&dir.join("cpu.cfs_quota_us"), quota)?;
-            }
-            if !v2 {
-                group.cpu_dir = Some(dir);
             }
         }
         Ok(Some(group))
@@ -186,10 +183,20 @@ impl Limits {
     }
 }
 
+impl Drop for Limits {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// The CFS quota, in microseconds per [`CPU_PERIOD_US`], of `cpu` cores.
 pub fn cpu_quota_us(cpu: f64) -> u64 {
     ((cpu * CPU_PERIOD_US as f64).round() as u64).max(MIN_CPU_QUOTA_US)
 }
+
+/// How close to its limit a group's peak usage must have come for an OOM kill to count as the
+/// limit's doing (the kernel charges in pages and batches).
+const LIMIT_SLACK: u64 = 4 * 1024 * 1024;
 
 /// The group(s) of one replica process: removed, with anything left in them killed, on drop.
 #[derive(Debug)]
@@ -214,16 +221,27 @@ impl ReplicaCgroup {
         self.memory_limit
     }
 
-    /// How many times the kernel's OOM killer killed a process of this group.
-    pub fn oom_kills(&self) -> u64 {
-        let (file, key) = if self.v2 {
-            ("memory.events", "oom_kill")
+    /// Whether the kernel's OOM killer killed a process of this group because the group hit its
+    /// own limit (not the machine running out: that also counts in `oom_kill`, but the group's
+    /// limit was never reached then).
+    pub fn killed_at_limit(&self) -> bool {
+        let read = |file: &str| fs::read_to_string(self.memory_dir.join(file)).unwrap_or_default();
+        if self.v2 {
+            let events = read("memory.events");
+            keyed_value(&events, "oom_kill").unwrap_or(0) > 0
+                && keyed_value(&events, "oom").unwrap_or(0) > 0
         } else {
-            ("memory.oom_control", "oom_kill")
-        };
-        fs::read_to_string(self.memory_dir.join(file))
-            .map(|text| keyed_value(&text, key).unwrap_or(0))
-            .unwrap_or(0)
+            // v1's fail counters are not reliable across kernels (0 here after a kill at the
+            // memory+swap limit), but the peak usage says whether the limit was reached.
+            let peak = read("memory.max_usage_in_bytes")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+            keyed_value(&read("memory.oom_control"), "oom_kill").unwrap_or(0) > 0
+                && self
+                    .memory_limit
+                    .is_some_and(|limit| peak + LIMIT_SLACK >= limit)
+        }
     }
 
     /// Memory the group uses now, in bytes.
@@ -267,8 +285,26 @@ impl ReplicaCgroup {
 
 impl Drop for ReplicaCgroup {
     fn drop(&mut self) {
-        // `release` is the normal way out; this catches early returns.
-        let _ = self.try_remove();
+        // `release` is the normal way out; this catches early returns, and gives members that
+        // are still dying a second to go.
+        if !self.try_remove() {
+            let group = ReplicaCgroup {
+                v2: self.v2,
+                memory_dir: std::mem::take(&mut self.memory_dir),
+                cpu_dir: self.cpu_dir.take(),
+                memory_limit: self.memory_limit,
+            };
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if group.try_remove() {
+                        break;
+                    }
+                }
+                // Whatever is left goes with the parent group at exit, or at the next start.
+                std::mem::forget(group);
+            });
+        }
     }
 }
 
@@ -288,16 +324,17 @@ fn try_v2(mounts: &str, own: &str, name: &str) -> Result<Limits, String> {
             dir.display()
         ));
     }
-    let cpu = available.contains(&"cpu");
-    let wanted: &[&str] = if cpu { &["memory", "cpu"] } else { &["memory"] };
-    enable_v2(&dir, wanted)?;
+    enable_v2(&dir, &["memory"])?;
+    // CPU is optional: a kernel may refuse it (realtime threads) while memory works.
+    let cpu = available.contains(&"cpu") && enable_v2(&dir, &["cpu"]).is_ok();
     clean_stale(&dir);
     let root = dir.join(name);
     make_dir(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-    if let Err(e) = enable_v2(&root, wanted) {
+    if let Err(e) = enable_v2(&root, &["memory"]) {
         let _ = fs::remove_dir(&root);
         return Err(e);
     }
+    let cpu = cpu && enable_v2(&root, &["cpu"]).is_ok();
     tracing::info!(group = %root.display(), cpu, "replica limits use cgroup v2");
     Ok(Limits {
         enforcement: Enforcement::CgroupV2,

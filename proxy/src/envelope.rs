@@ -14,6 +14,11 @@
 
 use bytes::Bytes;
 
+/// Pieces of a request spread over frames at least this long are kept in place; shorter ones
+/// are copied together. hyper's HTTP/1 read buffer is at most 408 KiB, so a kept piece pins at
+/// most about three times its size.
+const ZERO_COPY_MIN: usize = 128 * 1024;
+
 /// A parsed envelope.
 #[derive(Debug)]
 pub struct Envelope {
@@ -139,6 +144,8 @@ pub struct Scanner {
     /// Whether the request's text is being kept, and from where in the current frame.
     keeping: Option<usize>,
     request: Vec<Bytes>,
+    /// Small pieces of the request, copied together (see [`ZERO_COPY_MIN`]).
+    small: bytes::BytesMut,
     /// An incomplete UTF-8 sequence at the end of the previous frame.
     utf8_carry: [u8; 4],
     utf8_carry_len: u8,
@@ -169,6 +176,7 @@ impl Scanner {
             request_seen: None,
             keeping: None,
             request: Vec::new(),
+            small: bytes::BytesMut::new(),
             utf8_carry: [0; 4],
             utf8_carry_len: 0,
         }
@@ -185,7 +193,7 @@ impl Scanner {
         }
         if let Some(from) = self.keeping {
             if from < bytes.len() {
-                self.request.push(frame.slice(from..));
+                self.keep(frame.slice(from..));
             }
             // The request goes on in the next frame, from its start.
             self.keeping = Some(0);
@@ -212,11 +220,14 @@ impl Scanner {
             _ => return Err(EnvelopeError("missing \"accessKey\"".into())),
         };
         match self.request_seen {
-            Some(Some(RequestKind::Object)) => Ok(Envelope {
-                access_key,
-                request: self.request,
-                body_len: self.offset,
-            }),
+            Some(Some(RequestKind::Object)) => {
+                self.flush_small();
+                Ok(Envelope {
+                    access_key,
+                    request: self.request,
+                    body_len: self.offset,
+                })
+            }
             Some(Some(RequestKind::NotObject)) => {
                 Err(EnvelopeError("\"request\" must be a JSON object".into()))
             }
@@ -381,6 +392,25 @@ impl Scanner {
         }
     }
 
+    /// Keeps a piece of the request spread over frames. A frame's slice pins the whole read
+    /// buffer hyper filled, so only large pieces are kept in place; small ones (a body trickled
+    /// in tiny frames) are copied together, which bounds both the memory a request pins and the
+    /// number of writes to the replica.
+    fn keep(&mut self, piece: Bytes) {
+        if piece.len() >= ZERO_COPY_MIN {
+            self.flush_small();
+            self.request.push(piece);
+        } else {
+            self.small.extend_from_slice(&piece);
+        }
+    }
+
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.request.push(self.small.split().freeze());
+        }
+    }
+
     fn collect(&mut self, b: u8) {
         if matches!(self.str_kind, StrKind::TopKey | StrKind::AccessKey) {
             self.collected.push(b);
@@ -497,7 +527,12 @@ impl Scanner {
         if self.stack.len() == 1 && self.field == Field::Request {
             if let Some(from) = self.keeping.take() {
                 if from < end {
-                    self.request.push(frame.slice(from..end));
+                    if self.request.is_empty() && self.small.is_empty() {
+                        // The whole request in one frame: kept as is, whatever its size.
+                        self.request.push(frame.slice(from..end));
+                    } else {
+                        self.keep(frame.slice(from..end));
+                    }
                 }
             }
         }
@@ -730,19 +765,36 @@ mod tests {
     }
 
     #[test]
-    fn a_long_string_is_found_whole() {
-        let pad = "x".repeat(100_000);
-        let body = format!(r#"{{"accessKey":"k","request":{{"pad":"{pad}"}}}}"#);
-        let body = Bytes::from(body);
-        let mut s = Scanner::new();
-        for chunk in body.chunks(4096) {
-            s.feed(&body.slice_ref(chunk)).unwrap();
-        }
-        let e = s.finish().unwrap();
+    fn large_frames_are_kept_in_place_and_small_ones_copied_together() {
+        let pad = "x".repeat(1_000_000);
+        let body = Bytes::from(format!(
+            r#"{{"accessKey":"k","request":{{"pad":"{pad}"}}}}"#
+        ));
+        let framed = |size: usize| {
+            let mut s = Scanner::new();
+            for chunk in body.chunks(size) {
+                s.feed(&body.slice_ref(chunk)).unwrap();
+            }
+            s.finish().unwrap()
+        };
+        // 256 KB frames: the request is those frames' slices, not a copy.
+        let e = framed(256 * 1024);
         assert_eq!(e.request_len(), pad.len() + 10);
         assert_eq!(e.body_len, body.len());
-        // The request is kept as slices of the frames, not copied.
-        assert!(e.request.len() > 20);
+        let (lo, hi) = (body.as_ptr() as usize, body.as_ptr() as usize + body.len());
+        let in_place = e
+            .request
+            .iter()
+            .filter(|p| (lo..hi).contains(&(p.as_ptr() as usize)))
+            .map(|p| p.len())
+            .sum::<usize>();
+        assert!(in_place >= pad.len() - 2 * ZERO_COPY_MIN, "{in_place}");
+        // Trickled in small frames: copied together into few pieces.
+        for size in [1, 4096] {
+            let e = framed(size);
+            assert_eq!(e.request_len(), pad.len() + 10);
+            assert_eq!(e.request.len(), 1, "frames of {size} bytes");
+        }
     }
 
     #[test]

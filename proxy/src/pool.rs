@@ -151,9 +151,13 @@ impl Pool {
     }
 
     /// Drops the idle connection of `slot_id`, if any (its process has exited).
-    pub fn remove_idle(&self, slot_id: &str) {
+    /// Drops the slot's connection from the idle list; true when it was there (the replica was
+    /// not serving a request).
+    pub fn remove_idle(&self, slot_id: &str) -> bool {
         let mut st = self.lock();
+        let before = st.idle.len();
         st.idle.retain(|c| &*c.slot.id != slot_id);
+        st.idle.len() != before
     }
 
     /// Records a slot's health; when no slot is worth waiting for, every waiter gets 503 now

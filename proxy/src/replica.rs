@@ -118,7 +118,7 @@ impl Slot {
             Some((g, cg)) if *g == generation => cg.clone(),
             _ => return None,
         };
-        if cg.oom_kills() == 0 {
+        if !cg.killed_at_limit() {
             return None;
         }
         let why = match cg.memory_limit() {

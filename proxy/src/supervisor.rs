@@ -34,6 +34,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const CRASH_LOOP_THRESHOLD: u32 = 3;
 /// A process that ran this long before dying resets the failure count.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Outside SIGKILLs in a row, each before the replica got ready, that count as a crash loop
+/// (a host OOM killer ending every import looks exactly like that).
+const UNREADY_KILLS_LIMIT: u32 = 10;
 /// How long a stopping replica gets after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest log line kept from a replica; the rest of the line is dropped and counted.
@@ -143,14 +146,18 @@ enum Outcome {
     LoadFailed,
     StartFailed(String),
     Exited {
-        ran_for: Duration,
+        /// How long it served; `None` when it died before it was ready.
+        ran_for: Option<Duration>,
         reason: &'static str,
+        /// Whether it died idle, rather than while serving a request.
+        idle: bool,
     },
 }
 
 async fn run_slot(mut task: SlotTask) {
     let mut generation = 0u64;
     let mut failures = 0u32;
+    let mut unready_kills = 0u32;
     loop {
         if *task.stop.borrow() {
             break;
@@ -169,17 +176,31 @@ async fn run_slot(mut task: SlotTask) {
                 failures += 1;
                 "start_failed"
             }
-            Outcome::Exited { ran_for, reason } => {
+            Outcome::Exited {
+                ran_for,
+                reason,
+                idle,
+            } => {
                 if reason == "killed" {
-                    // SIGKILL from outside (an operator, a chaos tool, the system's OOM killer):
-                    // not the model's fault, so it does not count towards a crash loop.
-                } else if reason == "timeout" || reason == "memory_limit" {
-                    // The proxy killed a replica that was working as designed: restart at once.
+                    // SIGKILL from outside (an operator, a chaos tool): not the model's fault, so
+                    // it does not count towards a crash loop, unless it keeps ending every start.
+                    if ran_for.is_none() {
+                        unready_kills += 1;
+                        if unready_kills >= UNREADY_KILLS_LIMIT {
+                            failures = failures.max(CRASH_LOOP_THRESHOLD);
+                        }
+                    }
+                } else if reason == "timeout" || (reason == "memory_limit" && !idle) {
+                    // A request made the proxy or the kernel kill a replica that was working as
+                    // designed: restart at once.
                     failures = 0;
-                } else if ran_for >= STABLE_AFTER {
+                } else if ran_for.is_some_and(|t| t >= STABLE_AFTER) {
                     failures = 1;
                 } else {
                     failures += 1;
+                }
+                if ran_for.is_some() {
+                    unready_kills = 0;
                 }
                 reason
             }
@@ -329,11 +350,15 @@ async fn run_in_cgroup(
         r = tokio::time::timeout(settings.start_timeout, handshake) => r,
         status = child.wait() => {
             slot.end_process();
-            if slot.memory_killed(generation).is_some() {
+            if killed_from_outside(&status) && slot.memory_killed(generation).is_some() {
                 return Outcome::LoadFailed;
             }
             if killed_from_outside(&status) {
-                return Outcome::Exited { ran_for: Duration::ZERO, reason: "killed" };
+                return Outcome::Exited {
+                    ran_for: None,
+                    reason: "killed",
+                    idle: true,
+                };
             }
             return Outcome::StartFailed(format!("exited before connecting: {}", describe_exit(status)));
         }
@@ -356,13 +381,15 @@ async fn run_in_cgroup(
             slot.kill(KillReason::ProtocolError);
             let _ = child.wait().await;
             slot.end_process();
-            if slot.memory_killed(generation).is_some() {
+            let sigkilled = matches!(&died, Ok(status) if killed_from_outside(status));
+            if sigkilled && slot.memory_killed(generation).is_some() {
                 return Outcome::LoadFailed;
             }
-            if matches!(&died, Ok(status) if killed_from_outside(status)) {
+            if sigkilled {
                 return Outcome::Exited {
-                    ran_for: Duration::ZERO,
+                    ran_for: None,
                     reason: "killed",
+                    idle: true,
                 };
             }
             return Outcome::StartFailed(format!("handshake: {err}"));
@@ -398,7 +425,7 @@ async fn run_in_cgroup(
 
     tokio::select! {
         status = child.wait() => {
-            task.pool.remove_idle(&slot.id);
+            let idle = task.pool.remove_idle(&slot.id);
             crate::metrics::retire_replica_cpu(slot);
             slot.end_process();
             let reason = match slot.take_kill_reason() {
@@ -406,12 +433,16 @@ async fn run_in_cgroup(
                 KillReason::ProtocolError => "protocol_error",
                 KillReason::Shutdown => "stopped",
                 KillReason::MemoryLimit => "memory_limit",
-                KillReason::None if slot.memory_killed(generation).is_some() => "memory_limit",
+                KillReason::None
+                    if killed_from_outside(&status) && slot.memory_killed(generation).is_some() =>
+                {
+                    "memory_limit"
+                }
                 KillReason::None if killed_from_outside(&status) => "killed",
                 KillReason::None => "exited",
             };
             tracing::warn!(replica = %slot.id, generation, reason, "replica process ended: {}", describe_exit(status));
-            Outcome::Exited { ran_for: ready_at.elapsed(), reason }
+            Outcome::Exited { ran_for: Some(ready_at.elapsed()), reason, idle }
         }
         _ = task.stop.changed() => {
             task.pool.remove_idle(&slot.id);

@@ -267,6 +267,56 @@ async fn chaos_random_replica_kills_under_load_every_request_ends_and_metrics_ag
 }
 
 #[tokio::test]
+async fn outside_kills_that_end_every_start_still_make_a_crash_loop() {
+    // Kills from outside do not count towards a crash loop, except when they end every start:
+    // a host OOM killer ending each import looks just like this, and callers deserve a 503
+    // rather than a queue for a replica that never comes.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("slow_import.py"),
+        "import time\ntime.sleep(0.4)\n\ndef f(args):\n    return 1\n",
+    )
+    .unwrap();
+    let server = Server::start(
+        "",
+        &[format!(
+            "[[models]]\nname = \"doomed\"\npath = \"{}\"\nfile = \"slow_import.py\"\nfunction = \"f\"\naccess_key = \"doomed-key-0123456789\"\nenable_authentication = false\n",
+            dir.path().display()
+        )],
+    );
+    let mut killed = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !server
+        .logs()
+        .contains("crash loop: model marked unavailable")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no crash loop after {} kills:\n{}",
+            killed.len(),
+            server.logs()
+        );
+        for pid in server.children() {
+            // Only serving replicas: the build (and its import check) runs first.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let serving = String::from_utf8_lossy(&cmdline).contains("serve\0--connect");
+            if serving && killed.insert(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = server.logs();
+    assert!(killed.len() >= 10, "{} kills:\n{logs}", killed.len());
+    let restarts = logs.matches("reason=\"killed\"").count();
+    assert!(restarts >= 10, "{logs}");
+    assert!(!logs.contains("replica ready"), "{logs}");
+}
+
+#[tokio::test]
 async fn a_replica_writing_megabytes_to_stdout_neither_blocks_nor_grows_memory() {
     let server = Server::start("", &[common::model("flood", "flood_output", 1)]);
     server.wait_ready().await;
