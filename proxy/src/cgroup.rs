@@ -474,23 +474,9 @@ fn keyed_value(text: &str, key: &str) -> Option<u64> {
 /// Removes the `modelgate-<pid>` groups of modelgate processes that no longer exist (killed
 /// before they could clean up), killing replicas they left behind.
 fn clean_stale(parent: &Path) {
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("modelgate-"))
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-        if !alive {
-            tracing::info!(group = %entry.path().display(), "removing the group of an earlier modelgate");
-            remove_tree(&entry.path());
-        }
+    for entry in crate::left_by_dead_modelgates(parent) {
+        tracing::info!(group = %entry.path().display(), "removing the group of an earlier modelgate");
+        remove_tree(&entry.path());
     }
 }
 

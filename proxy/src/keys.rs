@@ -32,24 +32,12 @@ pub fn private_runtime_dir() -> std::io::Result<PathBuf> {
 /// Removes socket directories left by modelgate processes that no longer exist (killed with
 /// SIGKILL, so they could not clean up).
 fn remove_stale_runtime_dirs(base: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("modelgate-"))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for entry in crate::left_by_dead_modelgates(base) {
         let ours = entry.metadata().is_ok_and(|m| {
             use std::os::unix::fs::MetadataExt;
             m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw()
         });
-        if ours && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if ours {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

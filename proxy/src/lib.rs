@@ -39,6 +39,26 @@ use crate::routing::Routes;
 use crate::server::{App, ConnSettings};
 use crate::supervisor::ReplicaSettings;
 
+/// Entries of `parent` named `modelgate-<pid>` or `modelgate-<pid>-…` whose process no longer
+/// exists: what a modelgate killed with SIGKILL left behind (socket directories, cgroups).
+pub(crate) fn left_by_dead_modelgates(parent: &std::path::Path) -> Vec<std::fs::DirEntry> {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("modelgate-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .collect()
+}
+
 /// Now, as an RFC 3339 timestamp (UTC).
 pub fn now_rfc3339() -> String {
     modelgate_control::store::now()

@@ -459,6 +459,7 @@ async fn deployments_come_back_after_a_restart() {
         (pid, mid, key, did)
     };
     for kill in [false, true] {
+        let before = server.pid();
         server.restart(kill);
         let api = Api {
             server: &server,
@@ -477,6 +478,10 @@ async fn deployments_come_back_after_a_restart() {
             body["response"],
             json!({"sum": 4, "version": 7, "tier": "x"})
         );
+        // The replica cgroups of the stopped (or killed) modelgate are gone.
+        let left = cgroups_of(before);
+        assert!(left.is_empty(), "after restart (kill: {kill}): {left:?}");
+        assert!(!cgroups_of(server.pid()).is_empty() || !cgroups_in_use());
     }
 }
 
@@ -537,6 +542,41 @@ async fn under_rlimit_a_replica_over_its_memory_limit_fails_the_request_and_is_r
         before["response"], after["response"],
         "a fresh process serves"
     );
+}
+
+/// Whether this machine gives modelgate cgroups (a v1 memory hierarchy, or v2): where it does
+/// not, replicas run under RLIMIT_AS and there are no groups to look for.
+fn cgroups_in_use() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        || std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+}
+
+/// The `modelgate-<pid>` groups of modelgate process `pid`, in any hierarchy.
+fn cgroups_of(pid: u32) -> Vec<std::path::PathBuf> {
+    let name = format!("modelgate-{pid}");
+    let mut found = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name().to_str() == Some(name.as_str()) {
+                found.push(entry.path());
+            } else if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("modelgate-")
+            {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    found
 }
 
 /// A model that can allocate, spin, and report its own CPU time and cgroups.
