@@ -7,6 +7,7 @@
 # DURATION s (default 3), against 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
 cat > "$work/c.toml" <<TOML
@@ -31,16 +32,16 @@ TOML
 taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 trap 'kill -INT $server; wait $server; rm -rf "$work"' EXIT
-for _ in $(seq 1 300); do curl -sf http://127.0.0.1:18610/readyz >/dev/null && break; sleep 0.1; done
+wait_ready 18610 "$work/log"
 export MODELGATE_API_KEY
 MODELGATE_API_KEY=$(cat "$work/data/admin-api-key")
 for round in $(seq 1 "${ROUNDS:-6}"); do
   for c in 1 16; do
     for model in open auth; do
       printf '%s %s ' "$model" "$c"
-      taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18610/model \
+      bench_load --url http://127.0.0.1:18610/model \
         --access-key "bench-$model-key-0123456789abcdef" --expect 8 --concurrency "$c" \
-        --warmup 0.5 --duration "${DURATION:-3}" --json | tail -n 1
+        --warmup 0.5 --duration "${DURATION:-3}"
     done
   done
 done | tee "$work/runs" >&2

@@ -12,6 +12,7 @@
 # to compare two builds side by side (it uses this tree's replica-runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
 mkdir -p "$work/models"
@@ -45,25 +46,23 @@ if [ -n "${BASELINE:-}" ]; then
   baseline=$!
 fi
 trap 'kill -INT $server ${baseline:+$baseline}; kill $floor; wait; rm -rf "$work"' EXIT
-for port in 18630 ${baseline:+18632}; do
-  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "not ready"; tail -30 "$work/log"; exit 1; }
-done
+wait_ready 18630 "$work/log"
+[ -z "$baseline" ] || wait_ready 18632 "$work/b.log"
 D=${DURATION:-3}
 ROUNDS=${ROUNDS:-3}
 SIZES=${SIZES:-1000 1000000 5000000}
 for round in $(seq 1 "$ROUNDS"); do
   for n in $SIZES; do
     printf 'floor\t%s\t' "$n"
-    taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18631/model --access-key x \
-      --payload-bytes "$n" --expect 8 --concurrency 1 --warmup 0.5 --duration "$D" --json | tail -n 1
+    bench_load --url http://127.0.0.1:18631/model --access-key x \
+      --payload-bytes "$n" --expect 8 --concurrency 1 --warmup 0.5 --duration "$D"
     printf 'modelgate\t%s\t' "$n"
-    taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18630/model --access-key large-bodies-key-0123456789 \
-      --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D" --json | tail -n 1
+    bench_load --url http://127.0.0.1:18630/model --access-key large-bodies-key-0123456789 \
+      --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
     if [ -n "$baseline" ]; then
       printf 'baseline\t%s\t' "$n"
-      taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18632/model --access-key large-bodies-key-0123456789 \
-        --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D" --json | tail -n 1
+      bench_load --url http://127.0.0.1:18632/model --access-key large-bodies-key-0123456789 \
+        --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
     fi
     printf 'direct\t%s\t' "$n"
     taskset -c 1 ./target/release/replica-direct --runtime-cpu 0 --dir "$work/models" --file size.py --function size \

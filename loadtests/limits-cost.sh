@@ -5,6 +5,7 @@
 # (default 3) of DURATION s (default 3). Bounded: ROUNDS x 4 runs of 0.5 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
 for mode in auto rlimit; do
@@ -25,10 +26,8 @@ EOF
   taskset -c 0 ./target/release/modelgate serve --config "$work/$mode.toml" >/dev/null 2>"$work/$mode.log" &
 done
 trap 'kill -INT $(jobs -p); wait; rm -rf "$work"' EXIT
-for port in 18680 18681; do
-  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
-  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "not ready"; cat "$work"/*.log; exit 1; }
-done
+wait_ready 18680 "$work/auto.log"
+wait_ready 18681 "$work/rlimit.log"
 grep -ho 'replica limits use [a-z0-9 ]*' "$work/auto.log" | head -1 >&2 || true
 D=${DURATION:-3}
 for _ in $(seq 1 "${ROUNDS:-3}"); do
@@ -36,8 +35,8 @@ for _ in $(seq 1 "${ROUNDS:-3}"); do
     port=$([ "$mode" = auto ] && echo 18680 || echo 18681)
     for c in 1 16; do
       printf '%s\t%s\t' "$mode" "$c"
-      taskset -c 1 ./target/release/loadgen --url "http://127.0.0.1:$port/model" --access-key limits-cost-key-0123456789 \
-        --expect 8 --concurrency "$c" --warmup 0.5 --duration "$D" --json | tail -n 1
+      bench_load --url "http://127.0.0.1:$port/model" --access-key limits-cost-key-0123456789 \
+        --expect 8 --concurrency "$c" --warmup 0.5 --duration "$D"
     done
   done
 done | tee "$work/runs" >&2

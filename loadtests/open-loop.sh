@@ -8,6 +8,7 @@
 # Bounded: (1 + ROUNDS x 3) runs of 0.5 + DURATION s (defaults: ROUNDS=3, DURATION=5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
 cat > "$work/c.toml" <<EOF
@@ -27,14 +28,13 @@ server=$!
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18661 >/dev/null &
 floor=$!
 trap 'kill -INT $server; kill $floor; wait; rm -rf "$work"' EXIT
-for _ in $(seq 1 600); do curl -sf http://127.0.0.1:18660/readyz >/dev/null && break; sleep 0.1; done
-curl -sf http://127.0.0.1:18660/readyz >/dev/null || { echo "not ready"; tail -30 "$work/log"; exit 1; }
+wait_ready 18660 "$work/log"
 D=${DURATION:-5}
 ROUNDS=${ROUNDS:-3}
 load() { # url, loadgen arguments...
   local url=$1; shift
-  taskset -c 1 ./target/release/loadgen --url "$url" --access-key open-loop-key-0123456789 --expect 8 \
-    --warmup 0.5 --duration "$D" --json "$@" | tail -n 1
+  bench_load --url "$url" --access-key open-loop-key-0123456789 --expect 8 \
+    --warmup 0.5 --duration "$D" "$@"
 }
 max=$(load http://127.0.0.1:18660/model --concurrency 16 | python3 -c "import json,sys; print(int(json.load(sys.stdin)['achieved_rps']))")
 echo "modelgate closed loop c=16: $max req/s" >&2

@@ -1,0 +1,21 @@
+# Helpers shared by the load scripts; sourced (`. loadtests/lib.sh`), not run. They assume the
+# working directory is the repository root and release binaries in target/release.
+
+# wait_ready PORT LOG...: waits up to 60 s for modelgate's /readyz on 127.0.0.1:PORT; if it never
+# answers, prints the end of each LOG and exits 1.
+wait_ready() {
+  local port=$1; shift
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return 0
+    sleep 0.1
+  done
+  echo "modelgate on port $port not ready" >&2
+  for log in "$@"; do tail -30 "$log" >&2; done
+  exit 1
+}
+
+# bench_load ARGS...: one loadgen run on CPU 1 (the servers are on CPU 0), printing only its JSON
+# report line.
+bench_load() {
+  taskset -c 1 ./target/release/loadgen --json "$@" | tail -n 1
+}
