@@ -233,10 +233,15 @@ impl ReplicaCgroup {
         } else {
             // v1's fail counters are not reliable across kernels (0 here after a kill at the
             // memory+swap limit), but the peak usage says whether the limit was reached.
-            let peak = read("memory.max_usage_in_bytes")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
+            // With swap accounted (limited equally), memory+swap is what reaches the limit.
+            let peak = [
+                "memory.max_usage_in_bytes",
+                "memory.memsw.max_usage_in_bytes",
+            ]
+            .iter()
+            .map(|f| read(f).trim().parse::<u64>().unwrap_or(0))
+            .max()
+            .unwrap_or(0);
             keyed_value(&read("memory.oom_control"), "oom_kill").unwrap_or(0) > 0
                 && self
                     .memory_limit
@@ -329,6 +334,8 @@ fn try_v2(mounts: &str, own: &str, name: &str) -> Result<Limits, String> {
     let cpu = available.contains(&"cpu") && enable_v2(&dir, &["cpu"]).is_ok();
     clean_stale(&dir);
     let root = dir.join(name);
+    // Named after this pid, so anything already there was left by a dead process that had it.
+    remove_tree(&root);
     make_dir(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     if let Err(e) = enable_v2(&root, &["memory"]) {
         let _ = fs::remove_dir(&root);
@@ -385,6 +392,8 @@ fn try_v1(mounts: &str, own: &str, name: &str) -> Result<Limits, String> {
     let memory = v1_dir(mounts, own, "memory").ok_or("no memory hierarchy is mounted")?;
     clean_stale(&memory);
     let memory_root = memory.join(name);
+    // Named after this pid, so anything already there was left by a dead process that had it.
+    remove_tree(&memory_root);
     make_dir(&memory_root).map_err(|e| format!("{}: {e}", memory_root.display()))?;
     if !memory_root.join("memory.limit_in_bytes").exists() {
         let _ = fs::remove_dir(&memory_root);
@@ -393,6 +402,7 @@ fn try_v1(mounts: &str, own: &str, name: &str) -> Result<Limits, String> {
     let cpu_root = v1_dir(mounts, own, "cpu").and_then(|cpu| {
         clean_stale(&cpu);
         let root = cpu.join(name);
+        remove_tree(&root);
         match make_dir(&root) {
             Ok(()) if root.join("cpu.cfs_quota_us").exists() => Some(root),
             Ok(()) => {

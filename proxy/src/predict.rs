@@ -256,7 +256,7 @@ async fn call_replica(
             // The interpreter hit its memory limit: its state is suspect, so it is replaced.
             conn.slot.busy.set(0.0);
             tracing::warn!(replica = %replica_id, "replica out of memory; replacing it");
-            conn.slot.kill(KillReason::MemoryLimit);
+            conn.kill(KillReason::MemoryLimit);
             Ok(Answered {
                 reply: Reply::Err(err),
                 replica_id,
@@ -272,16 +272,16 @@ async fn call_replica(
             tracing::warn!(replica = %replica_id, "request failed: {err}");
             match err {
                 CallError::Protocol(what) => {
-                    conn.slot.kill(KillReason::ProtocolError);
+                    conn.kill(KillReason::ProtocolError);
                     Err(ApiError::BadReplicaResponse(what))
                 }
                 // The process died (or is dying): make sure, and let the supervisor restart it.
                 CallError::Closed | CallError::Io(_) => {
                     if let Some(why) = conn.slot.memory_killed(conn.generation) {
-                        conn.slot.kill(KillReason::MemoryLimit);
+                        conn.kill(KillReason::MemoryLimit);
                         return Err(ApiError::MemoryLimit(why));
                     }
-                    conn.slot.kill(KillReason::None);
+                    conn.kill(KillReason::None);
                     Err(ApiError::Shutdown)
                 }
             }
@@ -289,7 +289,7 @@ async fn call_replica(
         Err(_elapsed) => {
             conn.slot.busy.set(0.0);
             tracing::warn!(replica = %replica_id, "request timed out after {timeout:?}; killing the replica");
-            conn.slot.kill(KillReason::Timeout);
+            conn.kill(KillReason::Timeout);
             Err(ApiError::Timeout {
                 secs: timeout.as_secs_f64(),
             })
@@ -315,7 +315,7 @@ impl Drop for InFlight {
         if !conn.awaiting_reply() {
             // Cancelled mid-write: the stream is out of step, so the process must go.
             conn.slot.busy.set(0.0);
-            conn.slot.kill(KillReason::ProtocolError);
+            conn.kill(KillReason::ProtocolError);
             return;
         }
         tokio::spawn(async move {
@@ -326,11 +326,11 @@ impl Drop for InFlight {
                 }
                 Ok(Err(_)) => {
                     conn.slot.busy.set(0.0);
-                    conn.slot.kill(KillReason::None);
+                    conn.kill(KillReason::None);
                 }
                 Err(_) => {
                     conn.slot.busy.set(0.0);
-                    conn.slot.kill(KillReason::Timeout);
+                    conn.kill(KillReason::Timeout);
                 }
             }
         });

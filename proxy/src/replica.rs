@@ -1,6 +1,6 @@
 //! One connection to one replica process, and the shared record of the replica slot it belongs to.
 
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -42,6 +42,8 @@ pub struct Slot {
     /// Process group of the running process, 0 when none.
     pgid: AtomicI32,
     kill_reason: AtomicU8,
+    /// Generation of the current process (see [`ReplicaConn::generation`]).
+    generation: AtomicU64,
     /// The cgroup of the running process and its generation, when limits use cgroups.
     cgroup: Mutex<Option<(u64, Arc<ReplicaCgroup>)>>,
     /// The last process generation the kernel killed for its memory limit, and how it is told.
@@ -80,6 +82,7 @@ impl Slot {
             model,
             pgid: AtomicI32::new(0),
             kill_reason: AtomicU8::new(0),
+            generation: AtomicU64::new(0),
             cgroup: Mutex::new(None),
             memory_killed: Mutex::new(None),
             busy,
@@ -89,8 +92,9 @@ impl Slot {
     }
 
     /// Records the process group of a newly spawned process and forgets any old kill reason.
-    pub fn begin_process(&self, pgid: i32) {
+    pub fn begin_process(&self, pgid: i32, generation: u64) {
         self.kill_reason.store(0, Ordering::SeqCst);
+        self.generation.store(generation, Ordering::SeqCst);
         self.pgid.store(pgid, Ordering::SeqCst);
     }
 
@@ -155,6 +159,14 @@ impl Slot {
                 nix::unistd::Pid::from_raw(pgid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+    }
+
+    /// Kills process `generation` of the slot, if it is still the current one: a request that
+    /// learns late that its replica died must not kill the replacement.
+    pub fn kill_generation(&self, generation: u64, reason: KillReason) {
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.kill(reason);
         }
     }
 
@@ -230,6 +242,11 @@ impl ReplicaConn {
             read_buf: BytesMut::with_capacity(8 * 1024),
             phase: Phase::Idle,
         }
+    }
+
+    /// Kills this connection's process (not a later one of the same slot).
+    pub fn kill(&self, reason: KillReason) {
+        self.slot.kill_generation(self.generation, reason);
     }
 
     /// Reads the next frame: `(kind byte, payload)`.

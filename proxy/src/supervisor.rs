@@ -184,6 +184,9 @@ async fn run_slot(mut task: SlotTask) {
                 if reason == "killed" {
                     // SIGKILL from outside (an operator, a chaos tool): not the model's fault, so
                     // it does not count towards a crash loop, unless it keeps ending every start.
+                    if ran_for.is_some_and(|t| t >= STABLE_AFTER) {
+                        failures = 0;
+                    }
                     if ran_for.is_none() {
                         unready_kills += 1;
                         if unready_kills >= UNREADY_KILLS_LIMIT {
@@ -327,7 +330,7 @@ async fn run_in_cgroup(
         }
     };
     let pid = child.id().unwrap_or(0) as i32;
-    task.slot.begin_process(pid);
+    task.slot.begin_process(pid, generation);
     task.slot
         .set_cgroup(cgroup.clone().map(|cg| (generation, cg)));
     let slot = &task.slot;
