@@ -2,15 +2,17 @@
 //! arrives.
 //!
 //! [`Scanner`] is fed the body's frames as hyper hands them over. It validates the whole body as
-//! JSON, decodes `accessKey`, and keeps `request` as slices of the frames themselves, so a large
-//! body is never copied into one buffer, parsed after the fact, or held twice: the frames go to
-//! the replica as they came, by vectored write. It accepts exactly what `serde_json` accepts for
-//! the same envelope struct, except that it refuses invalid UTF-8 anywhere (JSON text is UTF-8)
-//! and the array form of the envelope; `fuzzing::envelope` checks that against `serde_json` on
-//! every input, split into frames at fuzzer-chosen points.
+//! JSON, decodes `accessKey`, and keeps `request` as it arrived: a request inside one frame, and
+//! every piece of [`ZERO_COPY_MIN`] or more of a longer one, as slices of the frames; smaller
+//! pieces copied together. So a large body is never gathered into one buffer or parsed after the
+//! fact, and the pieces go to the replica in order. It accepts exactly what `serde_json` accepts
+//! for the same envelope struct, except that it refuses invalid UTF-8 anywhere (JSON text is
+//! UTF-8) and the array form of the envelope; `fuzzing::envelope` checks that against
+//! `serde_json` on every input, fed whole, in thirds and a byte per frame.
 //!
 //! Strings, the bulk of a large body, are skipped with `memchr` (SIMD) for the quote and
-//! backslash and a branch-free block check for control characters.
+//! backslash and a vectorised minimum for control characters; runs of numbers in arrays are
+//! parsed in one loop.
 
 use bytes::Bytes;
 

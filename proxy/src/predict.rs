@@ -2,7 +2,8 @@
 //!
 //! 1. **Read and parse** the body as it arrives, refusing it past `max_request_bytes` by
 //!    Content-Length or while streaming; the envelope `{"accessKey", "request"}` is parsed frame
-//!    by frame ([`crate::envelope`]) and `request` stays slices of the frames, never copied.
+//!    by frame ([`crate::envelope`]) and `request` is kept as slices of the frames (small pieces
+//!    of a request spread over many frames are copied together).
 //! 2. **Route** by access key through the routing snapshot (no store access), and when the model
 //!    has authentication enabled, check the caller's API key against the in-memory auth index.
 //! 3. **Queue** in the model's FIFO for a free replica, up to `queue_timeout`.

@@ -353,15 +353,8 @@ async fn run_in_cgroup(
         r = tokio::time::timeout(settings.start_timeout, handshake) => r,
         status = child.wait() => {
             slot.end_process();
-            if killed_from_outside(&status) && slot.memory_killed(generation).is_some() {
-                return Outcome::LoadFailed;
-            }
-            if killed_from_outside(&status) {
-                return Outcome::Exited {
-                    ran_for: None,
-                    reason: "killed",
-                    idle: true,
-                };
+            if let Some(outcome) = killed_before_ready(slot, generation, &status) {
+                return outcome;
             }
             return Outcome::StartFailed(format!("exited before connecting: {}", describe_exit(status)));
         }
@@ -384,16 +377,10 @@ async fn run_in_cgroup(
             slot.kill(KillReason::ProtocolError);
             let _ = child.wait().await;
             slot.end_process();
-            let sigkilled = matches!(&died, Ok(status) if killed_from_outside(status));
-            if sigkilled && slot.memory_killed(generation).is_some() {
-                return Outcome::LoadFailed;
-            }
-            if sigkilled {
-                return Outcome::Exited {
-                    ran_for: None,
-                    reason: "killed",
-                    idle: true,
-                };
+            if let Ok(status) = &died {
+                if let Some(outcome) = killed_before_ready(slot, generation, status) {
+                    return outcome;
+                }
             }
             return Outcome::StartFailed(format!("handshake: {err}"));
         }
@@ -436,13 +423,7 @@ async fn run_in_cgroup(
                 KillReason::ProtocolError => "protocol_error",
                 KillReason::Shutdown => "stopped",
                 KillReason::MemoryLimit => "memory_limit",
-                KillReason::None
-                    if killed_from_outside(&status) && slot.memory_killed(generation).is_some() =>
-                {
-                    "memory_limit"
-                }
-                KillReason::None if killed_from_outside(&status) => "killed",
-                KillReason::None => "exited",
+                KillReason::None => sigkill_cause(slot, generation, &status).unwrap_or("exited"),
             };
             tracing::warn!(replica = %slot.id, generation, reason, "replica process ended: {}", describe_exit(status));
             Outcome::Exited { ran_for: Some(ready_at.elapsed()), reason, idle }
@@ -477,10 +458,39 @@ async fn stop_process(slot: &Slot, child: &mut Child) {
     slot.end_process();
 }
 
-/// Whether the process died of a SIGKILL (the proxy's own kills carry a [`KillReason`]).
-fn killed_from_outside(status: &std::io::Result<std::process::ExitStatus>) -> bool {
+/// Why process `generation` died of a SIGKILL the proxy did not send (its own kills carry a
+/// [`KillReason`]): `memory_limit` when the kernel killed it at its cgroup's limit, else `killed`
+/// from outside. `None` when it did not die of a SIGKILL.
+fn sigkill_cause(
+    slot: &Slot,
+    generation: u64,
+    status: &std::io::Result<std::process::ExitStatus>,
+) -> Option<&'static str> {
     use std::os::unix::process::ExitStatusExt;
-    matches!(status, Ok(s) if s.signal() == Some(nix::libc::SIGKILL))
+    if !matches!(status, Ok(s) if s.signal() == Some(nix::libc::SIGKILL)) {
+        return None;
+    }
+    Some(match slot.memory_killed(generation) {
+        Some(_) => "memory_limit",
+        None => "killed",
+    })
+}
+
+/// The outcome of a process SIGKILLed before it got ready: an import over the memory limit is a
+/// load failure (it will fail again); a kill from outside is not the model's.
+fn killed_before_ready(
+    slot: &Slot,
+    generation: u64,
+    status: &std::io::Result<std::process::ExitStatus>,
+) -> Option<Outcome> {
+    sigkill_cause(slot, generation, status).map(|cause| match cause {
+        "memory_limit" => Outcome::LoadFailed,
+        reason => Outcome::Exited {
+            ran_for: None,
+            reason,
+            idle: true,
+        },
+    })
 }
 
 fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {

@@ -756,11 +756,7 @@ async fn a_declared_model_whose_rebuild_fails_keeps_its_previous_deployment() {
 
 /// A `[[models]]` table declaring the `write_model` model in `dir` as `name`.
 fn declared(name: &str, dir: &Path) -> String {
-    format!(
-        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nfile = \"model.py\"\nfunction = \"predict\"\naccess_key = \"{}\"\n",
-        dir.display(),
-        common::key_for(name)
-    )
+    common::model_at(name, dir, "model.py", "predict")
 }
 
 /// The `version` the declared `write_model` model `name` answers with.

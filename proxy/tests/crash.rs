@@ -279,9 +279,11 @@ async fn outside_kills_that_end_every_start_still_make_a_crash_loop() {
     .unwrap();
     let server = Server::start(
         "",
-        &[format!(
-            "[[models]]\nname = \"doomed\"\npath = \"{}\"\nfile = \"slow_import.py\"\nfunction = \"f\"\naccess_key = \"doomed-key-0123456789\"\nenable_authentication = false\n",
-            dir.path().display()
+        &[common::model_at(
+            "doomed",
+            dir.path(),
+            "slow_import.py",
+            "f",
         )],
     );
     let mut killed = std::collections::BTreeSet::new();

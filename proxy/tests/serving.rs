@@ -454,11 +454,7 @@ async fn replica_death_then_working_replica() {
         "import os\n\ndef f(args):\n    if args.get('die'):\n        os._exit(1)\n    return {'pid': os.getpid()}\n",
     )
     .unwrap();
-    let table = format!(
-        "[[models]]\nname = \"m\"\npath = \"{}\"\nfile = \"m.py\"\nfunction = \"f\"\naccess_key = \"{}\"\n",
-        dir.path().display(),
-        key_for("m")
-    );
+    let table = common::model_at("m", dir.path(), "m.py", "f");
     let server = Server::start("", &[table]);
     server.wait_ready().await;
     let c = client();
@@ -480,11 +476,7 @@ async fn replica_death_then_working_replica() {
 
 #[tokio::test]
 async fn import_failure_makes_the_model_unavailable() {
-    let table = format!(
-        "[[models]]\nname = \"broken\"\npath = \"{}\"\nfile = \"broken_import.py\"\nfunction = \"predict\"\naccess_key = \"{}\"\n",
-        common::fixtures().display(),
-        key_for("broken")
-    );
+    let table = common::model_at("broken", &common::fixtures(), "broken_import.py", "predict");
     let server = Server::start("", &[table, model("add", "add", 1)]);
     let c = client();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1295,11 +1287,7 @@ async fn bundled_examples_serve_add_and_iris() {
 
 #[tokio::test]
 async fn crash_loop_backs_off_and_marks_the_model_unavailable() {
-    let table = format!(
-        "[[models]]\nname = \"loop\"\npath = \"{}\"\nfile = \"crashloop.py\"\nfunction = \"predict\"\naccess_key = \"{}\"\n",
-        common::fixtures().display(),
-        key_for("loop")
-    );
+    let table = common::model_at("loop", &common::fixtures(), "crashloop.py", "predict");
     let server = Server::start("queue_timeout_secs = 30", &[table]);
     // The replica keeps dying soon after it is ready, over and over...
     let restarts = server

@@ -26,6 +26,16 @@ pub fn model(name: &str, function: &str, replicas: u32) -> String {
     )
 }
 
+/// A model table for the config: `function` in `file` of the model directory `dir`, with the
+/// access key [`key_for`]`(name)` and authentication left at its default (on).
+pub fn model_at(name: &str, dir: &Path, file: &str, function: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nfile = \"{file}\"\nfunction = \"{function}\"\naccess_key = \"{}\"\n",
+        dir.display(),
+        key_for(name)
+    )
+}
+
 /// The first admin's API key, handed to every server this test process starts through
 /// `MODELGATE_ADMIN_API_KEY` (generated once per process; never a fixed string).
 pub fn admin_key() -> &'static str {
