@@ -188,7 +188,7 @@ fn pool(c: &mut Criterion) {
     let (ours, _theirs) = rt.block_on(async { tokio::net::UnixStream::pair().unwrap() });
     let _guard = rt.enter();
     pool.set_health(0, SlotHealth::Ready);
-    pool.release(ReplicaConn::new(slot, 1, ours));
+    pool.release(ReplicaConn::new(slot, 1, ours).expect("register the socket"));
     c.bench_function("pool_acquire_release_idle", |b| {
         b.iter(|| {
             rt.block_on(async {

@@ -322,7 +322,12 @@ struct Stats {
     /// Requests actually sent, warm-up included; the open loop's `unsent` is the rest.
     attempted: u64,
     last_done: Option<Instant>,
+    /// Slowest answer per 100 ms of intended start time, to tell a steady tail from stalls.
+    window_max_us: Vec<u64>,
 }
+
+/// Width of the windows behind `worst_windows` in the report.
+const WINDOW: Duration = Duration::from_millis(100);
 
 impl Plan {
     /// `began` is when the request was *meant* to start: in the open loop that is its slot in
@@ -337,10 +342,13 @@ impl Plan {
             Ok(status) => {
                 stats.ok += 1;
                 *stats.statuses.entry(status.to_string()).or_default() += 1;
-                stats
-                    .latency_us
-                    .0
-                    .saturating_record((done - began).as_micros() as u64);
+                let us = (done - began).as_micros() as u64;
+                stats.latency_us.0.saturating_record(us);
+                let w = ((began - self.measure_start).as_nanos() / WINDOW.as_nanos()) as usize;
+                if stats.window_max_us.len() <= w {
+                    stats.window_max_us.resize(w + 1, 0);
+                }
+                stats.window_max_us[w] = stats.window_max_us[w].max(us);
             }
             Err(failure) => {
                 if measured {
@@ -423,6 +431,13 @@ fn report(plan: &Plan, stats: &Stats) -> Value {
     let rps = stats.ok as f64 / elapsed.max(1e-9);
     let latency = &stats.latency_us.0;
     let q = |quantile| latency.value_at_quantile(quantile);
+    let mut worst: Vec<(usize, u64)> = stats.window_max_us.iter().copied().enumerate().collect();
+    worst.sort_by_key(|&(_, max)| std::cmp::Reverse(max));
+    let worst: Vec<Value> = worst
+        .iter()
+        .take(5)
+        .map(|&(w, max)| json!({"at_ms": w as u64 * WINDOW.as_millis() as u64, "max_us": max}))
+        .collect();
     json!({
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "url": args.url.to_string(),
@@ -441,6 +456,8 @@ fn report(plan: &Plan, stats: &Stats) -> Value {
         "latency_us": {
             "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99_9": q(0.999), "max": latency.max()
         },
+        // The five slowest 100 ms windows of the measured run, by when their requests were due.
+        "worst_windows": worst,
     })
 }
 

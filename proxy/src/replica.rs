@@ -3,10 +3,13 @@
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use std::io::{Read, Write};
+
+use bytes::Bytes;
 use metrics::Gauge;
 use modelgate_protocol::{self as protocol, Kind, ModelError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 use crate::cgroup::ReplicaCgroup;
@@ -217,8 +220,11 @@ pub struct ReplicaConn {
     pub slot: Arc<Slot>,
     /// Process generation within the slot, for logs.
     pub generation: u64,
-    stream: UnixStream,
-    read_buf: BytesMut,
+    socket: ReplicaSocket,
+    /// Bytes read and not yet handed out as frames.
+    read_buf: Vec<u8>,
+    /// Where small reads land before they are appended to `read_buf`.
+    scratch: Box<[u8]>,
     phase: Phase,
 }
 
@@ -233,15 +239,121 @@ enum Phase {
 /// Payloads up to this size are copied next to their header so the request costs one write.
 const COALESCE_LIMIT: usize = 16 * 1024;
 
+/// Most bytes one small read takes: a small answer arrives with its header in one read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Payloads up to this size are copied out of the read buffer, which is then reused; larger ones
+/// take the buffer over, uncopied.
+const SMALL_PAYLOAD: usize = 4 * 1024;
+
+/// A replica's socket, registered with the runtime for input only.
+///
+/// A `tokio::net::UnixStream` also asks epoll for output readiness, and Linux reports output
+/// space on a Unix socket every time the peer reads: the replica reading each request would
+/// wake the proxy's worker for nothing. On a core shared with the replica that is two context
+/// switches and an `epoll_wait` per request. Writes are almost always small enough to go out at
+/// once; one that fills the socket waits for space through a duplicate descriptor registered
+/// for output only while that write lasts.
+#[derive(Debug)]
+struct ReplicaSocket {
+    fd: AsyncFd<std::os::unix::net::UnixStream>,
+}
+
+impl ReplicaSocket {
+    fn new(stream: UnixStream) -> std::io::Result<ReplicaSocket> {
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(true)?;
+        // Deprecated because a type could hand out a different descriptor over time; a
+        // `UnixStream` owns its one descriptor for its whole life, which is the sound case (the
+        // replacement is an `unsafe fn`, and this crate forbids `unsafe`).
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(stream, Interest::READABLE)?;
+        Ok(ReplicaSocket { fd })
+    }
+
+    /// One read of what has arrived, into `scratch`, waiting for some to arrive; 0 means end
+    /// of stream.
+    async fn read_some(&self, scratch: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            match ready.try_io(|s| s.get_ref().read(scratch)) {
+                Ok(Ok(n)) => {
+                    if n < scratch.len() {
+                        // The socket is drained: wait for the next edge rather than spend a read
+                        // on learning that (what tokio's own streams do).
+                        ready.clear_ready();
+                    }
+                    return Ok(n);
+                }
+                Ok(Err(err)) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// Appends exactly `len` bytes to `buf` straight into its spare capacity (for large frames,
+    /// which are then handed on without a copy), or fewer at end of stream.
+    async fn read_exact_into(&self, buf: &mut Vec<u8>, len: usize) -> std::io::Result<usize> {
+        let target = buf.len() + len;
+        buf.reserve_exact(len);
+        while buf.len() < target {
+            let mut ready = self.fd.readable().await?;
+            let before = buf.len();
+            // `read_to_end` fills the spare capacity without initialising it first, keeps what
+            // it read when the socket runs dry, and stops at the limit without a further read.
+            let limit = (target - before) as u64;
+            let result = Read::take(ready.get_inner(), limit).read_to_end(buf);
+            match result {
+                Ok(_) if buf.len() < target => return Ok(buf.len() + len - target),
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(len)
+    }
+
+    /// Writes `parts` in order, waiting for space if the socket fills up.
+    async fn write_all(&self, parts: &[&[u8]]) -> std::io::Result<()> {
+        for (i, part) in parts.iter().enumerate() {
+            let mut data = *part;
+            while !data.is_empty() {
+                match (&mut self.fd.get_ref()).write(data) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => data = &data[n..],
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        let mut spill = UnixStream::from_std(self.fd.get_ref().try_clone()?)?;
+                        spill.write_all(data).await?;
+                        for rest in &parts[i + 1..] {
+                            spill.write_all(rest).await?;
+                        }
+                        return Ok(());
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ReplicaConn {
-    pub fn new(slot: Arc<Slot>, generation: u64, stream: UnixStream) -> ReplicaConn {
-        ReplicaConn {
+    pub fn new(
+        slot: Arc<Slot>,
+        generation: u64,
+        stream: UnixStream,
+    ) -> std::io::Result<ReplicaConn> {
+        Ok(ReplicaConn {
             slot,
             generation,
-            stream,
-            read_buf: BytesMut::with_capacity(8 * 1024),
+            socket: ReplicaSocket::new(stream)?,
+            read_buf: Vec::with_capacity(READ_CHUNK),
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             phase: Phase::Idle,
-        }
+        })
     }
 
     /// Kills this connection's process (not a later one of the same slot).
@@ -249,30 +361,47 @@ impl ReplicaConn {
         self.slot.kill_generation(self.generation, reason);
     }
 
-    /// Reads the next frame: `(kind byte, payload)`.
-    pub async fn read_frame(&mut self) -> Result<(u8, Bytes), CallError> {
-        while self.read_buf.len() < protocol::HEADER_LEN {
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+    /// Reads until the buffer holds `want` bytes: small amounts through the scratch buffer (one
+    /// read, which may also take what follows), large ones straight into the buffer.
+    async fn fill(&mut self, want: usize) -> Result<(), CallError> {
+        while self.read_buf.len() < want {
+            let missing = want - self.read_buf.len();
+            let n = if missing <= READ_CHUNK {
+                let n = self.socket.read_some(&mut self.scratch).await?;
+                self.read_buf.extend_from_slice(&self.scratch[..n]);
+                n
+            } else {
+                self.socket
+                    .read_exact_into(&mut self.read_buf, missing)
+                    .await?
+            };
+            if n == 0 {
                 return Err(CallError::Closed);
             }
         }
+        Ok(())
+    }
+
+    /// Reads the next frame: `(kind byte, payload)`.
+    pub async fn read_frame(&mut self) -> Result<(u8, Bytes), CallError> {
+        self.fill(protocol::HEADER_LEN).await?;
         let mut h = [0u8; protocol::HEADER_LEN];
         h.copy_from_slice(&self.read_buf[..protocol::HEADER_LEN]);
         let header = protocol::decode_header(h).map_err(|e| CallError::Protocol(e.0))?;
         let need = protocol::HEADER_LEN + header.payload_len;
-        if self.read_buf.capacity() < need {
-            self.read_buf.reserve(need - self.read_buf.len());
-        }
-        while self.read_buf.len() < need {
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
-                return Err(CallError::Closed);
-            }
-        }
-        let mut frame = self.read_buf.split_to(need);
-        let payload = frame.split_off(protocol::HEADER_LEN).freeze();
-        if self.read_buf.capacity() < 4096 {
-            self.read_buf.reserve(8 * 1024);
-        }
+        self.fill(need).await?;
+        let payload = if header.payload_len <= SMALL_PAYLOAD {
+            let payload = Bytes::copy_from_slice(&self.read_buf[protocol::HEADER_LEN..need]);
+            self.read_buf.drain(..need);
+            payload
+        } else {
+            // Anything after the frame (rare: frames sent back to back) moves to a new buffer;
+            // the frame's own bytes are handed over as they are.
+            let mut rest = self.read_buf.split_off(need);
+            rest.reserve(READ_CHUNK);
+            let frame = std::mem::replace(&mut self.read_buf, rest);
+            Bytes::from(frame).slice(protocol::HEADER_LEN..)
+        };
         Ok((header.kind, payload))
     }
 
@@ -286,13 +415,13 @@ impl ReplicaConn {
             for part in parts {
                 buf.extend_from_slice(part);
             }
-            self.stream.write_all(&buf).await?;
+            self.socket.write_all(&[&buf]).await?;
         } else {
             // Large payloads go out as they arrived from the client, never copied together.
-            self.stream.write_all(&header).await?;
-            for part in parts {
-                self.stream.write_all(part).await?;
-            }
+            let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+            all.push(&header);
+            all.extend(parts.iter().map(|p| &p[..]));
+            self.socket.write_all(&all).await?;
         }
         Ok(())
     }
@@ -332,5 +461,80 @@ impl ReplicaConn {
                 Some(Kind::Pong) | None => continue,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(stream: UnixStream) -> ReplicaConn {
+        ReplicaConn::new(Arc::new(Slot::new("m".into(), 0)), 1, stream).expect("register")
+    }
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut f = protocol::encode_header(kind, payload.len()).to_vec();
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn frames_sent_back_to_back_are_split_exactly() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut conn = conn(ours);
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut bytes = frame(Kind::Pong, b"");
+        bytes.extend(frame(Kind::ResultOk, &big));
+        bytes.extend(frame(Kind::ResultOk, b"8"));
+        bytes.extend(frame(Kind::ResultOk, &big[..5000]));
+        let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        let writer = std::thread::spawn(move || {
+            // In uneven pieces, so frames straddle reads.
+            for piece in bytes.chunks(70_001) {
+                (&theirs).write_all(piece).unwrap();
+            }
+            theirs
+        });
+        assert_eq!(
+            conn.read_frame().await.unwrap(),
+            (Kind::Pong as u8, Bytes::new())
+        );
+        let (kind, payload) = conn.read_frame().await.unwrap();
+        assert_eq!((kind, payload.len()), (Kind::ResultOk as u8, big.len()));
+        assert!(payload == big[..], "large payload intact");
+        assert_eq!(&conn.read_frame().await.unwrap().1[..], b"8");
+        assert_eq!(&conn.read_frame().await.unwrap().1[..], &big[..5000]);
+        drop(writer.join().unwrap());
+        assert!(matches!(conn.read_frame().await, Err(CallError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_socket_buffer_goes_out_whole_and_in_order() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut conn = conn(ours);
+        let parts: Vec<Bytes> = (0..40u8)
+            .map(|i| Bytes::from(vec![b'0' + i % 10; 131_072 + i as usize]))
+            .collect();
+        let expected: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut h = [0u8; protocol::HEADER_LEN];
+            (&theirs).read_exact(&mut h).unwrap();
+            let header = protocol::decode_header(h).unwrap();
+            let mut got = vec![0u8; header.payload_len];
+            // Slowly at first, so the proxy's side fills the socket and has to wait for room.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            (&theirs).read_exact(&mut got).unwrap();
+            (&theirs).write_all(&frame(Kind::ResultOk, b"1")).unwrap();
+            (header.kind, got)
+        });
+        let reply = conn.call(&parts).await.unwrap();
+        assert!(matches!(reply, Reply::Ok(b) if &b[..] == b"1"));
+        let (kind, got) = reader.join().unwrap();
+        assert_eq!(kind, Kind::Predict as u8);
+        assert!(got == expected, "request bytes intact and in order");
+        assert!(!conn.awaiting_reply());
     }
 }

@@ -345,7 +345,7 @@ async fn run_in_cgroup(
     let started = Instant::now();
     let handshake = async {
         let (stream, _) = listener.accept().await?;
-        let mut conn = ReplicaConn::new(slot.clone(), generation, stream);
+        let mut conn = ReplicaConn::new(slot.clone(), generation, stream)?;
         let (kind, payload) = conn.read_frame().await.map_err(std::io::Error::other)?;
         Ok::<_, std::io::Error>((conn, kind, payload))
     };

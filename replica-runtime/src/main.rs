@@ -158,6 +158,9 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
 
     let mut payload = Vec::new();
     loop {
+        if reader.buffer().is_empty() {
+            wait_readable(reader.get_ref())?;
+        }
         let mut header = [0u8; protocol::HEADER_LEN];
         match reader.read_exact(&mut header) {
             Ok(()) => {}
@@ -178,6 +181,23 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
             Some(Kind::Ping) => write_frame(&mut writer, Kind::Pong, &[])?,
             // Unknown frames are skipped so newer proxies can add messages.
             _ => {}
+        }
+    }
+}
+
+/// Blocks until the socket has data (or the proxy hung up). A read blocked in `recv` is also
+/// woken each time the proxy reads an answer and frees buffer space (Linux wakes a Unix socket's
+/// one wait queue for both directions), which costs two context switches per request on the
+/// core the proxy shares; `poll` for input only is woken by input only.
+fn wait_readable(stream: &UnixStream) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(err.into()),
         }
     }
 }

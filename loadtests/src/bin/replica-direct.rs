@@ -44,6 +44,11 @@ struct Args {
     /// Pin the replica process to this CPU (with `taskset`), as the runner pins servers.
     #[arg(long)]
     runtime_cpu: Option<u32>,
+    /// Requests kept written ahead of the answers (1: one at a time, as the proxy sends). Above 1
+    /// the replica finds the next request already waiting when it finishes one; latency is then
+    /// from a request's write to its answer.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
 }
 
 fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
@@ -105,14 +110,21 @@ fn main() -> std::process::ExitCode {
     let warm_end = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = warm_end + Duration::from_secs_f64(args.duration);
     let mut measured_start = None;
+    let depth = args.pipeline.max(1);
+    let mut written = std::collections::VecDeque::with_capacity(depth);
+    let mut reader =
+        std::io::BufReader::with_capacity(64 * 1024, stream.try_clone().expect("clone"));
     while sent < args.max_requests {
         let now = Instant::now();
         if now >= end {
             break;
         }
-        let t0 = Instant::now();
-        stream.write_all(&frame).expect("write");
-        let (kind, payload) = read_frame(&mut stream).expect("read");
+        while written.len() < depth {
+            stream.write_all(&frame).expect("write");
+            written.push_back(Instant::now());
+        }
+        let (kind, payload) = read_frame(&mut reader).expect("read");
+        let t0 = written.pop_front().expect("a request in flight");
         let us = t0.elapsed().as_micros() as u64;
         if now >= warm_end {
             measured_start.get_or_insert(now);
@@ -127,11 +139,16 @@ fn main() -> std::process::ExitCode {
     let elapsed = measured_start
         .map(|s| s.elapsed().as_secs_f64())
         .unwrap_or(1.0);
+    for _ in 0..written.len() {
+        let _ = read_frame(&mut reader);
+    }
+    drop(reader);
     drop(stream);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     let report = serde_json::json!({
         "mode": "replica-direct",
+        "pipeline": depth,
         "sent": sent,
         "error_total": errors,
         "achieved_rps": (sent as f64 / elapsed * 10.0).round() / 10.0,
