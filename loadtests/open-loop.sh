@@ -2,10 +2,11 @@
 # Open-loop tail latency (fixed arrival rate, latency from each request's intended send time), the
 # add model with one replica, servers on CPU 0, loadgen on CPU 1, 127.0.0.1 only:
 #   1. modelgate's maximum: closed loop at c=16 for DURATION s;
-#   2. ROUNDS rounds, each: modelgate open loop at 50 % and 80 % of that maximum, and the bare
-#      hyper floor open loop at the same 80 % rate (a quarter of what the floor can do), which
-#      shows this machine's own stalls with no proxy and no replica in the way.
-# Bounded: (1 + ROUNDS x 3) runs of 0.5 + DURATION s (defaults: ROUNDS=3, DURATION=5).
+#   2. ROUNDS rounds, each: modelgate open loop at each of PCTS per cent of that maximum (default
+#      "50 80"), and the bare hyper floor open loop at the 80 % rate (a quarter of what the
+#      floor can do), which shows this machine's own stalls with no proxy and no replica in the
+#      way.
+# Bounded: (1 + ROUNDS x (PCTS + 1)) runs of 0.5 + DURATION s (defaults: ROUNDS=3, DURATION=5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -39,7 +40,7 @@ load() { # url, loadgen arguments...
 max=$(load http://127.0.0.1:18660/model --concurrency 16 | python3 -c "import json,sys; print(int(json.load(sys.stdin)['achieved_rps']))")
 echo "modelgate closed loop c=16: $max req/s" >&2
 for round in $(seq 1 "$ROUNDS"); do
-  for pct in 50 80; do
+  for pct in ${PCTS:-50 80}; do
     rate=$((max * pct / 100))
     printf 'modelgate %s%%\t' "$pct"
     load http://127.0.0.1:18660/model --mode open --rate "$rate" --connections 32
@@ -50,13 +51,16 @@ done | tee "$work/runs" >&2
 python3 - "$work/runs" "$max" <<'PY'
 import json, sys
 print(f"modelgate maximum (closed loop, c=16): {int(sys.argv[2]):,} req/s\n")
-print("| run | rate | achieved | p50 | p99 | p99.9 | max | errors |")
-print("|---|---|---|---|---|---|---|---|")
+print("| run | rate | achieved | p50 | p99 | p99.9 | max | slowest 100 ms windows (ms into the run: max) | errors |")
+print("|---|---|---|---|---|---|---|---|---|")
 fmt = lambda us: f"{us / 1000:.2f} ms" if us >= 1000 else f"{us} µs"
+windows = lambda r: ", ".join(f"{w['at_ms']}: {fmt(w['max_us'])}" for w in r["worst_windows"][:3])
 for line in open(sys.argv[1]):
     label, j = line.rstrip("\n").split("\t", 1)
     r = json.loads(j)
     l = r["latency_us"]
     print(f"| {label} | {r['target_rps']:,.0f} | {r['achieved_rps']:,.0f} | {fmt(l['p50'])} | {fmt(l['p99'])} "
-          f"| {fmt(l['p99_9'])} | {fmt(l['max'])} | {r['error_total']} of {r['sent']:,} |")
+          f"| {fmt(l['p99_9'])} | {fmt(l['max'])} "
+          f"| {windows(r)} "
+          f"| {r['error_total']} of {r['sent']:,} |")
 PY

@@ -139,12 +139,16 @@ pub async fn run(
         tokio::spawn(auth::run_sweeper(
             cp.store.clone(),
             auth.clone(),
-            move || {
+            move |changed| {
                 let cp = cp.clone();
                 async move {
-                    tracing::info!(
-                        "the store was changed by another process; reloading users and keys"
-                    );
+                    if changed {
+                        tracing::info!(
+                            "the store was changed by another process; reloading users and keys"
+                        );
+                    } else {
+                        tracing::debug!("periodic reload of users and keys");
+                    }
                     if let Err(e) = cp.publish_auth().await {
                         tracing::error!("reloading users and keys: {e}");
                     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use metrics::Gauge;
 use modelgate_protocol::{self as protocol, Kind, ModelError};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use crate::cgroup::ReplicaCgroup;
@@ -252,33 +252,35 @@ const SMALL_PAYLOAD: usize = 4 * 1024;
 /// space on a Unix socket every time the peer reads: the replica reading each request would
 /// wake the proxy's worker for nothing. On a core shared with the replica that is two context
 /// switches and an `epoll_wait` per request. Writes are almost always small enough to go out at
-/// once; one that fills the socket waits for space through a duplicate descriptor registered
-/// for output only while that write lasts.
+/// once; one that fills the socket waits for space through `spare`, a duplicate descriptor made
+/// when the connection is, registered for output only while that write lasts (so a large
+/// request never needs a new descriptor, which could fail at the limit, half-way through).
 #[derive(Debug)]
 struct ReplicaSocket {
     fd: AsyncFd<std::os::unix::net::UnixStream>,
+    /// Taken while a write waits for space; `None` after such a write was cancelled, which
+    /// ends the connection anyway.
+    spare: Option<std::os::unix::net::UnixStream>,
 }
 
 impl ReplicaSocket {
     fn new(stream: UnixStream) -> std::io::Result<ReplicaSocket> {
         let stream = stream.into_std()?;
         stream.set_nonblocking(true)?;
-        // Deprecated because a type could hand out a different descriptor over time; a
-        // `UnixStream` owns its one descriptor for its whole life, which is the sound case (the
-        // replacement is an `unsafe fn`, and this crate forbids `unsafe`).
-        #[allow(deprecated)]
-        let fd = AsyncFd::with_interest(stream, Interest::READABLE)?;
-        Ok(ReplicaSocket { fd })
+        let spare = stream.try_clone()?;
+        Ok(ReplicaSocket {
+            fd: register(stream, Interest::READABLE)?,
+            spare: Some(spare),
+        })
     }
 
-    /// One read of what has arrived, into `scratch`, waiting for some to arrive; 0 means end
-    /// of stream.
-    async fn read_some(&self, scratch: &mut [u8]) -> std::io::Result<usize> {
+    /// One read of what has arrived, waiting for some to arrive; 0 means end of stream.
+    async fn read_some(&self, into: &mut [u8]) -> std::io::Result<usize> {
         loop {
             let mut ready = self.fd.readable().await?;
-            match ready.try_io(|s| s.get_ref().read(scratch)) {
+            match ready.try_io(|s| s.get_ref().read(into)) {
                 Ok(Ok(n)) => {
-                    if n < scratch.len() {
+                    if n < into.len() {
                         // The socket is drained: wait for the next edge rather than spend a read
                         // on learning that (what tokio's own streams do).
                         ready.clear_ready();
@@ -292,31 +294,30 @@ impl ReplicaSocket {
         }
     }
 
-    /// Appends exactly `len` bytes to `buf` straight into its spare capacity (for large frames,
-    /// which are then handed on without a copy), or fewer at end of stream.
+    /// Appends exactly `len` bytes to `buf`, read straight into place (large frames are then
+    /// handed on without a copy), one read per wake-up; fewer at end of stream.
     async fn read_exact_into(&self, buf: &mut Vec<u8>, len: usize) -> std::io::Result<usize> {
-        let target = buf.len() + len;
-        buf.reserve_exact(len);
-        while buf.len() < target {
-            let mut ready = self.fd.readable().await?;
-            let before = buf.len();
-            // `read_to_end` fills the spare capacity without initialising it first, keeps what
-            // it read when the socket runs dry, and stops at the limit without a further read.
-            let limit = (target - before) as u64;
-            let result = Read::take(ready.get_inner(), limit).read_to_end(buf);
-            match result {
-                Ok(_) if buf.len() < target => return Ok(buf.len() + len - target),
-                Ok(_) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => ready.clear_ready(),
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
+        let start = buf.len();
+        // Zeroed first: safe code cannot read into uninitialised memory, and a memset of the
+        // frame costs less here than the growing reads `read_to_end` would make instead.
+        buf.resize(start + len, 0);
+        let mut filled = start;
+        let result = loop {
+            if filled == buf.len() {
+                break Ok(());
             }
-        }
-        Ok(len)
+            match self.read_some(&mut buf[filled..]).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => filled += n,
+                Err(err) => break Err(err),
+            }
+        };
+        buf.truncate(filled);
+        result.map(|()| filled - start)
     }
 
     /// Writes `parts` in order, waiting for space if the socket fills up.
-    async fn write_all(&self, parts: &[&[u8]]) -> std::io::Result<()> {
+    async fn write_all(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
         for (i, part) in parts.iter().enumerate() {
             let mut data = *part;
             while !data.is_empty() {
@@ -324,12 +325,8 @@ impl ReplicaSocket {
                     Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                     Ok(n) => data = &data[n..],
                     Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                        let mut spill = UnixStream::from_std(self.fd.get_ref().try_clone()?)?;
-                        spill.write_all(data).await?;
-                        for rest in &parts[i + 1..] {
-                            spill.write_all(rest).await?;
-                        }
-                        return Ok(());
+                        let rest = std::iter::once(data).chain(parts[i + 1..].iter().copied());
+                        return self.write_waiting(rest).await;
                     }
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(err) => return Err(err),
@@ -338,6 +335,45 @@ impl ReplicaSocket {
         }
         Ok(())
     }
+
+    /// The rest of a write that filled the socket, through the spare descriptor registered for
+    /// output.
+    async fn write_waiting<'a>(
+        &mut self,
+        parts: impl Iterator<Item = &'a [u8]>,
+    ) -> std::io::Result<()> {
+        let spare = match self.spare.take() {
+            Some(spare) => spare,
+            None => self.fd.get_ref().try_clone()?,
+        };
+        let out = register(spare, Interest::WRITABLE)?;
+        for mut data in parts {
+            while !data.is_empty() {
+                let mut ready = out.writable().await?;
+                match ready.try_io(|s| (&mut s.get_ref()).write(data)) {
+                    Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(Ok(n)) => data = &data[n..],
+                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                    Ok(Err(err)) => return Err(err),
+                    Err(_would_block) => {}
+                }
+            }
+        }
+        self.spare = Some(out.into_inner());
+        Ok(())
+    }
+}
+
+/// Registers `stream` with the runtime for `interest` only.
+fn register(
+    stream: std::os::unix::net::UnixStream,
+    interest: Interest,
+) -> std::io::Result<AsyncFd<std::os::unix::net::UnixStream>> {
+    // Deprecated because a type could hand out a different descriptor over time; a `UnixStream`
+    // owns its one descriptor for its whole life, which is the sound case (the replacement is an
+    // `unsafe fn`, and this crate forbids `unsafe`).
+    #[allow(deprecated)]
+    AsyncFd::with_interest(stream, interest)
 }
 
 impl ReplicaConn {
@@ -442,6 +478,9 @@ impl ReplicaConn {
     /// Reads frames until the terminal answer of the call in flight, skipping unknown kinds.
     pub async fn finish_call(&mut self) -> Result<Reply, CallError> {
         loop {
+            // Readiness waits on an `AsyncFd` do not spend tokio's cooperative budget: a replica
+            // streaming frames must still let the worker's other tasks run.
+            tokio::task::consume_budget().await;
             let (kind, payload) = self.read_frame().await?;
             match Kind::from_u8(kind) {
                 Some(Kind::ResultOk) => {

@@ -46,7 +46,8 @@ struct Args {
     runtime_cpu: Option<u32>,
     /// Requests kept written ahead of the answers (1: one at a time, as the proxy sends). Above 1
     /// the replica finds the next request already waiting when it finishes one; latency is then
-    /// from a request's write to its answer.
+    /// from a request's write to its answer. For small bodies only: all N are written before an
+    /// answer is read, so N bodies that overflow both socket buffers would deadlock.
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
 }

@@ -518,14 +518,14 @@ pub fn recover_admin(
 }
 
 /// Once a second: records, once per key, that it expired; and rebuilds the auth index
-/// (`refresh`) when another process changed the store, and every 30 s regardless. Runs until
-/// the process ends.
+/// (`refresh(true)`) when another process changed the store, and every 30 s regardless
+/// (`refresh(false)`). Runs until the process ends.
 pub async fn run_sweeper<F, Fut>(
     store: Arc<dyn modelgate_control::store::Store>,
     auth: Arc<Auth>,
     refresh: F,
 ) where
-    F: Fn() -> Fut,
+    F: Fn(bool) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -547,8 +547,9 @@ pub async fn run_sweeper<F, Fut>(
         };
         // Also every 30 s, in case a publish after a change failed (the change is in the
         // store; the index must not stay behind it).
-        if seen.is_some_and(|v| v != changes) || ticks.is_multiple_of(30) {
-            refresh().await;
+        let changed = seen.is_some_and(|v| v != changes);
+        if changed || ticks.is_multiple_of(30) {
+            refresh(changed).await;
         }
         seen = Some(changes);
         for k in expired {
