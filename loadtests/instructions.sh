@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# User-space instructions per request, counted by callgrind: a figure that does not drift with
+# this machine's noise, for comparing builds and for seeing where the proxy's own code goes.
+# modelgate (the add model, one replica) and the bare hyper floor each run under
+# `valgrind --tool=callgrind` (the replica runs natively: callgrind does not follow children);
+# after WARM requests the counters are zeroed, then N requests at c=1 are counted and dumped.
+# Prints instructions per request for both and modelgate's top functions (self cost).
+# Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. loadtests/lib.sh
+command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
+WARM=${WARM:-500}
+N=${N:-5000}
+KEY=instructions-key-0123456789
+work=$(mktemp -d)
+pid=
+trap '[ -z "$pid" ] || kill -TERM $pid 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"' EXIT
+cat > "$work/c.toml" <<EOF
+[server]
+listen = "127.0.0.1:18690"
+data_dir = "$work/data"
+replica_runtime = "$PWD/target/release/replica-runtime"
+[[models]]
+name = "add"
+path = "$PWD/examples/add_numbers"
+file = "add_numbers.py"
+function = "add"
+access_key = "$KEY"
+enable_authentication = false
+EOF
+
+# poke PORT: one request a little later, so that a process idle in epoll_wait runs and notices
+# callgrind_control's command (it is read only while the process executes); at most one request
+# in the N is partly counted or missed.
+poke() { sleep 0.3; curl -s -o /dev/null "http://127.0.0.1:$1/" || true; }
+
+# count NAME PORT COMMAND...: runs COMMAND under callgrind, loads it, prints "NAME <Ir per request>".
+count() {
+  local name=$1 port=$2; shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
+  pid=$!
+  for _ in $(seq 1 1200); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.1
+  done
+  [ "$name" != modelgate ] || wait_ready "$port" "$work/$name.log"
+  load() { ./target/release/loadgen --url "http://127.0.0.1:$port/model" --access-key "$KEY" \
+    --expect 8 --concurrency 1 --warmup 0 --duration 600 --max-requests "$1" --timeout 30 --json >/dev/null; }
+  load "$WARM"
+  poke "$port" & callgrind_control --zero "$pid" >/dev/null 2>&1
+  load "$N"
+  poke "$port" & callgrind_control --dump=measured "$pid" >/dev/null 2>&1
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  local out
+  out=$(grep -l "^desc: Trigger: dump measured" "$work/$name".* | head -1)
+  local ir
+  ir=$(sed -n 's/^summary: //p' "$out")
+  echo "$name $((ir / N))"
+  # Self cost per function, summed from the dump (callgrind_annotate 3.19 folds a multi-threaded
+  # dump into `clone`): cost lines count, except the one after `calls=` (a callee's inclusive).
+  python3 - "$out" "$N" >"$work/$name.top" <<'PY'
+import re, sys
+names, self_cost, fn, after_call = {}, {}, None, False
+for line in open(sys.argv[1]):
+    if line.startswith(("fn=", "cfn=")):
+        # Names are compressed: "(id) name" the first time an id appears, "(id)" after that.
+        m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
+        if m.group(2):
+            names[m.group(1)] = m.group(2)
+        if line.startswith("fn="):
+            fn = m.group(1)
+    elif line.startswith("calls="):
+        after_call = True
+    elif line[:1].isdigit() or line[:1] in "+-*":
+        if after_call:
+            after_call = False
+        elif fn is not None:
+            self_cost[fn] = self_cost.get(fn, 0) + int(line.split()[-1])
+n = int(sys.argv[2])
+total = sum(self_cost.values())
+for f, c in sorted(self_cost.items(), key=lambda kv: -kv[1])[:25]:
+    print(f"{c / n:>9,.0f} per request  {100 * c / total:5.1f} %  {names.get(f, f)[:110]}")
+PY
+}
+
+count floor 18691 ./target/release/floor --listen 127.0.0.1:18691 | tee "$work/result"
+count modelgate 18690 ./target/release/modelgate serve --config "$work/c.toml" | tee -a "$work/result"
+floor=$(awk '$1 == "floor" {print $2}' "$work/result")
+mg=$(awk '$1 == "modelgate" {print $2}' "$work/result")
+echo
+echo "user-space instructions per request (c=1, $N requests after $WARM):"
+echo "  floor      $floor"
+echo "  modelgate  $mg  (+$((mg - floor)) over the floor)"
+echo
+echo "modelgate, functions by own instructions over those $N requests:"
+cat "$work/modelgate.top"
