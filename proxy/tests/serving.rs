@@ -1331,3 +1331,50 @@ async fn crash_loop_backs_off_and_marks_the_model_unavailable() {
     assert!(delays.len() >= 3, "{delays:?}");
     assert!(delays.windows(2).all(|w| w[1] > w[0]), "{delays:?}");
 }
+
+/// Voluntary context switches of a process so far (its main thread: the replica's only one).
+fn voluntary_switches(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("voluntary_ctxt_switches in /proc/<pid>/status")
+}
+
+/// Only input wakes a replica waiting for its next request. Linux also wakes a Unix socket's
+/// reader when the peer reads and frees buffer space, so a replica blocked in `recv` was woken
+/// for nothing each time the proxy read its answer: two sleeps per request instead of one.
+#[tokio::test]
+async fn a_waiting_replica_sleeps_once_per_request() {
+    let server = Server::start("", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let replica = server.children();
+    assert_eq!(replica.len(), 1, "one replica process");
+    for _ in 0..20 {
+        let (status, body) = server
+            .predict(&c, &key_for("add"), json!({"a": 1, "b": 2}))
+            .await;
+        assert_eq!(status, 200, "{body}\n{}", server.logs());
+    }
+    let before = voluntary_switches(replica[0]);
+    const N: u64 = 300;
+    for i in 0..N {
+        let (status, body) = server
+            .predict(&c, &key_for("add"), json!({"a": i, "b": 1}))
+            .await;
+        assert_eq!(
+            (status, body["response"].as_u64()),
+            (200, Some(i + 1)),
+            "{body}"
+        );
+    }
+    let per_request = (voluntary_switches(replica[0]) - before) as f64 / N as f64;
+    // About 1: the replica sleeps once, waiting for the next request (a little less when the
+    // next one is already there). Two would mean it is woken by the proxy's reads.
+    assert!(
+        (0.2..1.5).contains(&per_request),
+        "the replica slept {per_request:.2} times per request"
+    );
+}
