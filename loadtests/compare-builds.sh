@@ -26,19 +26,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for build in A B; do
     read -r mg rr <<<"${!build}"
     rm -rf "$work/data"
-    cat > "$work/c.toml" <<EOF
-[server]
-listen = "127.0.0.1:18680"
-data_dir = "$work/data"
-replica_runtime = "$rr"
-[[models]]
-name = "add"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "$KEY"
-enable_authentication = false
-EOF
+    add_config "$work/c.toml" 18680 "$work/data" "$KEY" "$rr"
     taskset -c 0 "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
     server=$!
     wait_ready 18680 "$work/log"

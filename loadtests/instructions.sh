@@ -17,19 +17,7 @@ KEY=instructions-key-0123456789
 work=$(mktemp -d)
 pid=
 trap '[ -z "$pid" ] || kill -TERM $pid 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"' EXIT
-cat > "$work/c.toml" <<EOF
-[server]
-listen = "127.0.0.1:18690"
-data_dir = "$work/data"
-replica_runtime = "$PWD/target/release/replica-runtime"
-[[models]]
-name = "add"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "$KEY"
-enable_authentication = false
-EOF
+add_config "$work/c.toml" 18690 "$work/data" "$KEY" "$PWD/target/release/replica-runtime"
 
 # poke PORT: one request a little later, so that a process idle in epoll_wait runs and notices
 # callgrind_control's command (it is read only while the process executes); at most one request

@@ -19,3 +19,16 @@ wait_ready() {
 bench_load() {
   taskset -c 1 ./target/release/loadgen --json "$@" | tail -n 1
 }
+
+# add_config FILE PORT DATA_DIR ACCESS_KEY [REPLICA_RUNTIME]: writes a modelgate config that serves
+# the bundled add model (one replica, authentication off) on 127.0.0.1:PORT.
+add_config() {
+  local file=$1 port=$2 data=$3 key=$4 runtime=${5:-}
+  {
+    printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$port" "$data"
+    [ -z "$runtime" ] || printf 'replica_runtime = "%s"\n' "$runtime"
+    printf '[[models]]\nname = "add"\npath = "%s"\nfile = "add_numbers.py"\nfunction = "add"\n' \
+      "$PWD/examples/add_numbers"
+    printf 'access_key = "%s"\nenable_authentication = false\n' "$key"
+  } >"$file"
+}

@@ -12,18 +12,7 @@ cd "$(dirname "$0")/.."
 . loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
-cat > "$work/c.toml" <<EOF
-[server]
-listen = "127.0.0.1:18660"
-data_dir = "$work/data"
-[[models]]
-name = "add"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "open-loop-key-0123456789"
-enable_authentication = false
-EOF
+add_config "$work/c.toml" 18660 "$work/data" open-loop-key-0123456789
 taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18661 >/dev/null &
