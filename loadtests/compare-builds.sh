@@ -5,7 +5,7 @@
 # loadgen on CPU 1, 127.0.0.1 only. Each round measures closed loop at c=1 and c=16 and an open
 # loop at RATE req/s (latency from the intended send time, 32 connections).
 #   A="/path/modelgate /path/replica-runtime" B="..." bash loadtests/compare-builds.sh
-# B defaults to this tree's release build. Keep a build with, e.g.:
+# B defaults to this tree's release build. SERVER_CPUS (default 0) is the servers' CPU list. Keep a build with, e.g.:
 #   cargo build --release -p modelgate -p replica-runtime && mkdir -p /tmp/a &&
 #   cp target/release/{modelgate,replica-runtime} /tmp/a/
 # Bounded: ROUNDS (default 5) x 2 builds x 3 runs of 0.5 + DURATION s (default 3).
@@ -27,7 +27,7 @@ for round in $(seq 1 "$ROUNDS"); do
     read -r mg rr <<<"${!build}"
     rm -rf "$work/data"
     add_config "$work/c.toml" 18680 "$work/data" "$KEY" "$rr"
-    taskset -c 0 "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+    taskset -c "${SERVER_CPUS:-0}" "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
     server=$!
     wait_ready 18680 "$work/log"
     run() { bench_load --url http://127.0.0.1:18680/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" "$@"; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # User-space instructions per request, counted by callgrind: a figure that does not drift with
 # this machine's noise, for comparing builds and for seeing where the proxy's own code goes.
-# modelgate (the add model, one replica) and the bare hyper floor each run under
+# modelgate (the add model, one replica), hop-floor and the bare hyper floor each run under
 # `valgrind --tool=callgrind` (the replica runs natively: callgrind does not follow children);
 # after WARM requests the counters are zeroed, then N requests at c=1 are counted and dumped.
 # Prints instructions per request for both and modelgate's top functions (self cost).
@@ -74,13 +74,16 @@ PY
 }
 
 count floor 18691 ./target/release/floor --listen 127.0.0.1:18691 | tee "$work/result"
+count hop-floor 18692 ./target/release/hop-floor --listen 127.0.0.1:18692 | tee -a "$work/result"
 count modelgate 18690 ./target/release/modelgate serve --config "$work/c.toml" | tee -a "$work/result"
 floor=$(awk '$1 == "floor" {print $2}' "$work/result")
+hop=$(awk '$1 == "hop-floor" {print $2}' "$work/result")
 mg=$(awk '$1 == "modelgate" {print $2}' "$work/result")
 echo
 echo "user-space instructions per request (c=1, $N requests after $WARM):"
 echo "  floor      $floor"
-echo "  modelgate  $mg  (+$((mg - floor)) over the floor)"
+echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)"
+echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor)"
 echo
 echo "modelgate, functions by own instructions over those $N requests:"
 cat "$work/modelgate.top"

@@ -87,6 +87,12 @@ struct Args {
     /// Print only the JSON report.
     #[arg(long)]
     json: bool,
+    /// Never sleep between answers: one task keeps this process polling for I/O, so the
+    /// server's send of an answer never has to wake this process. Over loopback that wake-up
+    /// is charged to the server's CPU (the sender runs the receiver's TCP processing), which
+    /// a client on another machine would not cost it. Costs this process's whole CPU.
+    #[arg(long)]
+    spin: bool,
     /// Statuses that count as success, comma-separated (e.g. `200,429` under overload).
     #[arg(long, value_delimiter = ',', default_value = "200")]
     expect_status: Vec<u16>,
@@ -505,6 +511,15 @@ async fn main() -> ExitCode {
         let url = &plan.args.url;
         eprintln!("loadgen: cannot reach {url}: {}", failure.detail);
         return ExitCode::FAILURE;
+    }
+    if plan.args.spin {
+        // Each yield returns to the runtime, which polls the I/O driver without blocking
+        // before running the task again. Dropped with the runtime at the end of main.
+        tokio::spawn(async {
+            loop {
+                tokio::task::yield_now().await;
+            }
+        });
     }
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..plan.workers {

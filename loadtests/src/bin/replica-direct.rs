@@ -50,6 +50,38 @@ struct Args {
     /// answer is read, so N bodies that overflow both socket buffers would deadlock.
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
+    /// Never sleep waiting for an answer: poll the socket in a loop (as `loadgen --spin`).
+    #[arg(long)]
+    spin: bool,
+}
+
+/// Retries reads and writes that would block, so a nonblocking socket is polled in a loop.
+struct Spin<T>(T);
+
+impl<T: Read> Read for Spin<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<T: Write> Write for Spin<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
@@ -113,8 +145,13 @@ fn main() -> std::process::ExitCode {
     let mut measured_start = None;
     let depth = args.pipeline.max(1);
     let mut written = std::collections::VecDeque::with_capacity(depth);
-    let mut reader =
-        std::io::BufReader::with_capacity(64 * 1024, stream.try_clone().expect("clone"));
+    // Nonblocking is a property of the socket, so it holds for the clone too.
+    stream.set_nonblocking(args.spin).expect("socket mode");
+    let mut reader = std::io::BufReader::with_capacity(
+        64 * 1024,
+        Spin(stream.try_clone().expect("clone")),
+    );
+    let mut stream = Spin(stream);
     while sent < args.max_requests {
         let now = Instant::now();
         if now >= end {
@@ -149,6 +186,7 @@ fn main() -> std::process::ExitCode {
     let _ = std::fs::remove_dir_all(&dir);
     let report = serde_json::json!({
         "mode": "replica-direct",
+        "spin": args.spin,
         "pipeline": depth,
         "sent": sent,
         "error_total": errors,

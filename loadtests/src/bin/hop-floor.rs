@@ -1,0 +1,313 @@
+//! `hop-floor`: the least a proxy in front of a replica can do — a bare hyper server that takes
+//! `request` out of each `/model` envelope, sends it to one real `replica-runtime` over the
+//! replica protocol, and wraps the answer. No routing, authentication, limits, timeouts, metrics,
+//! supervision or error handling beyond a 502. It measures what HTTP plus one hop to a separate
+//! Python process costs on this machine, which is the floor for modelgate's design (one process
+//! per replica); `floor` measures HTTP alone.
+//!
+//! `--pipeline 1` (the default) sends one request at a time, as modelgate does: a request holds
+//! the connection (a FIFO-fair lock) from its write to its answer. `--pipeline N` lets up to N
+//! requests be written ahead of their answers, which a reader task hands back in order.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use modelgate_protocol::{self as protocol, Kind};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, Semaphore};
+
+#[derive(Parser)]
+struct Args {
+    /// Address to listen on (use 127.0.0.1).
+    #[arg(long, default_value = "127.0.0.1:18901")]
+    listen: String,
+    /// The replica-runtime binary.
+    #[arg(long, default_value = "target/release/replica-runtime")]
+    runtime: String,
+    #[arg(long, default_value = "examples/add_numbers")]
+    dir: String,
+    #[arg(long, default_value = "add_numbers.py")]
+    file: String,
+    #[arg(long, default_value = "add")]
+    function: String,
+    /// Requests written ahead of their answers (1: one at a time).
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+}
+
+/// The replica connection: registered for input only, as modelgate registers its replica
+/// sockets, so the replica reading a request does not wake this process. A write that does not
+/// fit the socket buffer waits for room through a duplicate descriptor registered for output for
+/// just that write.
+struct Conn {
+    fd: AsyncFd<UnixStream>,
+}
+
+impl Conn {
+    async fn write_frame(&self, body: &[u8]) -> std::io::Result<()> {
+        let header = protocol::encode_header(Kind::Predict, body.len());
+        let (mut h, mut b) = (&header[..], body);
+        let mut room: Option<AsyncFd<UnixStream>> = None;
+        while !h.is_empty() || !b.is_empty() {
+            let bufs = [std::io::IoSlice::new(h), std::io::IoSlice::new(b)];
+            match self.fd.get_ref().write_vectored(&bufs) {
+                Ok(n) => {
+                    let from_h = n.min(h.len());
+                    h = &h[from_h..];
+                    b = &b[n - from_h..];
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if room.is_none() {
+                        let dup = self.fd.get_ref().try_clone()?;
+                        #[allow(deprecated)] // a UnixStream owns one descriptor for its life
+                        let fd = AsyncFd::with_interest(dup, Interest::WRITABLE)?;
+                        room = Some(fd);
+                    }
+                    let fd = room.as_ref().expect("registered");
+                    fd.writable().await?.clear_ready();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one frame; `buf` keeps bytes of the frames after it. A frame's payload is read
+    /// straight into its place, however large.
+    async fn read_frame(&self, buf: &mut Vec<u8>) -> std::io::Result<Frame> {
+        loop {
+            let mut want = 8192;
+            if buf.len() >= protocol::HEADER_LEN {
+                let h: [u8; protocol::HEADER_LEN] =
+                    buf[..protocol::HEADER_LEN].try_into().expect("header");
+                let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
+                let end = protocol::HEADER_LEN + header.payload_len;
+                if buf.len() >= end {
+                    let payload = buf[protocol::HEADER_LEN..end].to_vec();
+                    buf.drain(..end);
+                    return Ok((header.kind, payload));
+                }
+                want = want.max(end - buf.len());
+            }
+            let filled = buf.len();
+            buf.resize(filled + want, 0);
+            let mut guard = self.fd.readable().await?;
+            let got = guard.try_io(|fd| fd.get_ref().read(&mut buf[filled..]));
+            buf.truncate(
+                filled
+                    + *got
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.as_ref().ok())
+                        .unwrap_or(&0),
+            );
+            match got {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+/// A frame's kind and payload.
+type Frame = (u8, Vec<u8>);
+
+enum Dispatch {
+    /// One request at a time: the lock is held from the write to the answer.
+    OneByOne(tokio::sync::Mutex<(Conn, Vec<u8>)>),
+    /// Up to N written ahead; the reader task answers them in order.
+    Pipelined {
+        conn: Arc<Conn>,
+        slots: Semaphore,
+        /// Held for a whole write, so frames do not interleave.
+        writer: tokio::sync::Mutex<()>,
+        waiting: Mutex<VecDeque<oneshot::Sender<Frame>>>,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    request: &'a serde_json::value::RawValue,
+}
+
+async fn call(d: &Dispatch, request: &[u8]) -> Option<Frame> {
+    match d {
+        Dispatch::OneByOne(lock) => {
+            let mut held = lock.lock().await;
+            let (conn, buf) = &mut *held;
+            conn.write_frame(request).await.ok()?;
+            conn.read_frame(buf).await.ok()
+        }
+        Dispatch::Pipelined {
+            conn,
+            slots,
+            writer,
+            waiting,
+        } => {
+            let _slot = slots.acquire().await.ok()?;
+            let (tx, rx) = oneshot::channel();
+            {
+                // Queued and written under the writer lock, so answers come back in queue order.
+                let _writing = writer.lock().await;
+                waiting.lock().expect("queue").push_back(tx);
+                if conn.write_frame(request).await.is_err() {
+                    eprintln!("hop-floor: writing to the replica failed");
+                    std::process::exit(1);
+                }
+            }
+            rx.await.ok()
+        }
+    }
+}
+
+async fn answer(
+    d: Arc<Dispatch>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let reply = match serde_json::from_slice::<Envelope>(&body) {
+        Ok(env) => call(&d, env.request.get().as_bytes()).await,
+        Err(_) => None,
+    };
+    let resp = match reply {
+        Some((kind, payload)) if Kind::from_u8(kind) == Some(Kind::ResultOk) => {
+            let mut out = Vec::with_capacity(payload.len() + 64);
+            out.extend_from_slice(br#"{"success":true,"response":"#);
+            out.extend_from_slice(&payload);
+            out.extend_from_slice(br#","replicaId":"hop-floor-0"}"#);
+            let mut r = Response::new(Full::new(Bytes::from(out)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => {
+            let mut r = Response::new(Full::new(Bytes::from_static(br#"{"success":false}"#)));
+            *r.status_mut() = StatusCode::BAD_GATEWAY;
+            r
+        }
+    };
+    Ok(resp)
+}
+
+fn read_frame_blocking(s: &mut impl Read) -> std::io::Result<Frame> {
+    let mut h = [0u8; protocol::HEADER_LEN];
+    s.read_exact(&mut h)?;
+    let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
+    let mut payload = vec![0u8; header.payload_len];
+    s.read_exact(&mut payload)?;
+    Ok((header.kind, payload))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("hop-floor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sock = dir.join("r.sock");
+    let unix = UnixListener::bind(&sock).expect("bind socket");
+    // The replica inherits this process's CPU affinity, as modelgate's replicas do.
+    let mut child = std::process::Command::new(&args.runtime)
+        .args(["serve", "--connect"])
+        .arg(&sock)
+        .args([
+            "--dir",
+            &args.dir,
+            "--file",
+            &args.file,
+            "--function",
+            &args.function,
+        ])
+        .spawn()
+        .expect("spawn replica-runtime");
+    let (mut stream, _) = unix.accept().expect("replica connects");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (kind, _) = read_frame_blocking(&mut stream).expect("first frame");
+    assert_eq!(
+        Kind::from_u8(kind),
+        Some(Kind::Ready),
+        "replica did not load"
+    );
+    stream.set_nonblocking(true).expect("nonblocking");
+    #[allow(deprecated)] // a UnixStream owns one descriptor for its whole life
+    let fd = AsyncFd::with_interest(stream, Interest::READABLE).expect("register");
+    let conn = Conn { fd };
+    let dispatch = if args.pipeline <= 1 {
+        Arc::new(Dispatch::OneByOne(tokio::sync::Mutex::new((
+            conn,
+            Vec::with_capacity(8192),
+        ))))
+    } else {
+        let conn = Arc::new(conn);
+        let d = Arc::new(Dispatch::Pipelined {
+            conn: conn.clone(),
+            slots: Semaphore::new(args.pipeline),
+            writer: tokio::sync::Mutex::new(()),
+            waiting: Mutex::new(VecDeque::new()),
+        });
+        let reader = d.clone();
+        tokio::spawn(async move {
+            let Dispatch::Pipelined { waiting, .. } = &*reader else {
+                unreachable!()
+            };
+            let mut buf = Vec::with_capacity(8192);
+            while let Ok(frame) = conn.read_frame(&mut buf).await {
+                let tx = waiting.lock().expect("queue").pop_front();
+                if let Some(tx) = tx {
+                    let _ = tx.send(frame);
+                }
+            }
+            eprintln!("hop-floor: the replica went away");
+            std::process::exit(1);
+        });
+        d
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .expect("bind");
+    println!(
+        "hop-floor listening on http://{}",
+        listener.local_addr().expect("addr")
+    );
+    let serve = async {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let d = dispatch.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| answer(d.clone(), req));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    };
+    tokio::select! {
+        _ = serve => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
