@@ -7,7 +7,8 @@
 #   floor  bare hyper answering a fixed body (HTTP alone).
 # Servers (and their replicas) on CPU 0, loadgen on CPU 1, 127.0.0.1 only. Each round measures
 # every server at c=1, c=16, and open loop at 80 % of the rate it reached at c=16 in that round.
-# Prints medians over ROUNDS (default 5) and, per round, modelgate / hop.
+# Prints medians over ROUNDS (default 5) and, per round, modelgate / hop. SPIN=1 makes the
+# closed-loop client poll instead of sleeping between answers (loadgen --spin).
 # Bounded: ROUNDS x 4 servers x 3 runs of 0.5 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +41,8 @@ for round in $(seq 1 "$ROUNDS"); do
   for s in mg hop hop4 floor; do
     start $s
     run() { bench_load --url http://127.0.0.1:18670/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" "$@"; }
-    printf '%s\t%s\tc1\t' "$round" $s; run --concurrency 1
-    printf '%s\t%s\tc16\t' "$round" $s; run --concurrency 16 | tee "$work/c16"
+    printf '%s\t%s\tc1\t' "$round" $s; run --concurrency 1 ${SPIN:+--spin}
+    printf '%s\t%s\tc16\t' "$round" $s; run --concurrency 16 ${SPIN:+--spin} | tee "$work/c16"
     rate=$(python3 -c "import json; print(int(0.8 * json.load(open('$work/c16'))['achieved_rps']))")
     printf '%s\t%s\topen80\t' "$round" $s; run --mode open --rate "$rate" --connections 32
     kill -TERM "$server"; wait "$server" || true; server=

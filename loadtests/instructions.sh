@@ -3,7 +3,8 @@
 # this machine's noise, for comparing builds and for seeing where the proxy's own code goes.
 # modelgate (the add model, one replica), hop-floor and the bare hyper floor each run under
 # `valgrind --tool=callgrind` (the replica runs natively: callgrind does not follow children);
-# after WARM requests the counters are zeroed, then N requests at c=1 are counted and dumped.
+# after WARM requests the counters are zeroed, then N requests at c=CONC (default 1) are counted
+# and dumped.
 # Prints instructions per request for both and modelgate's top functions (self cost).
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
 set -euo pipefail
@@ -35,7 +36,7 @@ count() {
   done
   [ "$name" != modelgate ] || wait_ready "$port" "$work/$name.log"
   load() { ./target/release/loadgen --url "http://127.0.0.1:$port/model" --access-key "$KEY" \
-    --expect 8 --concurrency 1 --warmup 0 --duration 600 --max-requests "$1" --timeout 30 --json >/dev/null; }
+    --expect 8 --concurrency "${CONC:-1}" --warmup 0 --duration 600 --max-requests "$1" --timeout 30 --json >/dev/null; }
   load "$WARM"
   poke "$port" & callgrind_control --zero "$pid" >/dev/null 2>&1
   load "$N"
@@ -80,7 +81,7 @@ floor=$(awk '$1 == "floor" {print $2}' "$work/result")
 hop=$(awk '$1 == "hop-floor" {print $2}' "$work/result")
 mg=$(awk '$1 == "modelgate" {print $2}' "$work/result")
 echo
-echo "user-space instructions per request (c=1, $N requests after $WARM):"
+echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM):"
 echo "  floor      $floor"
 echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)"
 echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor)"

@@ -8,7 +8,8 @@
 # Every server is pinned to CPU 0 and the load generator to CPU 1. Each run is bounded
 # (1 s warm-up + DURATION s) and targets 127.0.0.1 only. The peer's packages go into a
 # throwaway virtualenv. Prints a table and the ratios. SPIN=1 makes the clients (loadgen and
-# replica-direct) poll instead of sleeping between answers (see docs/PERFORMANCE.md).
+# replica-direct) poll instead of sleeping between answers in the closed-loop runs (see
+# docs/PERFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -21,8 +22,10 @@ trap cleanup EXIT
 wait_up() { for _ in $(seq 1 600); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "$1 did not come up" >&2; exit 1; }
 load() { # name url conc [extra...]
   local name=$1 url=$2 c=$3; shift 3
+  local spin=${SPIN:+--spin}
+  [[ " $* " != *" --mode open "* ]] || spin=  # the open loop's pacer needs the CPU
   taskset -c 1 ./target/release/loadgen --url "$url" --access-key "$KEY" --expect 8 \
-    --concurrency "$c" --warmup 1 --duration "$DURATION" --json ${SPIN:+--spin} "$@" >"$out/$name.json"
+    --concurrency "$c" --warmup 1 --duration "$DURATION" --json $spin "$@" >"$out/$name.json"
 }
 field() { python3 -c "import json; r=json.load(open('$out/$1.json')); print(r$2)"; }
 

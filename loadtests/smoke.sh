@@ -53,4 +53,23 @@ if MODELGATE_API_KEY= ./target/debug/loadgen --url "$url" --access-key "$key" --
   echo "requests without an API key were served"; cat "$work/refused"; exit 1
 fi
 grep -q '"errors":{"status_401":' "$work/refused" || { echo "expected only 401s without an API key:"; cat "$work/refused"; exit 1; }
+
+# The comparison servers of the load scripts work too: hop-floor in front of a real replica, with
+# a polling client, and the replica called directly with a polling client.
+./target/debug/hop-floor --listen 127.0.0.1:0 --runtime target/debug/replica-runtime >"$work/hop" &
+hop=$!
+hop_addr=""
+for _ in $(seq 1 200); do
+  hop_addr=$(sed -n 's#^hop-floor listening on http://##p' "$work/hop")
+  [ -n "$hop_addr" ] && break
+  sleep 0.05
+done
+[ -n "$hop_addr" ] || { echo "hop-floor did not start"; kill "$hop"; exit 1; }
+./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --spin --warmup 0.3 --duration 1
+kill -TERM "$hop"; wait "$hop" 2>/dev/null || true
+./target/debug/replica-direct --runtime target/debug/replica-runtime --spin --warmup 0.2 --duration 0.5 >/dev/null
+# --spin is refused in the open loop, whose pacer thread needs the CPU.
+if ./target/debug/loadgen --url "$url" --access-key "$key" --mode open --rate 10 --spin --duration 0.1 2>/dev/null; then
+  echo "loadgen accepted --spin with --mode open"; exit 1
+fi
 echo "loadgen smoke: ok"

@@ -178,6 +178,10 @@ fn plan(mut args: Args) -> Result<Plan, String> {
     if args.duration.is_zero() || args.timeout.is_zero() {
         return Err("--duration and --timeout must be > 0".into());
     }
+    if args.spin && args.mode == Mode::Open {
+        // The open loop's pacer is a thread on the same CPU; a spinning runtime would delay it.
+        return Err("--spin is for the closed loop".into());
+    }
     let (mut limit, mut interval_ns, mut workers) = (args.max_requests, 0, args.concurrency);
     if let (Mode::Open, Some(rate)) = (args.mode, args.rate) {
         if !(rate.is_finite() && (0.001..=10_000_000.0).contains(&rate)) {

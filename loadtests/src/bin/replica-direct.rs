@@ -147,10 +147,8 @@ fn main() -> std::process::ExitCode {
     let mut written = std::collections::VecDeque::with_capacity(depth);
     // Nonblocking is a property of the socket, so it holds for the clone too.
     stream.set_nonblocking(args.spin).expect("socket mode");
-    let mut reader = std::io::BufReader::with_capacity(
-        64 * 1024,
-        Spin(stream.try_clone().expect("clone")),
-    );
+    let mut reader =
+        std::io::BufReader::with_capacity(64 * 1024, Spin(stream.try_clone().expect("clone")));
     let mut stream = Spin(stream);
     while sent < args.max_requests {
         let now = Instant::now();
