@@ -87,10 +87,11 @@ struct Args {
     /// Print only the JSON report.
     #[arg(long)]
     json: bool,
-    /// Never sleep between answers: one task keeps this process polling for I/O, so the
-    /// server's send of an answer never has to wake this process. Over loopback that wake-up
-    /// is charged to the server's CPU (the sender runs the receiver's TCP processing), which
-    /// a client on another machine would not cost it. Costs this process's whole CPU.
+    /// Never sleep between answers: one worker thread, and one task that keeps it polling for
+    /// I/O, so the server's send of an answer never has to wake this process. Over loopback
+    /// that wake-up is charged to the server's CPU (the sender runs the receiver's TCP
+    /// processing), which a client on another machine would not cost it. Costs this process's
+    /// whole CPU.
     #[arg(long)]
     spin: bool,
     /// Statuses that count as success, comma-separated (e.g. `200,429` under overload).
@@ -501,9 +502,23 @@ fn print_table(r: &Value) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let plan = match plan(Args::parse()) {
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.spin {
+        // Only a worker that never blocks keeps answers from having to wake this process; with
+        // more than one, another would sleep in `epoll_wait` holding the I/O driver.
+        runtime.worker_threads(1);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let plan = match plan(args) {
         Ok(plan) => Arc::new(plan),
         Err(message) => Args::command()
             .error(clap::error::ErrorKind::ValueValidation, message)

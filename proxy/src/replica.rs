@@ -612,38 +612,52 @@ mod tests {
 
     #[test]
     fn speculation_keeps_trying_while_more_than_one_in_five_hit() {
-        let run = |hit_every: u32| {
+        // Over 1,600 calls, how many try; one try in `hit_every` finds the answer.
+        let run = |hit_every: Option<u32>| {
             let mut s = Speculation::default();
             let mut tries = 0;
-            for i in 0..1600u32 {
+            for _ in 0..1600 {
                 if s.should_try() {
                     tries += 1;
-                    s.record(i % hit_every == 0);
+                    s.record(hit_every.is_some_and(|n| tries % n == 0));
                 }
             }
             tries
         };
         assert_eq!(
-            run(1),
+            run(Some(1)),
             1600 - 15,
-            "always hitting: tries every call once it has hit"
+            "always hitting: every call once one hit"
         );
-        assert!(run(3) > 1400, "one in three hit: keeps trying");
-        assert!(run(10) < 250, "one in ten hit: mostly skips");
-        assert!(run(u32::MAX) <= 100, "never hitting: one call in 16");
+        assert!(run(Some(4)) > 1500, "one in four hit: keeps trying");
+        assert!(run(Some(10)) < 250, "one in ten hit: mostly skips");
+        assert_eq!(run(None), 100, "never hitting: one call in 16");
     }
 
     #[tokio::test]
-    async fn an_answer_already_there_when_the_write_returns_is_read_whole() {
+    async fn an_answer_already_there_when_the_write_returns_is_read_at_once_and_whole() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
         let (ours, theirs) = UnixStream::pair().unwrap();
         let mut conn = conn(ours);
-        // Always found at once: the answer, then the next one in two pieces, is written before
-        // the call, as a replica on this CPU does before the call's write returns.
         conn.speculation.score = 32;
         let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        // The answer is there before the call, as a replica on this CPU writes it before the
+        // call's write returns: the call ends on its first poll, with no readiness wait (the
+        // runtime has not yet seen the socket readable, so waiting would return Pending).
         (&theirs).write_all(&frame(Kind::ResultOk, b"8")).unwrap();
-        let reply = conn.call(&[Bytes::from_static(b"{}")]).await.unwrap();
-        assert!(matches!(reply, Reply::Ok(ref p) if &p[..] == b"8"));
+        {
+            let request = [Bytes::from_static(b"{}")];
+            let mut call = std::pin::pin!(conn.call(&request));
+            let polled = call.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert!(
+                matches!(polled, Poll::Ready(Ok(Reply::Ok(ref p))) if &p[..] == b"8"),
+                "answered on the first poll"
+            );
+        }
+        assert_eq!(conn.speculation.score, 32, "a hit keeps the score");
+        // Part of the next answer is there at once, the rest comes later: read whole.
         let answer = frame(Kind::ResultOk, b"\"eleven\"");
         (&theirs).write_all(&answer[..3]).unwrap();
         let rest = answer[3..].to_vec();

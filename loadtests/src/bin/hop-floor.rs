@@ -83,42 +83,57 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads one frame; `buf` keeps bytes of the frames after it. A frame's payload is read
-    /// straight into its place, however large.
-    async fn read_frame(&self, buf: &mut Vec<u8>) -> std::io::Result<Frame> {
+    /// Reads one frame. `st` keeps the bytes of the frames after it; its buffer only grows, so
+    /// a large payload is read in place and zero-filled once. A read that leaves the socket
+    /// empty does not clear tokio's readiness, so the next frame's first read is tried before
+    /// any wait: like modelgate's `Speculation` when it is on, always.
+    async fn read_frame(&self, st: &mut ReadState) -> std::io::Result<Frame> {
         loop {
-            let mut want = 8192;
-            if buf.len() >= protocol::HEADER_LEN {
+            if st.filled >= protocol::HEADER_LEN {
                 let h: [u8; protocol::HEADER_LEN] =
-                    buf[..protocol::HEADER_LEN].try_into().expect("header");
+                    st.buf[..protocol::HEADER_LEN].try_into().expect("header");
                 let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
                 let end = protocol::HEADER_LEN + header.payload_len;
-                if buf.len() >= end {
-                    let payload = buf[protocol::HEADER_LEN..end].to_vec();
-                    buf.drain(..end);
+                if st.filled >= end {
+                    let payload = st.buf[protocol::HEADER_LEN..end].to_vec();
+                    st.buf.copy_within(end..st.filled, 0);
+                    st.filled -= end;
                     return Ok((header.kind, payload));
                 }
-                want = want.max(end - buf.len());
+                if st.buf.len() < end {
+                    st.buf.resize(end, 0);
+                }
             }
-            let filled = buf.len();
-            buf.resize(filled + want, 0);
+            if st.buf.len() - st.filled < 8192 {
+                st.buf.resize(st.filled + 8192, 0);
+            }
             let mut guard = self.fd.readable().await?;
-            let got = guard.try_io(|fd| fd.get_ref().read(&mut buf[filled..]));
-            buf.truncate(
-                filled
-                    + *got
-                        .as_ref()
-                        .ok()
-                        .and_then(|r| r.as_ref().ok())
-                        .unwrap_or(&0),
-            );
-            match got {
+            match guard.try_io(|fd| fd.get_ref().read(&mut st.buf[st.filled..])) {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                Ok(Ok(_)) => {}
+                Ok(Ok(n)) => st.filled += n,
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => {}
             }
         }
+    }
+}
+
+/// Bytes read from the replica: `buf[..filled]`.
+#[derive(Default)]
+struct ReadState {
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+/// Armed while a request is between its write and its answer: dropping it there (the client
+/// went away) would leave an answer in the socket for the next request, so the process ends
+/// instead of measuring wrong pairs.
+struct InStep;
+
+impl Drop for InStep {
+    fn drop(&mut self) {
+        eprintln!("hop-floor: a call was dropped between its write and its answer; stopping");
+        std::process::exit(1);
     }
 }
 
@@ -127,7 +142,7 @@ type Frame = (u8, Vec<u8>);
 
 enum Dispatch {
     /// One request at a time: the lock is held from the write to the answer.
-    OneByOne(tokio::sync::Mutex<(Conn, Vec<u8>)>),
+    OneByOne(tokio::sync::Mutex<(Conn, ReadState)>),
     /// Up to N written ahead; the reader task answers them in order.
     Pipelined {
         conn: Arc<Conn>,
@@ -148,9 +163,15 @@ async fn call(d: &Dispatch, request: &[u8]) -> Option<Frame> {
     match d {
         Dispatch::OneByOne(lock) => {
             let mut held = lock.lock().await;
-            let (conn, buf) = &mut *held;
-            conn.write_frame(request).await.ok()?;
-            conn.read_frame(buf).await.ok()
+            let (conn, st) = &mut *held;
+            let in_step = InStep;
+            if conn.write_frame(request).await.is_err() {
+                eprintln!("hop-floor: writing to the replica failed");
+                std::process::exit(1);
+            }
+            let frame = conn.read_frame(st).await;
+            std::mem::forget(in_step);
+            frame.ok()
         }
         Dispatch::Pipelined {
             conn,
@@ -164,10 +185,13 @@ async fn call(d: &Dispatch, request: &[u8]) -> Option<Frame> {
                 // Queued and written under the writer lock, so answers come back in queue order.
                 let _writing = writer.lock().await;
                 waiting.lock().expect("queue").push_back(tx);
+                // Queued but not (wholly) written if dropped here: later answers would shift.
+                let in_step = InStep;
                 if conn.write_frame(request).await.is_err() {
                     eprintln!("hop-floor: writing to the replica failed");
                     std::process::exit(1);
                 }
+                std::mem::forget(in_step);
             }
             rx.await.ok()
         }
@@ -255,7 +279,7 @@ async fn main() {
     let dispatch = if args.pipeline <= 1 {
         Arc::new(Dispatch::OneByOne(tokio::sync::Mutex::new((
             conn,
-            Vec::with_capacity(8192),
+            ReadState::default(),
         ))))
     } else {
         let conn = Arc::new(conn);
@@ -270,8 +294,8 @@ async fn main() {
             let Dispatch::Pipelined { waiting, .. } = &*reader else {
                 unreachable!()
             };
-            let mut buf = Vec::with_capacity(8192);
-            while let Ok(frame) = conn.read_frame(&mut buf).await {
+            let mut st = ReadState::default();
+            while let Ok(frame) = conn.read_frame(&mut st).await {
                 let tx = waiting.lock().expect("queue").pop_front();
                 if let Some(tx) = tx {
                     let _ = tx.send(frame);
