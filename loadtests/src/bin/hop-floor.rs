@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use modelgate_loadtests::{start_replica, Model};
 use modelgate_protocol::{self as protocol, Kind};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -234,44 +235,16 @@ async fn answer(
     Ok(resp)
 }
 
-fn read_frame_blocking(s: &mut impl Read) -> std::io::Result<Frame> {
-    let mut h = [0u8; protocol::HEADER_LEN];
-    s.read_exact(&mut h)?;
-    let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
-    let mut payload = vec![0u8; header.payload_len];
-    s.read_exact(&mut payload)?;
-    Ok((header.kind, payload))
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let dir = std::env::temp_dir().join(format!("hop-floor-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let sock = dir.join("r.sock");
-    let unix = UnixListener::bind(&sock).expect("bind socket");
     // The replica inherits this process's CPU affinity, as modelgate's replicas do.
-    let mut child = std::process::Command::new(&args.runtime)
-        .args(["serve", "--connect"])
-        .arg(&sock)
-        .args([
-            "--dir",
-            &args.dir,
-            "--file",
-            &args.file,
-            "--function",
-            &args.function,
-        ])
-        .spawn()
-        .expect("spawn replica-runtime");
-    let (mut stream, _) = unix.accept().expect("replica connects");
-    let _ = std::fs::remove_dir_all(&dir);
-    let (kind, _) = read_frame_blocking(&mut stream).expect("first frame");
-    assert_eq!(
-        Kind::from_u8(kind),
-        Some(Kind::Ready),
-        "replica did not load"
-    );
+    let model = Model {
+        dir: &args.dir,
+        file: &args.file,
+        function: &args.function,
+    };
+    let (mut child, stream) = start_replica(std::process::Command::new(&args.runtime), &model);
     stream.set_nonblocking(true).expect("nonblocking");
     #[allow(deprecated)] // a UnixStream owns one descriptor for its whole life
     let fd = AsyncFd::with_interest(stream, Interest::READABLE).expect("register");

@@ -5,11 +5,11 @@
 //! to back for the warm-up and the measured duration, checking every answer.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
+use modelgate_loadtests::{read_frame, start_replica, Model};
 use modelgate_protocol::{self as protocol, Kind};
 
 #[derive(Parser)]
@@ -84,21 +84,9 @@ impl<T: Write> Write for Spin<T> {
     }
 }
 
-fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; protocol::HEADER_LEN];
-    s.read_exact(&mut h)?;
-    let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
-    let mut payload = vec![0u8; header.payload_len];
-    s.read_exact(&mut payload)?;
-    Ok((header.kind, payload))
-}
-
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let dir = tempdir();
-    let sock = dir.join("r.sock");
-    let listener = UnixListener::bind(&sock).expect("bind socket");
-    let mut cmd = match args.runtime_cpu {
+    let cmd = match args.runtime_cpu {
         Some(cpu) => {
             let mut c = std::process::Command::new("taskset");
             c.args(["-c", &cpu.to_string(), &args.runtime]);
@@ -106,26 +94,12 @@ fn main() -> std::process::ExitCode {
         }
         None => std::process::Command::new(&args.runtime),
     };
-    let mut child = cmd
-        .args(["serve", "--connect"])
-        .arg(&sock)
-        .args([
-            "--dir",
-            &args.dir,
-            "--file",
-            &args.file,
-            "--function",
-            &args.function,
-        ])
-        .spawn()
-        .expect("spawn replica-runtime");
-    let (mut stream, _) = listener.accept().expect("replica connects");
-    let (kind, _) = read_frame(&mut stream).expect("first frame");
-    assert_eq!(
-        Kind::from_u8(kind),
-        Some(Kind::Ready),
-        "replica did not load"
-    );
+    let model = Model {
+        dir: &args.dir,
+        file: &args.file,
+        function: &args.function,
+    };
+    let (mut child, stream) = start_replica(cmd, &model);
 
     let body = match args.payload_bytes {
         Some(n) => format!(r#"{{"pad":"{}"}}"#, "x".repeat(n)),
@@ -181,7 +155,6 @@ fn main() -> std::process::ExitCode {
     drop(reader);
     drop(stream);
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     let report = serde_json::json!({
         "mode": "replica-direct",
         "spin": args.spin,
@@ -201,10 +174,4 @@ fn main() -> std::process::ExitCode {
     } else {
         std::process::ExitCode::SUCCESS
     }
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("replica-direct-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
 }

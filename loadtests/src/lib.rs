@@ -1,0 +1,52 @@
+//! What the comparison binaries (`replica-direct`, `hop-floor`) share: starting one real
+//! `replica-runtime` on a private Unix socket and reading its frames with blocking I/O.
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command};
+
+use modelgate_protocol::{self as protocol, Kind};
+
+/// The model a replica serves, as `replica-runtime serve` takes it.
+pub struct Model<'a> {
+    pub dir: &'a str,
+    pub file: &'a str,
+    pub function: &'a str,
+}
+
+/// Runs `cmd` (the `replica-runtime` binary, or a wrapper such as `taskset` around it) as
+/// `serve` for `model`, accepts its connection and waits for `Ready`. The socket's directory is
+/// removed once the replica has connected. Panics when the replica does not load: these are
+/// measuring tools, and a run without its replica means nothing.
+pub fn start_replica(mut cmd: Command, model: &Model) -> (Child, UnixStream) {
+    let dir = std::env::temp_dir().join(format!("modelgate-loadtests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sock = dir.join("r.sock");
+    let listener = UnixListener::bind(&sock).expect("bind socket");
+    let child = cmd
+        .args(["serve", "--connect"])
+        .arg(&sock)
+        .args(["--dir", model.dir, "--file", model.file])
+        .args(["--function", model.function])
+        .spawn()
+        .expect("spawn replica-runtime");
+    let (mut stream, _) = listener.accept().expect("replica connects");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (kind, _) = read_frame(&mut stream).expect("first frame");
+    assert_eq!(
+        Kind::from_u8(kind),
+        Some(Kind::Ready),
+        "replica did not load"
+    );
+    (child, stream)
+}
+
+/// Reads one whole frame: `(kind byte, payload)`.
+pub fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; protocol::HEADER_LEN];
+    s.read_exact(&mut h)?;
+    let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
+    let mut payload = vec![0u8; header.payload_len];
+    s.read_exact(&mut payload)?;
+    Ok((header.kind, payload))
+}
