@@ -7,18 +7,26 @@ use std::process::{Child, Command};
 
 use modelgate_protocol::{self as protocol, Kind};
 
-/// The model a replica serves, as `replica-runtime serve` takes it.
-pub struct Model<'a> {
-    pub dir: &'a str,
-    pub file: &'a str,
-    pub function: &'a str,
+/// The replica to start: its binary and the model it serves, as `replica-runtime serve` takes
+/// them. Defaults: the bundled add model and this tree's release build.
+#[derive(clap::Args, Debug)]
+pub struct ReplicaArgs {
+    /// The replica-runtime binary.
+    #[arg(long, default_value = "target/release/replica-runtime")]
+    pub runtime: String,
+    #[arg(long, default_value = "examples/add_numbers")]
+    pub dir: String,
+    #[arg(long, default_value = "add_numbers.py")]
+    pub file: String,
+    #[arg(long, default_value = "add")]
+    pub function: String,
 }
 
-/// Runs `cmd` (the `replica-runtime` binary, or a wrapper such as `taskset` around it) as
-/// `serve` for `model`, accepts its connection and waits for `Ready`. The socket's directory is
+/// Runs `cmd` (`model.runtime`, or a wrapper such as `taskset` around it) as `serve` for
+/// `model`, accepts its connection and waits for `Ready`. The socket's directory is
 /// removed once the replica has connected. Panics when the replica does not load: these are
 /// measuring tools, and a run without its replica means nothing.
-pub fn start_replica(mut cmd: Command, model: &Model) -> (Child, UnixStream) {
+pub fn start_replica(mut cmd: Command, model: &ReplicaArgs) -> (Child, UnixStream) {
     let dir = std::env::temp_dir().join(format!("modelgate-loadtests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let sock = dir.join("r.sock");
@@ -26,8 +34,8 @@ pub fn start_replica(mut cmd: Command, model: &Model) -> (Child, UnixStream) {
     let child = cmd
         .args(["serve", "--connect"])
         .arg(&sock)
-        .args(["--dir", model.dir, "--file", model.file])
-        .args(["--function", model.function])
+        .args(["--dir", &model.dir, "--file", &model.file])
+        .args(["--function", &model.function])
         .spawn()
         .expect("spawn replica-runtime");
     let (mut stream, _) = listener.accept().expect("replica connects");

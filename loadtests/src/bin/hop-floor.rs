@@ -22,26 +22,20 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use modelgate_loadtests::{start_replica, Model};
+use modelgate_loadtests::{start_replica, ReplicaArgs};
 use modelgate_protocol::{self as protocol, Kind};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, Semaphore};
 
+/// A bare hyper server in front of one real replica: the floor of modelgate's design.
 #[derive(Parser)]
 struct Args {
     /// Address to listen on (use 127.0.0.1).
     #[arg(long, default_value = "127.0.0.1:18901")]
     listen: String,
-    /// The replica-runtime binary.
-    #[arg(long, default_value = "target/release/replica-runtime")]
-    runtime: String,
-    #[arg(long, default_value = "examples/add_numbers")]
-    dir: String,
-    #[arg(long, default_value = "add_numbers.py")]
-    file: String,
-    #[arg(long, default_value = "add")]
-    function: String,
+    #[command(flatten)]
+    replica: ReplicaArgs,
     /// Requests written ahead of their answers (1: one at a time).
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
@@ -239,12 +233,10 @@ async fn answer(
 async fn main() {
     let args = Args::parse();
     // The replica inherits this process's CPU affinity, as modelgate's replicas do.
-    let model = Model {
-        dir: &args.dir,
-        file: &args.file,
-        function: &args.function,
-    };
-    let (mut child, stream) = start_replica(std::process::Command::new(&args.runtime), &model);
+    let (mut child, stream) = start_replica(
+        std::process::Command::new(&args.replica.runtime),
+        &args.replica,
+    );
     stream.set_nonblocking(true).expect("nonblocking");
     #[allow(deprecated)] // a UnixStream owns one descriptor for its whole life
     let fd = AsyncFd::with_interest(stream, Interest::READABLE).expect("register");

@@ -9,20 +9,14 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
-use modelgate_loadtests::{read_frame, start_replica, Model};
+use modelgate_loadtests::{read_frame, start_replica, ReplicaArgs};
 use modelgate_protocol::{self as protocol, Kind};
 
+/// Calls one replica over its Unix socket with no proxy in between, and reports latency.
 #[derive(Parser)]
 struct Args {
-    /// The replica-runtime binary.
-    #[arg(long, default_value = "target/release/replica-runtime")]
-    runtime: String,
-    #[arg(long, default_value = "examples/add_numbers")]
-    dir: String,
-    #[arg(long, default_value = "add_numbers.py")]
-    file: String,
-    #[arg(long, default_value = "add")]
-    function: String,
+    #[command(flatten)]
+    replica: ReplicaArgs,
     /// The request object (JSON).
     #[arg(long, default_value = r#"{"a":3,"b":5}"#)]
     body: String,
@@ -89,17 +83,12 @@ fn main() -> std::process::ExitCode {
     let cmd = match args.runtime_cpu {
         Some(cpu) => {
             let mut c = std::process::Command::new("taskset");
-            c.args(["-c", &cpu.to_string(), &args.runtime]);
+            c.args(["-c", &cpu.to_string(), &args.replica.runtime]);
             c
         }
-        None => std::process::Command::new(&args.runtime),
+        None => std::process::Command::new(&args.replica.runtime),
     };
-    let model = Model {
-        dir: &args.dir,
-        file: &args.file,
-        function: &args.function,
-    };
-    let (mut child, stream) = start_replica(cmd, &model);
+    let (mut child, stream) = start_replica(cmd, &args.replica);
 
     let body = match args.payload_bytes {
         Some(n) => format!(r#"{{"pad":"{}"}}"#, "x".repeat(n)),
