@@ -28,14 +28,10 @@ start() { # name
         server=$!; wait_ready 18670 "$work/log" ;;
     hop|hop4) local depth=1; [ "$1" = hop ] || depth=4
         taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18670 --pipeline $depth >"$work/log" &
-        server=$!; wait_listening ;;
+        server=$!; listening_addr hop-floor "$work/log" >/dev/null ;;
     floor) taskset -c 0 ./target/release/floor --listen 127.0.0.1:18670 >"$work/log" &
-        server=$!; wait_listening ;;
+        server=$!; listening_addr floor "$work/log" >/dev/null ;;
   esac
-}
-wait_listening() {
-  for _ in $(seq 1 300); do grep -q listening "$work/log" && return 0; sleep 0.1; done
-  echo "server did not come up" >&2; exit 1
 }
 for round in $(seq 1 "$ROUNDS"); do
   for s in mg hop hop4 floor; do

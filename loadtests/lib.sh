@@ -14,6 +14,21 @@ wait_ready() {
   exit 1
 }
 
+# listening_addr NAME LOG: waits up to 10 s for "NAME listening on http://ADDR" in LOG (what
+# modelgate, floor and hop-floor print once they accept connections) and prints ADDR; if it never
+# appears, prints LOG and exits 1.
+listening_addr() {
+  local name=$1 log=$2 addr=""
+  for _ in $(seq 1 200); do
+    addr=$(sed -n "s#^$name listening on http://##p" "$log")
+    [ -n "$addr" ] && { echo "$addr"; return 0; }
+    sleep 0.05
+  done
+  echo "$name did not start" >&2
+  cat "$log" >&2
+  exit 1
+}
+
 # bench_load ARGS...: one loadgen run on CPU 1 (the servers are on CPU 0), printing only its JSON
 # report line.
 bench_load() {

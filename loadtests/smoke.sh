@@ -3,6 +3,7 @@
 # passes only if every request was answered correctly. Not a timed test: no figure is asserted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 cargo build -q -p modelgate -p replica-runtime -p modelgate-loadtests --bins
 
 work=$(mktemp -d)
@@ -22,20 +23,16 @@ TOML
 
 ./target/debug/modelgate serve --config "$work/modelgate.toml" >"$work/out" 2>"$work/log" &
 server=$!
+hop=
 cleanup() {
   kill -INT "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
+  [ -z "$hop" ] || kill -TERM "$hop" 2>/dev/null || true
+  wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-addr=""
-for _ in $(seq 1 200); do
-  addr=$(sed -n 's#^modelgate listening on http://##p' "$work/out")
-  [ -n "$addr" ] && break
-  sleep 0.05
-done
-[ -n "$addr" ] || { echo "modelgate did not start"; cat "$work/log"; exit 1; }
+addr=$(listening_addr modelgate "$work/out") || { cat "$work/log"; exit 1; }
 for _ in $(seq 1 200); do
   curl -sf "http://$addr/readyz" >/dev/null && break
   sleep 0.05
@@ -58,15 +55,9 @@ grep -q '"errors":{"status_401":' "$work/refused" || { echo "expected only 401s 
 # a polling client, and the replica called directly with a polling client.
 ./target/debug/hop-floor --listen 127.0.0.1:0 --runtime target/debug/replica-runtime >"$work/hop" &
 hop=$!
-hop_addr=""
-for _ in $(seq 1 200); do
-  hop_addr=$(sed -n 's#^hop-floor listening on http://##p' "$work/hop")
-  [ -n "$hop_addr" ] && break
-  sleep 0.05
-done
-[ -n "$hop_addr" ] || { echo "hop-floor did not start"; kill "$hop"; exit 1; }
+hop_addr=$(listening_addr hop-floor "$work/hop")
 ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --spin --warmup 0.3 --duration 1
-kill -TERM "$hop"; wait "$hop" 2>/dev/null || true
+kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 ./target/debug/replica-direct --runtime target/debug/replica-runtime --spin --warmup 0.2 --duration 0.5 >/dev/null
 # --spin is refused in the open loop, whose pacer thread needs the CPU.
 if ./target/debug/loadgen --url "$url" --access-key "$key" --mode open --rate 10 --spin --duration 0.1 2>/dev/null; then
