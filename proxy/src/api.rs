@@ -32,7 +32,6 @@ use crate::auth::{Action, Principal, SiteAction};
 use crate::config::valid_name;
 use crate::control::{blocking, ControlPlane};
 use crate::error::{json_response, ApiError, Body};
-use crate::server::ClientAddr;
 
 /// Largest JSON body the API accepts.
 const MAX_JSON_BYTES: usize = 1024 * 1024;
@@ -118,8 +117,12 @@ impl Ctx<'_> {
     }
 }
 
-pub async fn handle(cp: &Arc<ControlPlane>, req: Request<Incoming>) -> Response<Body> {
-    let remote = req.extensions().get::<ClientAddr>().map(|a| a.0);
+pub async fn handle(
+    cp: &Arc<ControlPlane>,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Body> {
+    let remote = Some(peer);
     let target = || format!("{} {}", req.method(), audit_path(req.uri().path()));
     let who = match cp.auth.authenticate(
         req.headers().get(http::header::AUTHORIZATION),

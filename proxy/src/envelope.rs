@@ -423,6 +423,8 @@ impl Scanner {
         self.str_kind = kind;
         self.collected.clear();
         if matches!(kind, StrKind::TopKey | StrKind::AccessKey) {
+            // One allocation for every key and the access key of a body, not one per doubling.
+            self.collected.reserve(64);
             self.collected.push(b'"');
         }
         self.st = St::Str;
@@ -432,11 +434,20 @@ impl Scanner {
     fn end_string(&mut self, frame: &Bytes, j: usize) -> Result<(), EnvelopeError> {
         match self.str_kind {
             StrKind::TopKey => {
-                let key = unquote(&self.collected)
-                    .map_err(|e| syntax(&format!("invalid key ({e})"), self.offset + j))?;
-                self.field = match &*key {
-                    "accessKey" => Field::AccessKey,
-                    "request" => Field::Request,
+                // The two names that matter are compared as bytes; only a key with escapes is
+                // decoded (the frame is already known to be UTF-8).
+                self.field = match &self.collected[..] {
+                    b"\"accessKey\"" => Field::AccessKey,
+                    b"\"request\"" => Field::Request,
+                    raw if raw.contains(&b'\\') => {
+                        let key = unquote(raw)
+                            .map_err(|e| syntax(&format!("invalid key ({e})"), self.offset + j))?;
+                        match &*key {
+                            "accessKey" => Field::AccessKey,
+                            "request" => Field::Request,
+                            _ => Field::Other,
+                        }
+                    }
                     _ => Field::Other,
                 };
                 let seen = match self.field {
@@ -445,7 +456,11 @@ impl Scanner {
                     Field::Other => false,
                 };
                 if seen {
-                    return Err(EnvelopeError(format!("duplicate field {:?}", &*key)));
+                    let name = match self.field {
+                        Field::AccessKey => "accessKey",
+                        _ => "request",
+                    };
+                    return Err(EnvelopeError(format!("duplicate field {name:?}")));
                 }
                 self.st = St::Colon;
             }
@@ -454,7 +469,10 @@ impl Scanner {
                     syntax(&format!("invalid \"accessKey\" ({e})"), self.offset + j)
                 })?;
                 self.access_key = Some(Some(key.into_owned()));
-                self.collected = Vec::new();
+                if self.collected.capacity() > 1024 {
+                    // A long access key (it will not match): do not keep its text twice.
+                    self.collected = Vec::new();
+                }
                 self.value_done(frame, j + 1);
             }
             StrKind::Key => self.st = St::Colon,
@@ -738,6 +756,9 @@ mod tests {
             br#"{"accessKey":"k","request":{}} x"#,
             br#"{"accessKey":"k","accessKey":"k","request":{}}"#,
             br#"{"accessKey":"k","request":{},"request":{}}"#,
+            br#"{"accessKey":"k","\u0061ccessKey":"k","request":{}}"#,
+            br#"{"request":{},"accessKey":"k","requ\u0065st":{}}"#,
+            br#"{"\ud800":1,"accessKey":"k","request":{}}"#,
             br#"{"accessKey":"k","request":{"a":01}}"#,
             br#"{"accessKey":"k","request":{"a":[01]}}"#,
             br#"{"accessKey":"k","request":{"a":[1,-]}}"#,

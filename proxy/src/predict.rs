@@ -25,7 +25,6 @@ use crate::error::{json_response, ApiError, Body};
 use crate::pool::{AcquireError, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
 use crate::routing::{ModelRoute, Routes};
-use crate::server::ClientAddr;
 use modelgate_protocol::ModelErrorKind;
 
 /// Answers up to this size are copied into one buffer with their envelope; larger ones are
@@ -49,86 +48,108 @@ pub struct Reached {
     pub slot_index: Option<usize>,
 }
 
-pub async fn handle(
-    routes: &Routes,
-    auth: &Auth,
+/// What the prediction needs from the request head; the rest of the head is dropped before the
+/// first await, so the request's state machine carries only this.
+struct Head {
+    authorization: Option<http::HeaderValue>,
+    remote: std::net::SocketAddr,
+    content_length: Option<u64>,
+}
+
+/// The whole prediction. Its future keeps only what crosses an await (the router boxes it, once
+/// per request), and the rare paths (API keys, errors) live in functions of their own, out of the
+/// way of the code every request runs through.
+pub fn handle<'a>(
+    routes: &'a Routes,
+    auth: &'a Auth,
     limits: PredictLimits,
     req: Request<Incoming>,
-) -> Response<Body> {
-    let started = Instant::now();
-    let mut reached = Reached::default();
-    let result = predict(routes, auth, limits, req, &mut reached).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    match result {
-        Ok(resp) => {
-            if let Some(route) = &reached.route {
-                route.metrics.duration.record(elapsed);
-                if let Some(i) = reached.slot_index {
-                    route.metrics.ok_by_slot[i].increment(1);
+    remote: std::net::SocketAddr,
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+    let head = Head {
+        authorization: req.headers().get(http::header::AUTHORIZATION).cloned(),
+        remote,
+        content_length: req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok()),
+    };
+    let body = req.into_body();
+    async move {
+        let started = Instant::now();
+        let mut reached = Reached::default();
+        match predict(routes, auth, limits, head, body, started, &mut reached).await {
+            Ok(resp) => {
+                if let Some(route) = &reached.route {
+                    route
+                        .metrics
+                        .duration
+                        .record(started.elapsed().as_secs_f64());
+                    if let Some(i) = reached.slot_index {
+                        route.metrics.ok_by_slot[i].increment(1);
+                    }
                 }
+                resp
             }
-            resp
-        }
-        Err(err) => {
-            let (model, replica) = match &reached.route {
-                Some(route) => {
-                    route.metrics.duration.record(elapsed);
-                    let replica = reached
-                        .slot_index
-                        .map(|i| route.slots[i].id.to_string())
-                        .unwrap_or_default();
-                    (route.name.to_string(), replica)
-                }
-                None => (String::new(), String::new()),
-            };
-            metrics::counter!(crate::metrics::REQUESTS, "model" => model, "replica" => replica, "code" => err.code()).increment(1);
-            err.into_response()
+            Err(err) => failed(err, &reached, started),
         }
     }
+}
+
+/// Counts a failed prediction and renders its error.
+#[cold]
+#[inline(never)]
+fn failed(err: ApiError, reached: &Reached, started: Instant) -> Response<Body> {
+    let (model, replica) = match &reached.route {
+        Some(route) => {
+            route
+                .metrics
+                .duration
+                .record(started.elapsed().as_secs_f64());
+            let replica = reached
+                .slot_index
+                .map(|i| route.slots[i].id.to_string())
+                .unwrap_or_default();
+            (route.name.to_string(), replica)
+        }
+        None => (String::new(), String::new()),
+    };
+    metrics::counter!(crate::metrics::REQUESTS, "model" => model, "replica" => replica, "code" => err.code()).increment(1);
+    err.into_response()
 }
 
 async fn predict(
     routes: &Routes,
     auth: &Auth,
     limits: PredictLimits,
-    req: Request<Incoming>,
+    head: Head,
+    body: Incoming,
+    started: Instant,
     reached: &mut Reached,
 ) -> Result<Response<Body>, ApiError> {
-    // Kept from the head for phase 3; a HeaderValue clone shares its bytes.
-    let authorization = req.headers().get(http::header::AUTHORIZATION).cloned();
-    let remote = req.extensions().get::<ClientAddr>().map(|a| a.0);
     // Phase 1: read and parse.
-    let content_length = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let envelope = tokio::time::timeout(
-        limits.body_timeout,
-        read_envelope(req.into_body(), content_length, limits.max_request_bytes),
+    let envelope = tokio::time::timeout_at(
+        started + limits.body_timeout,
+        read_envelope(body, head.content_length, limits.max_request_bytes),
     )
     .await
     .map_err(|_| ApiError::BodyTimeout {
         secs: limits.body_timeout.as_secs_f64(),
     })??;
-    let access_key = &envelope.access_key;
 
     // Phase 2: route.
     let entry = routes
         .load()
-        .by_access_key(access_key)
+        .by_access_key(&envelope.access_key)
         .cloned()
         .ok_or(ApiError::InvalidAccessKey)?;
     let route = entry.route;
     reached.route = Some(route.clone());
     if entry.authenticate {
-        let target = || format!("model:{}", route.name);
-        let who = auth.authenticate(authorization.as_ref(), remote, &target)?;
-        auth.authorize(&who, entry.project_id, Action::Predict, remote, &target)
-            .map_err(|_| {
-                ApiError::Forbidden("User APikey not authorized to access model".into())
-            })?;
+        check_api_key(auth, &head, entry.project_id, &route.name)?;
     }
+    drop(head);
     route.metrics.request_size.record(envelope.body_len as f64);
 
     // Phase 3: queue.
@@ -137,61 +158,108 @@ async fn predict(
         .pool
         .acquire(limits.queue_timeout)
         .await
-        .map_err(|e| match e {
-            AcquireError::Busy(reason) => ApiError::Busy {
-                reason,
-                retry_after_secs: limits.queue_timeout.as_secs().clamp(1, 30),
-            },
-            AcquireError::Unavailable => ApiError::Unavailable {
-                model: route.name.to_string(),
-            },
-        })?;
+        .map_err(|e| not_acquired(e, &route.name, limits.queue_timeout))?;
+    // One clock read for the queue wait and the start of the call.
+    let acquired_at = Instant::now();
     route
         .metrics
         .queue_wait
-        .record(queued_at.elapsed().as_secs_f64());
+        .record((acquired_at - queued_at).as_secs_f64());
     reached.slot_index = route.slots.iter().position(|s| Arc::ptr_eq(s, &conn.slot));
 
     // Phase 4: call.
-    let reply = call_replica(&route.pool, conn, &envelope.request, limits.request_timeout).await?;
+    let reply = call_replica(
+        &route.pool,
+        conn,
+        &envelope.request,
+        acquired_at,
+        limits.request_timeout,
+    )
+    .await?;
 
     // Phase 5: respond.
+    respond(reply, &route)
+}
+
+/// Checks the caller's API key for a model with authentication on.
+#[inline(never)]
+fn check_api_key(auth: &Auth, head: &Head, project_id: i64, model: &str) -> Result<(), ApiError> {
+    let target = || format!("model:{model}");
+    let who = auth.authenticate(head.authorization.as_ref(), Some(head.remote), &target)?;
+    auth.authorize(
+        &who,
+        project_id,
+        Action::Predict,
+        Some(head.remote),
+        &target,
+    )
+    .map_err(|_| ApiError::Forbidden("User APikey not authorized to access model".into()))
+}
+
+#[cold]
+#[inline(never)]
+fn not_acquired(e: AcquireError, model: &str, queue_timeout: Duration) -> ApiError {
+    match e {
+        AcquireError::Busy(reason) => ApiError::Busy {
+            reason,
+            retry_after_secs: queue_timeout.as_secs().clamp(1, 30),
+        },
+        AcquireError::Unavailable => ApiError::Unavailable {
+            model: model.to_string(),
+        },
+    }
+}
+
+/// The function's JSON, unparsed, inside the success envelope; or the model's error.
+fn respond(reply: Answered, route: &ModelRoute) -> Result<Response<Body>, ApiError> {
     match reply.reply {
         Reply::Ok(payload) => {
             const HEAD: &[u8] = b"{\"success\":true,\"response\":";
-            let id = &reply.replica_id;
-            let mut tail = BytesMut::with_capacity(id.len() + 16);
-            tail.extend_from_slice(b",\"replicaId\":\"");
-            tail.extend_from_slice(id.as_bytes());
-            tail.extend_from_slice(b"\"}");
-            let size = HEAD.len() + payload.len() + tail.len();
+            const ID: &[u8] = b",\"replicaId\":\"";
+            const END: &[u8] = b"\"}";
+            let id = reply.replica_id.as_bytes();
+            let tail_len = ID.len() + id.len() + END.len();
+            let size = HEAD.len() + payload.len() + tail_len;
             route.metrics.response_size.record(size as f64);
             // Small answers are copied into one buffer (one write); large ones are sent as they
             // came from the replica, with the envelope around them, never copied.
-            if payload.len() <= SPLICE_COPY_LIMIT {
-                let mut out = BytesMut::with_capacity(size);
+            let whole = payload.len() <= SPLICE_COPY_LIMIT;
+            let mut out = BytesMut::with_capacity(if whole { size } else { tail_len });
+            if whole {
                 out.extend_from_slice(HEAD);
                 out.extend_from_slice(&payload);
-                out.extend_from_slice(&tail);
-                Ok(json_response(StatusCode::OK, out.freeze()))
-            } else {
-                let body = crate::body::parts([Bytes::from_static(HEAD), payload, tail.freeze()]);
-                let mut resp = Response::new(body);
-                resp.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/json"),
-                );
-                Ok(resp)
             }
+            out.extend_from_slice(ID);
+            out.extend_from_slice(id);
+            out.extend_from_slice(END);
+            if whole {
+                return Ok(json_response(StatusCode::OK, out.freeze()));
+            }
+            let body = crate::body::parts([Bytes::from_static(HEAD), payload, out.freeze()]);
+            let mut resp = Response::new(body);
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            Ok(resp)
         }
-        Reply::Err(err) if err.kind == ModelErrorKind::OutOfMemory => Err(ApiError::OutOfMemory {
+        Reply::Err(err) => Err(model_failed(err)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn model_failed(err: modelgate_protocol::ModelError) -> ApiError {
+    if err.kind == ModelErrorKind::OutOfMemory {
+        ApiError::OutOfMemory {
             exception: err.exception,
             message: err.message,
-        }),
-        Reply::Err(err) => Err(ApiError::Model {
+        }
+    } else {
+        ApiError::Model {
             exception: err.exception,
             message: err.message,
-        }),
+        }
     }
 }
 
@@ -239,10 +307,11 @@ async fn call_replica(
     pool: &Arc<Pool>,
     conn: ReplicaConn,
     request: &[Bytes],
+    start: Instant,
     timeout: Duration,
 ) -> Result<Answered, ApiError> {
     conn.slot.busy.set(1.0);
-    let deadline = Instant::now() + timeout;
+    let deadline = start + timeout;
     let mut in_flight = InFlight {
         conn: Some(conn),
         pool: pool.clone(),
@@ -251,25 +320,41 @@ async fn call_replica(
     let conn = in_flight.conn.as_mut().expect("present until taken");
     let result = tokio::time::timeout_at(deadline, conn.call(request)).await;
     let conn = in_flight.conn.take().expect("present until taken");
+    conn.slot.busy.set(0.0);
     let replica_id = conn.slot.id.clone();
     match result {
-        Ok(Ok(Reply::Err(err))) if err.kind == ModelErrorKind::OutOfMemory => {
-            // The interpreter hit its memory limit: its state is suspect, so it is replaced.
-            conn.slot.busy.set(0.0);
-            tracing::warn!(replica = %replica_id, "replica out of memory; replacing it");
-            conn.kill(KillReason::MemoryLimit);
-            Ok(Answered {
-                reply: Reply::Err(err),
-                replica_id,
-            })
-        }
-        Ok(Ok(reply)) => {
-            conn.slot.busy.set(0.0);
+        Ok(Ok(reply)) if !is_out_of_memory(&reply) => {
             pool.release(conn);
             Ok(Answered { reply, replica_id })
         }
+        result => {
+            call_ended_badly(conn, result, timeout).map(|reply| Answered { reply, replica_id })
+        }
+    }
+}
+
+fn is_out_of_memory(reply: &Reply) -> bool {
+    matches!(reply, Reply::Err(err) if err.kind == ModelErrorKind::OutOfMemory)
+}
+
+/// A call that leaves its replica unusable: out of memory, a broken or closed stream, or past the
+/// request timeout. The replica's process is killed (the supervisor restarts it).
+#[cold]
+#[inline(never)]
+fn call_ended_badly(
+    conn: ReplicaConn,
+    result: Result<Result<Reply, CallError>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+) -> Result<Reply, ApiError> {
+    let replica_id = &conn.slot.id;
+    match result {
+        Ok(Ok(reply)) => {
+            // The interpreter hit its memory limit: its state is suspect, so it is replaced.
+            tracing::warn!(replica = %replica_id, "replica out of memory; replacing it");
+            conn.kill(KillReason::MemoryLimit);
+            Ok(reply)
+        }
         Ok(Err(err)) => {
-            conn.slot.busy.set(0.0);
             tracing::warn!(replica = %replica_id, "request failed: {err}");
             match err {
                 CallError::Protocol(what) => {
@@ -288,7 +373,6 @@ async fn call_replica(
             }
         }
         Err(_elapsed) => {
-            conn.slot.busy.set(0.0);
             tracing::warn!(replica = %replica_id, "request timed out after {timeout:?}; killing the replica");
             conn.kill(KillReason::Timeout);
             Err(ApiError::Timeout {

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,10 +20,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::error::{json_response, ApiError, Body};
 use crate::predict::{self, PredictLimits};
 use crate::routing::Routes;
-
-/// The peer address of the connection a request arrived on (a request extension).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// Shared state of the HTTP front.
 #[derive(Clone)]
@@ -60,7 +57,7 @@ pub struct ConnSettings {
 }
 
 impl App {
-    async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn route(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         if cfg!(debug_assertions) && self.panic_failpoint && req.uri().path() == "/__test/panic" {
             panic!("failpoint /__test/panic");
         }
@@ -72,13 +69,22 @@ impl App {
             }
             _ => {}
         }
+        // Both state machines are boxed: hyper keeps, per connection and for the connection's
+        // whole life, one slot the size of this future, which embedding them would make a few KB.
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/model") => {
-                predict::handle(&self.routes, &self.auth, self.limits, req).await
+                Box::pin(predict::handle(
+                    &self.routes,
+                    &self.auth,
+                    self.limits,
+                    req,
+                    peer,
+                ))
+                .await
             }
             (_, "/model") => ApiError::MethodNotAllowed { allowed: "POST" }.into_response(),
             (_, path) if path == "/api/v2" || path.starts_with("/api/v2/") => {
-                crate::api::handle(&self.control, req).await
+                Box::pin(crate::api::handle(&self.control, req, peer)).await
             }
             (&Method::GET, "/metrics") => self.render_metrics(),
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &br#"{"status":"ok"}"#[..]),
@@ -183,10 +189,9 @@ pub async fn serve(
         let service = ServiceBuilder::new()
             // Outermost: a panic anywhere below fails only its own request, with a JSON 500.
             .layer(CatchPanicLayer::custom(panic_response))
-            .service(tower::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
+            .service(tower::service_fn(move |req: Request<Incoming>| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(app.route(req).await) }
+                async move { Ok::<_, Infallible>(app.route(req, peer).await) }
             }));
         let service = TowerToHyperService::new(service);
         match &tls {
