@@ -5,7 +5,10 @@
 # `valgrind --tool=callgrind` (the replica runs natively: callgrind does not follow children);
 # after WARM requests the counters are zeroed, then N requests at c=CONC (default 1) are counted
 # and dumped.
-# Prints instructions per request for both and modelgate's top functions (self cost).
+# Prints instructions per request for both and modelgate's top functions (self cost). CACHE=1 also
+# simulates the caches (`--cache-sim=yes`, the host's L1 and last-level sizes) and prints L1
+# instruction, data-read and data-write misses per request: how much code and data a request
+# touches, which this machine's lack of hardware counters hides otherwise.
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ poke() { sleep 0.3; curl -s -o /dev/null "http://127.0.0.1:$1/" || true; }
 # count NAME PORT COMMAND...: runs COMMAND under callgrind, loads it, prints "NAME <Ir per request>".
 count() {
   local name=$1 port=$2; shift 2
-  valgrind --tool=callgrind --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
+  valgrind --tool=callgrind ${CACHE:+--cache-sim=yes} --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
   pid=$!
   for _ in $(seq 1 1200); do
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break
@@ -44,9 +47,11 @@ count() {
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=
   local out
   out=$(grep -l "^desc: Trigger: dump measured" "$work/$name".* | head -1)
-  local ir
-  ir=$(sed -n 's/^summary: //p' "$out")
+  local ir i1 d1r d1w
+  # Events: Ir, then with CACHE=1 Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+  read -r ir _ _ i1 d1r d1w _ <<<"$(sed -n 's/^summary: //p' "$out") _ _ _ _ _ _ _"
   echo "$name $((ir / N))"
+  [ -z "${CACHE:-}" ] || echo "$name $((i1 / N)) $((d1r / N)) $((d1w / N))" >>"$work/cache"
   # Self cost per function, summed from the dump (callgrind_annotate 3.19 folds a multi-threaded
   # dump into `clone`): cost lines count, except the one after `calls=` (a callee's inclusive).
   python3 - "$out" "$N" >"$work/$name.top" <<'PY'
@@ -66,7 +71,7 @@ for line in open(sys.argv[1]):
         if after_call:
             after_call = False
         elif fn is not None:
-            self_cost[fn] = self_cost.get(fn, 0) + int(line.split()[-1])
+            self_cost[fn] = self_cost.get(fn, 0) + int(line.split()[1])
 n = int(sys.argv[2])
 total = sum(self_cost.values())
 for f, c in sorted(self_cost.items(), key=lambda kv: -kv[1])[:25]:
@@ -85,6 +90,11 @@ echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM
 echo "  floor      $floor"
 echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)"
 echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor)"
+if [ -n "${CACHE:-}" ]; then
+  echo
+  echo "simulated L1 misses per request: instruction, data read, data write"
+  awk '{printf "  %-10s %6d %6d %6d\n", $1, $2, $3, $4}' "$work/cache"
+fi
 echo
 echo "modelgate, functions by own instructions over those $N requests:"
 cat "$work/modelgate.top"

@@ -2,14 +2,18 @@
 # Memory figures of docs/PERFORMANCE.md, on a release build, 127.0.0.1 only:
 #   1. modelgate's RSS idle (no models);
 #   2. its RSS with 1,000 models in the routing state (created through the API, no replicas);
-#   3. the RSS of a replica of the add model against a bare python3 that imported the same module.
-# Bounded: one server, 1,000 API calls, one replica.
+#   3. the RSS of a replica of the add model against a bare python3 that imported the same module;
+#   4. what an idle keep-alive connection costs: modelgate's RSS before and after CONNS (default
+#      1,000) connections that each made one prediction and stay open.
+# MG (default this tree's release build) is the modelgate binary measured.
+# Bounded: one server, 1,000 API calls, one replica, CONNS connections and predictions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --release -p modelgate -p replica-runtime
+MG=${MG:-./target/release/modelgate}
 work=$(mktemp -d)
 printf '[server]\nlisten = "127.0.0.1:18640"\ndata_dir = "data"\n' > "$work/c.toml"
-./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+"$MG" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18640/healthz >/dev/null && break; sleep 0.05; done
@@ -37,9 +41,10 @@ name = "add"
 path = "$PWD/examples/add_numbers"
 file = "add_numbers.py"
 function = "add"
+access_key = "memory-key-0123456789"
 enable_authentication = false
 TOML
-./target/release/modelgate serve --config "$work/add.toml" >/dev/null 2>"$work/log2" &
+"$MG" serve --config "$work/add.toml" >/dev/null 2>"$work/log2" &
 server=$!
 for _ in $(seq 1 300); do curl -sf http://127.0.0.1:18641/readyz >/dev/null && break; sleep 0.1; done
 sleep 1
@@ -53,3 +58,45 @@ bare=$!
 sleep 1
 echo "add replica: RSS $(rss $replica) kB; python3 with add_numbers imported: RSS $(rss $bare) kB"
 kill $bare
+
+# Idle keep-alive connections, each after one prediction (so hyper has set up everything a
+# connection keeps between requests).
+python3 - "$server" "${CONNS:-1000}" <<'PY'
+import json, socket, sys, time
+
+pid, n = sys.argv[1], int(sys.argv[2])
+body = json.dumps({"accessKey": "memory-key-0123456789", "request": {"a": 3, "b": 5}}).encode()
+req = (b"POST /model HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+       b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+def rss():
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+
+def predict(s):
+    s.sendall(req)
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(65536)
+    head, rest = got.split(b"\r\n\r\n", 1)
+    length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(rest)["response"] == 8, (head, rest)
+
+warm = socket.create_connection(("127.0.0.1", 18641))
+for _ in range(20):
+    predict(warm)
+time.sleep(0.5)
+before = rss()
+conns = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", 18641))
+    predict(s)
+    conns.append(s)
+time.sleep(1)
+after = rss()
+print(f"{n} idle keep-alive connections: RSS {before} -> {after} kB, "
+      f"{(after - before) * 1024 / n:,.0f} bytes per connection")
+PY
