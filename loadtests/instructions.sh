@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 WARM=${WARM:-500}
+cache_sim=
+[ "${CACHE:-0}" = 0 ] || cache_sim=--cache-sim=yes
 N=${N:-5000}
 KEY=instructions-key-0123456789
 work=$(mktemp -d)
@@ -31,7 +33,7 @@ poke() { sleep 0.3; curl -s -o /dev/null "http://127.0.0.1:$1/" || true; }
 # count NAME PORT COMMAND...: runs COMMAND under callgrind, loads it, prints "NAME <Ir per request>".
 count() {
   local name=$1 port=$2; shift 2
-  valgrind --tool=callgrind ${CACHE:+--cache-sim=yes} --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
+  valgrind --tool=callgrind $cache_sim --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
   pid=$!
   for _ in $(seq 1 1200); do
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break
@@ -51,7 +53,7 @@ count() {
   # Events: Ir, then with CACHE=1 Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
   read -r ir _ _ i1 d1r d1w _ <<<"$(sed -n 's/^summary: //p' "$out") _ _ _ _ _ _ _"
   echo "$name $((ir / N))"
-  [ -z "${CACHE:-}" ] || echo "$name $((i1 / N)) $((d1r / N)) $((d1w / N))" >>"$work/cache"
+  [ -z "$cache_sim" ] || echo "$name $((i1 / N)) $((d1r / N)) $((d1w / N))" >>"$work/cache"
   # Self cost per function, summed from the dump (callgrind_annotate 3.19 folds a multi-threaded
   # dump into `clone`): cost lines count, except the one after `calls=` (a callee's inclusive).
   python3 - "$out" "$N" >"$work/$name.top" <<'PY'
@@ -90,7 +92,7 @@ echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM
 echo "  floor      $floor"
 echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)"
 echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor)"
-if [ -n "${CACHE:-}" ]; then
+if [ -n "$cache_sim" ]; then
   echo
   echo "simulated L1 misses per request: instruction, data read, data write"
   awk '{printf "  %-10s %6d %6d %6d\n", $1, $2, $3, $4}' "$work/cache"

@@ -11,6 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --release -p modelgate -p replica-runtime
 MG=${MG:-./target/release/modelgate}
+CONNS=${CONNS:-1000}
+# The connections and modelgate's own descriptors must fit its open-file limit (it inherits ours).
+ulimit -n "$((CONNS + 256))" 2>/dev/null || [ "$(ulimit -n)" -ge "$((CONNS + 256))" ] ||
+  { echo "ulimit -n is $(ulimit -n): too low for CONNS=$CONNS" >&2; exit 1; }
 work=$(mktemp -d)
 printf '[server]\nlisten = "127.0.0.1:18640"\ndata_dir = "data"\n' > "$work/c.toml"
 "$MG" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
@@ -61,7 +65,7 @@ kill $bare
 
 # Idle keep-alive connections, each after one prediction (so hyper has set up everything a
 # connection keeps between requests).
-python3 - "$server" "${CONNS:-1000}" <<'PY'
+python3 - "$server" "$CONNS" <<'PY'
 import json, socket, sys, time
 
 pid, n = sys.argv[1], int(sys.argv[2])
@@ -74,29 +78,42 @@ def rss():
         if line.startswith("VmRSS"):
             return int(line.split()[1])
 
+def connect():
+    return socket.create_connection(("127.0.0.1", 18641), timeout=10)
+
+def recv(s):
+    data = s.recv(65536)
+    if not data:
+        raise SystemExit("modelgate closed a connection")
+    return data
+
 def predict(s):
     s.sendall(req)
     got = b""
     while b"\r\n\r\n" not in got:
-        got += s.recv(65536)
+        got += recv(s)
     head, rest = got.split(b"\r\n\r\n", 1)
     length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
     while len(rest) < length:
-        rest += s.recv(65536)
+        rest += recv(s)
     assert head.startswith(b"HTTP/1.1 200") and json.loads(rest)["response"] == 8, (head, rest)
 
-warm = socket.create_connection(("127.0.0.1", 18641))
+warm = connect()
 for _ in range(20):
     predict(warm)
 time.sleep(0.5)
 before = rss()
 conns = []
 for _ in range(n):
-    s = socket.create_connection(("127.0.0.1", 18641))
+    s = connect()
     predict(s)
     conns.append(s)
 time.sleep(1)
 after = rss()
+# Every connection must still be open (an idle one is closed after header_read_timeout_secs, 10 s
+# by default), or the figure would count fewer than n.
+for s in conns:
+    predict(s)
 print(f"{n} idle keep-alive connections: RSS {before} -> {after} kB, "
       f"{(after - before) * 1024 / n:,.0f} bytes per connection")
 PY

@@ -435,7 +435,8 @@ impl Scanner {
         match self.str_kind {
             StrKind::TopKey => {
                 // The two names that matter are compared as bytes; only a key with escapes is
-                // decoded (the frame is already known to be UTF-8).
+                // decoded. Any other key needs no decoding: its bytes were (or, at the end of a
+                // frame that splits a UTF-8 sequence, will be) checked as UTF-8 with the body.
                 self.field = match &self.collected[..] {
                     b"\"accessKey\"" => Field::AccessKey,
                     b"\"request\"" => Field::Request,
