@@ -13,6 +13,7 @@ use replica_runtime::python;
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -67,6 +68,63 @@ struct ModelArgs {
     memory_limit_bytes: Option<u64>,
 }
 
+/// glibc's allocator settings for a replica. A large request (the proxy takes up to 5 MB) makes a
+/// few allocations of its size: the bytes read, the `str` given to `json.loads`, the values it
+/// builds. By default glibc gives each a fresh `mmap` and unmaps it when freed, so every such
+/// request faults all its pages in again: about 2,400 page faults, half the replica's CPU time,
+/// for a 5 MB request on the machine of `docs/PERFORMANCE.md`. With these, allocations under
+/// 32 MiB come from the heap, and up to 64 MiB freed at its top is kept for the next request.
+const MALLOC_TUNABLES: [(&str, &str); 2] = [
+    ("glibc.malloc.mmap_threshold", "33554432"),
+    ("glibc.malloc.trim_threshold", "67108864"),
+];
+
+/// `GLIBC_TUNABLES` with each of [`MALLOC_TUNABLES`] that `current` does not set appended (the
+/// environment's own choices win); `None` when nothing is missing.
+fn with_malloc_tunables(current: &str) -> Option<String> {
+    let set: Vec<&str> = current
+        .split(':')
+        .filter_map(|kv| kv.split('=').next())
+        .collect();
+    let mut all: Vec<String> = current
+        .split(':')
+        .filter(|kv| !kv.is_empty())
+        .map(str::to_string)
+        .collect();
+    let before = all.len();
+    for (key, value) in MALLOC_TUNABLES {
+        if !set.contains(&key) {
+            all.push(format!("{key}={value}"));
+        }
+    }
+    (all.len() != before).then(|| all.join(":"))
+}
+
+/// glibc reads `GLIBC_TUNABLES` only when a program starts, so a replica started without
+/// [`MALLOC_TUNABLES`] starts itself again, once, with them: the same process (id, process group,
+/// descriptors, arguments), before anything else has run. Whoever starts replicas (the proxy, the
+/// load tests, a container) need not know. If that fails, the replica goes on without them.
+fn restart_with_malloc_tunables() {
+    let current = match std::env::var_os("GLIBC_TUNABLES") {
+        None => String::new(),
+        Some(v) => match v.into_string() {
+            Ok(v) => v,
+            Err(_) => return, // not ours to rewrite
+        },
+    };
+    let Some(tunables) = with_malloc_tunables(&current) else {
+        return;
+    };
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("GLIBC_TUNABLES", tunables)
+        .exec();
+    eprintln!("replica-runtime: could not restart with allocator settings ({err}); going on");
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -82,6 +140,7 @@ fn main() -> ExitCode {
             join_cgroup,
             model,
         } => {
+            restart_with_malloc_tunables();
             // Before the interpreter starts, so the model's import is inside the limits too.
             for procs in &join_cgroup {
                 if let Err(err) = std::fs::write(procs, b"0") {
@@ -215,4 +274,22 @@ fn write_json_frame<T: serde::Serialize>(
 ) -> io::Result<()> {
     let payload = serde_json::to_vec(value).expect("protocol types serialise");
     write_frame(w, kind, &payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malloc_tunables_are_added_once_and_never_override_the_environment() {
+        let ours = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864";
+        assert_eq!(with_malloc_tunables("").as_deref(), Some(ours));
+        // After the restart they are all there: no second restart.
+        assert_eq!(with_malloc_tunables(ours), None);
+        // A setting of the environment's own is kept, and only the missing one added.
+        assert_eq!(
+            with_malloc_tunables("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off").as_deref(),
+            Some("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off:glibc.malloc.mmap_threshold=33554432")
+        );
+    }
 }
