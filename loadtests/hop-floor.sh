@@ -71,9 +71,11 @@ for name, w, f in rows:
     if (servers[0], w) in runs:
         print(f"| {name} | " + " | ".join(f"{med(s, w, f):,.0f}" for s in servers) + " |")
 n = len(runs[("mg", "c16")])
-per = lambda w, f: [f(a) / f(b) for a, b in zip(runs[("mg", w)], runs[("hop", w)])]
-for name, w, f in [("c=16 req/s", "c16", rps), ("c=1 p50", "c1", lat("p50"))]:
-    ratios = per(w, f)
-    print(f"modelgate / hop-floor, {name}, per round: " + ", ".join(f"{x:.2f}" for x in ratios)
+per = lambda w, f, b: [f(x) / f(y) for x, y in zip(runs[("mg", w)], runs[(b, w)])]
+for base, name, w, f in [("hop", "c=16 req/s", "c16", rps), ("hop", "c=1 p50", "c1", lat("p50")),
+                         ("floor", "c=16 req/s", "c16", rps)]:
+    ratios = per(w, f, base)
+    print(f"modelgate / {'hop-floor' if base == 'hop' else base}, {name}, per round: "
+          + ", ".join(f"{x:.2f}" for x in ratios)
           + f" (median {statistics.median(ratios):.2f}, {n} rounds)")
 PY

@@ -3,9 +3,11 @@
 #   floor     the bare hyper server reading the same body over HTTP and answering a fixed body:
 #             what HTTP alone costs for that many bytes on this machine;
 #   modelgate the proxy and one replica of a model answering the body's length;
+#   hop       hop-floor --stream: bare hyper passing each frame of the body to the same replica
+#             as it arrives, unparsed: the least a proxy in front of a replica can do;
 #   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
-# The "proxy overhead" is modelgate - direct; floor - floor(1 KB) is the share of it that
-# is moving the bytes over HTTP at all. Rounds alternate the three, and the table shows each
+# The "proxy overhead" is modelgate - direct; hop - direct is the least of it this design
+# allows, and floor - floor(1 KB) the share that is moving the bytes over HTTP at all. Rounds alternate the three, and the table shows each
 # one's median p50 over ROUNDS rounds (default 3) of DURATION s (default 3). Bounded: about
 # ROUNDS x sizes x 3 runs of 0.5 + DURATION s.
 # BASELINE=/path/to/an/older/modelgate adds that build as a fourth column, in the same rounds,
@@ -36,6 +38,9 @@ taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null
 server=$!
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18631 >/dev/null &
 floor=$!
+taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18633 --stream \
+  --dir "$work/models" --file size.py --function size >"$work/hop.log" &
+hop=$!
 baseline=
 if [ -n "${BASELINE:-}" ]; then
   sed -e 's/18630/18632/' -e "s|$work/data|$work/data-baseline|" "$work/c.toml" > "$work/b.toml"
@@ -45,8 +50,9 @@ if [ -n "${BASELINE:-}" ]; then
   taskset -c 0 "$BASELINE" serve --config "$work/b.toml" >/dev/null 2>"$work/b.log" &
   baseline=$!
 fi
-trap 'kill -INT $server ${baseline:+$baseline}; kill $floor; wait; rm -rf "$work"' EXIT
+trap 'kill -INT $server $hop ${baseline:+$baseline}; kill $floor; wait; rm -rf "$work"' EXIT
 wait_ready 18630 "$work/log"
+listening_addr hop-floor "$work/hop.log" >/dev/null
 [ -z "$baseline" ] || wait_ready 18632 "$work/b.log"
 D=${DURATION:-3}
 ROUNDS=${ROUNDS:-3}
@@ -58,6 +64,9 @@ for round in $(seq 1 "$ROUNDS"); do
       --payload-bytes "$n" --expect 8 --concurrency 1 --warmup 0.5 --duration "$D"
     printf 'modelgate\t%s\t' "$n"
     bench_load --url http://127.0.0.1:18630/model --access-key large-bodies-key-0123456789 \
+      --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
+    printf 'hop\t%s\t' "$n"
+    bench_load --url http://127.0.0.1:18633/model --access-key large-bodies-key-0123456789 \
       --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
     if [ -n "$baseline" ]; then
       printf 'baseline\t%s\t' "$n"
@@ -81,17 +90,17 @@ sizes = sorted({n for n, _ in runs})
 med = {k: statistics.median(v) for k, v in runs.items()}
 fmt = lambda us: f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
 small = sizes[0]
-print("| body | floor p50 | modelgate p50 | direct p50 | modelgate − direct | floor − floor(%d B) | rest (proxy's own) |" % small)
-print("|---|---|---|---|---|---|---|")
+print("| body | floor p50 | modelgate p50 | hop-floor p50 | direct p50 | modelgate − direct | hop-floor − direct | floor − floor(%d B) |" % small)
+print("|---|---|---|---|---|---|---|---|")
 for n in sizes:
-    f, m, d = med[(n, "floor")], med[(n, "modelgate")], med[(n, "direct")]
+    f, m, h, d = (med[(n, who)] for who in ("floor", "modelgate", "hop", "direct"))
     http = f - med[(small, "floor")]
-    print(f"| {n:,} B | {fmt(f)} | {fmt(m)} | {fmt(d)} | {fmt(m - d)} | {fmt(http)} | {fmt(m - d - http)} |")
-if any(who == "baseline" for _, who in runs):
-    print()
-    print("| body | baseline p50 (each round) | modelgate p50 (each round) | direct p50 (each round) |")
-    print("|---|---|---|---|")
-    for n in sizes:
-        row = lambda who: " · ".join(fmt(x) for x in sorted(runs[(n, who)]))
-        print(f"| {n:,} B | {row('baseline')} | {row('modelgate')} | {row('direct')} |")
+    print(f"| {n:,} B | {fmt(f)} | {fmt(m)} | {fmt(h)} | {fmt(d)} | {fmt(m - d)} | {fmt(h - d)} | {fmt(http)} |")
+print()
+whos = [w for w in ("baseline", "modelgate", "hop", "direct") if any(who == w for _, who in runs)]
+print("| body | " + " | ".join(f"{w} p50 (each round)" for w in whos) + " |")
+print("|---|" + "---|" * len(whos))
+for n in sizes:
+    row = lambda who: " · ".join(fmt(x) for x in sorted(runs[(n, who)]))
+    print(f"| {n:,} B | " + " | ".join(row(w) for w in whos) + " |")
 PY

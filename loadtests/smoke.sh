@@ -58,6 +58,12 @@ hop=$!
 hop_addr=$(listening_addr hop-floor "$work/hop")
 ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --spin --warmup 0.3 --duration 1
 kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
+# hop-floor --stream, the large-body floor, forwards the body frame by frame.
+./target/debug/hop-floor --listen 127.0.0.1:0 --stream --runtime target/debug/replica-runtime >"$work/hop" &
+hop=$!
+hop_addr=$(listening_addr hop-floor "$work/hop")
+./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --warmup 0.2 --duration 0.5
+kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 ./target/debug/replica-direct --runtime target/debug/replica-runtime --spin --warmup 0.2 --duration 0.5 >/dev/null
 # --spin is refused in the open loop, whose pacer thread needs the CPU.
 if ./target/debug/loadgen --url "$url" --access-key "$key" --mode open --rate 10 --spin --duration 0.1 2>/dev/null; then

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 use bytes::Bytes;
 use metrics::Gauge;
@@ -362,21 +362,19 @@ impl ReplicaSocket {
         Ok(f.filled - start)
     }
 
-    /// Writes `parts` in order, waiting for space if the socket fills up.
-    async fn write_all(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
-        for (i, part) in parts.iter().enumerate() {
-            let mut data = *part;
-            while !data.is_empty() {
-                match (&mut self.fd.get_ref()).write(data) {
-                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                    Ok(n) => data = &data[n..],
-                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                        let rest = std::iter::once(data).chain(parts[i + 1..].iter().copied());
-                        return self.write_waiting(rest).await;
-                    }
-                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(err) => return Err(err),
+    /// Writes `parts` in order, in as few `writev` calls as the socket's buffer allows, waiting
+    /// for space if it fills up. `parts` is consumed as it is written.
+    async fn write_all(&mut self, parts: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        let mut rest = parts;
+        while !rest.is_empty() {
+            match (&mut self.fd.get_ref()).write_vectored(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    return self.write_waiting(rest).await;
                 }
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
             }
         }
         Ok(())
@@ -384,25 +382,20 @@ impl ReplicaSocket {
 
     /// The rest of a write that filled the socket, through the spare descriptor registered for
     /// output.
-    async fn write_waiting<'a>(
-        &mut self,
-        parts: impl Iterator<Item = &'a [u8]>,
-    ) -> std::io::Result<()> {
+    async fn write_waiting(&mut self, mut rest: &mut [IoSlice<'_>]) -> std::io::Result<()> {
         let spare = match self.spare.take() {
             Some(spare) => spare,
             None => self.fd.get_ref().try_clone()?,
         };
         let out = register(spare, Interest::WRITABLE)?;
-        for mut data in parts {
-            while !data.is_empty() {
-                let mut ready = out.writable().await?;
-                match ready.try_io(|s| (&mut s.get_ref()).write(data)) {
-                    Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                    Ok(Ok(n)) => data = &data[n..],
-                    Ok(Err(err)) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                    Ok(Err(err)) => return Err(err),
-                    Err(_would_block) => {}
-                }
+        while !rest.is_empty() {
+            let mut ready = out.writable().await?;
+            match ready.try_io(|s| (&mut s.get_ref()).write_vectored(rest)) {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => IoSlice::advance_slices(&mut rest, n),
+                Ok(Err(err)) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => {}
             }
         }
         self.spare = Some(out.into_inner());
@@ -498,13 +491,13 @@ impl ReplicaConn {
             for part in parts {
                 buf.extend_from_slice(part);
             }
-            self.socket.write_all(&[&buf]).await?;
+            self.socket.write_all(&mut [IoSlice::new(&buf)]).await?;
         } else {
             // Large payloads go out as they arrived from the client, never copied together.
-            let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-            all.push(&header);
-            all.extend(parts.iter().map(|p| &p[..]));
-            self.socket.write_all(&all).await?;
+            let mut all = Vec::with_capacity(parts.len() + 1);
+            all.push(IoSlice::new(&header));
+            all.extend(parts.iter().map(|p| IoSlice::new(p)));
+            self.socket.write_all(&mut all).await?;
         }
         Ok(())
     }

@@ -8,6 +8,11 @@
 //! `--pipeline 1` (the default) sends one request at a time, as modelgate does: a request holds
 //! the connection (a FIFO-fair lock) from its write to its answer. `--pipeline N` lets up to N
 //! requests be written ahead of their answers, which a reader task hands back in order.
+//!
+//! `--stream` is the floor for large bodies: no parse and no gathering copy. Each frame of the
+//! body goes to the replica as it arrives, trusting the envelope to be loadgen's
+//! `{"accessKey":"...","request":...}`: the request runs from after `"request":` to the body's
+//! last byte, which must be `}`. The replica is held from the first frame to the answer.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -39,6 +44,9 @@ struct Args {
     /// Requests written ahead of their answers (1: one at a time).
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
+    /// Forward each body frame as it arrives, unparsed (one request at a time).
+    #[arg(long, conflicts_with = "pipeline")]
+    stream: bool,
 }
 
 /// The replica connection: registered for input only, as modelgate registers its replica
@@ -52,7 +60,11 @@ struct Conn {
 impl Conn {
     async fn write_frame(&self, body: &[u8]) -> std::io::Result<()> {
         let header = protocol::encode_header(Kind::Predict, body.len());
-        let (mut h, mut b) = (&header[..], body);
+        self.write_all(&header, body).await
+    }
+
+    /// Writes `h` then `b`.
+    async fn write_all(&self, mut h: &[u8], mut b: &[u8]) -> std::io::Result<()> {
         let mut room: Option<AsyncFd<UnixStream>> = None;
         while !h.is_empty() || !b.is_empty() {
             let bufs = [std::io::IoSlice::new(h), std::io::IoSlice::new(b)];
@@ -193,19 +205,83 @@ async fn call(d: &Dispatch, request: &[u8]) -> Option<Frame> {
     }
 }
 
+/// `--stream`: sends the request to the replica frame by frame as the body arrives (see the
+/// module docs for the envelope it trusts), then reads the answer.
+async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
+    const MARK: &[u8] = br#""request":"#;
+    let Dispatch::OneByOne(lock) = d else {
+        unreachable!("--stream sends one request at a time")
+    };
+    let total: usize = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    let mut body = req.into_body();
+    let mut head = Vec::new();
+    let start = loop {
+        if let Some(at) = head.windows(MARK.len()).position(|w| w == MARK) {
+            break at + MARK.len();
+        }
+        let frame = body.frame().await?.ok()?.into_data().ok()?;
+        head.extend_from_slice(&frame);
+    };
+    // The request's bytes: from `start` up to the closing `}` of the envelope.
+    let len = total.checked_sub(start + 1)?;
+    let mut held = lock.lock().await;
+    let (conn, st) = &mut *held;
+    let in_step = InStep;
+    let mut sent = head.len() - start;
+    let mut last = head.last().copied();
+    let fail = |e: std::io::Error| {
+        eprintln!("hop-floor: writing to the replica failed: {e}");
+        std::process::exit(1)
+    };
+    let header = protocol::encode_header(Kind::Predict, len);
+    let first = &head[start..start + sent.min(len)];
+    conn.write_all(&header, first).await.unwrap_or_else(fail);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map(|f| f.into_data()) else {
+            eprintln!("hop-floor: the body ended early; stopping");
+            std::process::exit(1);
+        };
+        let Ok(data) = data else { continue };
+        let upto = data.len().min(len.saturating_sub(sent));
+        conn.write_all(&data[..upto], &[])
+            .await
+            .unwrap_or_else(fail);
+        sent += data.len();
+        last = data.last().copied().or(last);
+    }
+    if sent != len + 1 || last != Some(b'}') {
+        eprintln!("hop-floor: the body was not {total} bytes ending in `}}`; stopping");
+        std::process::exit(1);
+    }
+    let frame = conn.read_frame(st).await;
+    std::mem::forget(in_step);
+    frame.ok()
+}
+
 async fn answer(
     d: Arc<Dispatch>,
+    streaming: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let reply = match serde_json::from_slice::<Envelope>(&body) {
-        Ok(env) => call(&d, env.request.get().as_bytes()).await,
-        Err(_) => None,
+    let reply = if streaming {
+        stream(&d, req).await
+    } else {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        match serde_json::from_slice::<Envelope>(&body) {
+            Ok(env) => call(&d, env.request.get().as_bytes()).await,
+            Err(_) => None,
+        }
     };
     let resp = match reply {
         Some((kind, payload)) if Kind::from_u8(kind) == Some(Kind::ResultOk) => {
@@ -241,6 +317,7 @@ async fn main() {
     #[allow(deprecated)] // a UnixStream owns one descriptor for its whole life
     let fd = AsyncFd::with_interest(stream, Interest::READABLE).expect("register");
     let conn = Conn { fd };
+    let args_stream = args.stream;
     let dispatch = if args.pipeline <= 1 {
         Arc::new(Dispatch::OneByOne(tokio::sync::Mutex::new((
             conn,
@@ -286,7 +363,8 @@ async fn main() {
             let _ = tcp.set_nodelay(true);
             let d = dispatch.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| answer(d.clone(), req));
+                let svc =
+                    hyper::service::service_fn(move |req| answer(d.clone(), args_stream, req));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;
