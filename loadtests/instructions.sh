@@ -9,6 +9,7 @@
 # simulates the caches (`--cache-sim=yes`, the host's L1 and last-level sizes) and prints L1
 # instruction, data-read and data-write misses per request: how much code and data a request
 # touches, which this machine's lack of hardware counters hides otherwise.
+# MG=/path/to/another/modelgate counts that build instead (with this tree's replica-runtime).
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,7 +84,7 @@ PY
 
 count floor 18691 ./target/release/floor --listen 127.0.0.1:18691 | tee "$work/result"
 count hop-floor 18692 ./target/release/hop-floor --listen 127.0.0.1:18692 | tee -a "$work/result"
-count modelgate 18690 ./target/release/modelgate serve --config "$work/c.toml" | tee -a "$work/result"
+count modelgate 18690 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" | tee -a "$work/result"
 floor=$(awk '$1 == "floor" {print $2}' "$work/result")
 hop=$(awk '$1 == "hop-floor" {print $2}' "$work/result")
 mg=$(awk '$1 == "modelgate" {print $2}' "$work/result")

@@ -9,10 +9,14 @@
 # (1 s warm-up + DURATION s) and targets 127.0.0.1 only. The peer's packages go into a
 # throwaway virtualenv. Prints a table and the ratios. SPIN=1 makes the clients (loadgen and
 # replica-direct) poll instead of sleeping between answers in the closed-loop runs (see
-# docs/PERFORMANCE.md).
+# docs/PERFORMANCE.md). ROUNDS=N (default 1) measures every server N times, round by round, and
+# prints medians and each round's ratios: this machine's run-to-run noise is larger than some of
+# the differences the targets ask about. All four servers run for the whole run; each sits idle
+# while another is measured. Bounded: ROUNDS x about 12 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-1}
 KEY=bench-add-key-0123456789abcdef
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 out=$(mktemp -d)
@@ -30,68 +34,78 @@ load() { # name url conc [extra...]
 field() { python3 -c "import json; r=json.load(open('$out/$1.json')); print(r$2)"; }
 # open_rate NAME URL: 80 % of NAME's c=16 maximum with a client that sleeps, the open loop's kind
 # (with SPIN=1 that takes one more c=16 run: a polling client's maximum would overload it).
-open_rate() {
-  local of=$1-c16
-  [ -z "${SPIN:-}" ] || { of=$1-c16-sleeping; SPIN='' load "$of" "$2" 16; }
+open_rate() { # NAME URL ROUND
+  local of=$1-c16-r$3
+  [ -z "${SPIN:-}" ] || { of=$1-c16-sleeping-r$3; SPIN='' load "$of" "$2" 16; }
   python3 -c "print(int(0.8 * $(field "$of" "['achieved_rps']")))"
 }
 
-echo "== (d) bare hyper floor" >&2
+echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
-wait_up http://127.0.0.1:18901/
-load floor-c1 http://127.0.0.1:18901/model 1
-load floor-c16 http://127.0.0.1:18901/model 16
-
-echo "== (a) modelgate" >&2
 taskset -c 0 ./target/release/modelgate serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
-for _ in $(seq 1 600); do curl -sf http://127.0.0.1:18600/readyz >/dev/null && break; sleep 0.1; done
-load mg-c1 http://127.0.0.1:18600/model 1
-load mg-c16 http://127.0.0.1:18600/model 16
-rate=$(open_rate mg http://127.0.0.1:18600/model)
-load mg-open80 http://127.0.0.1:18600/model 1 --mode open --rate "$rate" --connections 32
-
-echo "== (c) replica direct" >&2
-taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
-  --warmup 1 --duration "$DURATION" ${SPIN:+--spin} >"$out/direct.json"
-
-echo "== (e) hop-floor" >&2
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18903 >/dev/null & pids+=($!)
-wait_up http://127.0.0.1:18903/
-load hop-c1 http://127.0.0.1:18903/model 1
-load hop-c16 http://127.0.0.1:18903/model 16
-rate=$(open_rate hop http://127.0.0.1:18903/model)
-load hop-open80 http://127.0.0.1:18903/model 1 --mode open --rate "$rate" --connections 32
-
-echo "== (b) FastAPI + uvicorn (throwaway virtualenv)" >&2
 venv=${VENV:-$out/venv}
 [ -x "$venv/bin/uvicorn" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q fastapi 'uvicorn[standard]'; }
 (cd loadtests/peers && MODEL_DIR="$PWD/../../examples/add_numbers" ACCESS_KEY=$KEY \
   exec taskset -c 0 "$venv/bin/uvicorn" fastapi_app:app --host 127.0.0.1 --port 18902 --workers 1 --log-level warning) & pids+=($!)
+wait_up http://127.0.0.1:18901/
+for _ in $(seq 1 600); do curl -sf http://127.0.0.1:18600/readyz >/dev/null && break; sleep 0.1; done
+wait_up http://127.0.0.1:18903/
 wait_up http://127.0.0.1:18902/docs
-load fastapi-c1 http://127.0.0.1:18902/model 1
-load fastapi-c16 http://127.0.0.1:18902/model 16
+
+# Each round measures every server in turn; the others sit idle in the meantime.
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== round $round of $ROUNDS" >&2
+  load "floor-c1-r$round" http://127.0.0.1:18901/model 1
+  load "floor-c16-r$round" http://127.0.0.1:18901/model 16
+  for s in mg:18600 hop:18903; do
+    name=${s%:*} url=http://127.0.0.1:${s#*:}/model
+    load "$name-c1-r$round" "$url" 1
+    load "$name-c16-r$round" "$url" 16
+    rate=$(open_rate "$name" "$url" "$round")
+    load "$name-open80-r$round" "$url" 1 --mode open --rate "$rate" --connections 32
+  done
+  taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
+    --warmup 1 --duration "$DURATION" ${SPIN:+--spin} >"$out/direct-r$round.json"
+  load "fastapi-c1-r$round" http://127.0.0.1:18902/model 1
+  load "fastapi-c16-r$round" http://127.0.0.1:18902/model 16
+done
 
 python3 - "$out" <<'PY'
-import json, sys, os
+import json, os, re, statistics, sys
 d = sys.argv[1]
-r = {n[:-5]: json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.endswith(".json")}
+runs = {}
+for n in os.listdir(d):
+    m = re.fullmatch(r"(.*)-r(\d+)\.json", n)
+    if m:
+        runs.setdefault(m.group(1), {})[int(m.group(2))] = json.load(open(os.path.join(d, n)))
+rounds = sorted(runs["mg-c16"])
+med = lambda key, f: statistics.median(f(runs[key][i]) for i in rounds)
+rps = lambda r: r["achieved_rps"]
+q = lambda name: (lambda r: r["latency_us"][name])
+errors = sum(r["error_total"] for per in runs.values() for r in per.values())
+print(f"medians of {len(rounds)} round(s); errors in all runs: {errors}")
 rows = [("floor (bare hyper)", "floor-c1", "floor-c16"), ("modelgate", "mg-c1", "mg-c16"),
         ("FastAPI + uvicorn", "fastapi-c1", "fastapi-c16"), ("replica direct (no proxy)", "direct", None),
         ("hop-floor (HTTP + one hop)", "hop-c1", "hop-c16")]
-print(f"{'server':28} {'c=1 req/s':>10} {'c=1 p50':>8} {'c=1 p99':>8} {'c=16 req/s':>11} {'c=16 p50':>9} {'c=16 p99':>9} {'errors':>7}")
+print(f"{'server':28} {'c=1 req/s':>10} {'c=1 p50':>8} {'c=1 p99':>8} {'c=16 req/s':>11} {'c=16 p50':>9} {'c=16 p99':>9}")
 for name, a, b in rows:
-    A, B = r[a], r.get(b) if b else None
-    errs = A["error_total"] + (B["error_total"] if B else 0)
-    c16 = f"{B['achieved_rps']:>11.0f} {B['latency_us']['p50']:>7}us {B['latency_us']['p99']:>7}us" if B else f"{'-':>11} {'-':>9} {'-':>9}"
-    print(f"{name:28} {A['achieved_rps']:>10.0f} {A['latency_us']['p50']:>6}us {A['latency_us']['p99']:>6}us {c16} {errs:>7}")
+    c16 = f"{med(b, rps):>11.0f} {med(b, q('p50')):>7.0f}us {med(b, q('p99')):>7.0f}us" if b else f"{'-':>11} {'-':>9} {'-':>9}"
+    print(f"{name:28} {med(a, rps):>10.0f} {med(a, q('p50')):>6.0f}us {med(a, q('p99')):>6.0f}us {c16}")
 print()
 for name, key in [("modelgate", "mg-open80"), ("hop-floor", "hop-open80")]:
-    o = r[key]
-    print(f"{name} open loop at {o['target_rps']:.0f} req/s (80% of its c=16 maximum, client sleeping): p50 {o['latency_us']['p50']}us p99 {o['latency_us']['p99']}us p99.9 {o['latency_us']['p99_9']}us errors {o['error_total']}")
-mg, fa, fl, di = r["mg-c16"]["achieved_rps"], r["fastapi-c16"]["achieved_rps"], r["floor-c16"]["achieved_rps"], r["direct"]
-print(f"throughput c=16: modelgate / FastAPI = {mg / fa:.1f}x (target >= 10x); modelgate / floor = {100 * mg / fl:.0f}% (target >= 40%)")
-print(f"p50 c=1: modelgate {r['mg-c1']['latency_us']['p50']}us (target <= 100us); proxy share = modelgate - direct = {r['mg-c1']['latency_us']['p50'] - di['latency_us']['p50']}us (target <= 30us)")
-hop = r["hop-c16"]["achieved_rps"]
-print(f"what the design allows (hop-floor): {hop / fa:.1f}x FastAPI, {100 * hop / fl:.0f}% of the floor, c=1 p50 {r['hop-c1']['latency_us']['p50']}us, hop share = hop-floor - direct = {r['hop-c1']['latency_us']['p50'] - di['latency_us']['p50']}us")
-print(f"modelgate / hop-floor: c=16 {mg / hop:.2f}, c=1 p50 {r['mg-c1']['latency_us']['p50'] / r['hop-c1']['latency_us']['p50']:.2f}")
+    print(f"{name} open loop at 80% of its c=16 maximum (client sleeping), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
+          f"p50 {med(key, q('p50')):.0f}us p99 {med(key, q('p99')):.0f}us p99.9 {med(key, q('p99_9')):.0f}us")
+def ratio(a, b, f=rps):
+    per = [f(runs[a][i]) / f(runs[b][i]) for i in rounds]
+    each = ", ".join(f"{x:.2f}" for x in per) if len(per) > 1 else ""
+    return statistics.median(per), f" (per round: {each})" if each else ""
+share = lambda a: [runs[f"{a}-c1"][i]["latency_us"]["p50"] - runs["direct"][i]["latency_us"]["p50"] for i in rounds]
+x, each = ratio("mg-c16", "fastapi-c16"); print(f"throughput c=16: modelgate / FastAPI = {x:.1f}x{each} (target >= 10x)")
+x, each = ratio("mg-c16", "floor-c16"); print(f"throughput c=16: modelgate / floor = {100 * x:.0f}%{each} (target >= 40%)")
+print(f"p50 c=1: modelgate {med('mg-c1', q('p50')):.0f}us (target <= 100us); proxy share = modelgate - direct = {statistics.median(share('mg')):.0f}us (target <= 30us)")
+x, _ = ratio("hop-c16", "fastapi-c16"); y, each = ratio("hop-c16", "floor-c16")
+print(f"what the design allows (hop-floor): {x:.1f}x FastAPI, {100 * y:.0f}% of the floor{each}, c=1 p50 {med('hop-c1', q('p50')):.0f}us, hop share = hop-floor - direct = {statistics.median(share('hop')):.0f}us")
+x, each = ratio("mg-c16", "hop-c16"); y, _ = ratio("mg-c1", "hop-c1", q("p50"))
+print(f"modelgate / hop-floor: c=16 {x:.2f}{each}, c=1 p50 {y:.2f}")
 PY
