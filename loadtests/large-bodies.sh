@@ -7,10 +7,11 @@
 #             as it arrives, unparsed: the least a proxy in front of a replica can do;
 #   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
 # The issue's "proxy overhead" is modelgate - direct; hop - direct is the least of it this design
-# allows, and floor - floor(1 KB) the share that is moving the bytes over HTTP at all. Rounds alternate the three, and the table shows each
-# one's median p50 over ROUNDS rounds (default 3) of DURATION s (default 3). Bounded: about
-# ROUNDS x sizes x 3 runs of 0.5 + DURATION s.
-# BASELINE=/path/to/an/older/modelgate adds that build as a fourth column, in the same rounds,
+# allows, and floor - floor(1 KB) the share that is moving the bytes over HTTP at all. Rounds
+# alternate the four, and the table shows each one's median p50 over ROUNDS rounds (default 3)
+# of DURATION s (default 3). Bounded: about ROUNDS x sizes x 4 runs (5 with BASELINE) of
+# 0.5 + DURATION s.
+# BASELINE=/path/to/an/older/modelgate adds that build as a fifth column, in the same rounds,
 # to compare two builds side by side (it uses this tree's replica-runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ if [ -n "${BASELINE:-}" ]; then
   taskset -c 0 "$BASELINE" serve --config "$work/b.toml" >/dev/null 2>"$work/b.log" &
   baseline=$!
 fi
-trap 'kill -INT $server $hop ${baseline:+$baseline}; kill $floor; wait; rm -rf "$work"' EXIT
+trap 'kill -INT $server $hop ${baseline:+$baseline} 2>/dev/null || true; kill $floor 2>/dev/null || true; wait; rm -rf "$work"' EXIT
 wait_ready 18630 "$work/log"
 listening_addr hop-floor "$work/hop.log" >/dev/null
 [ -z "$baseline" ] || wait_ready 18632 "$work/b.log"

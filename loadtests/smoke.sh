@@ -58,11 +58,16 @@ hop=$!
 hop_addr=$(listening_addr hop-floor "$work/hop")
 ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --spin --warmup 0.3 --duration 1
 kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
-# hop-floor --stream, the large-body floor, forwards the body frame by frame.
-./target/debug/hop-floor --listen 127.0.0.1:0 --stream --runtime target/debug/replica-runtime >"$work/hop" &
+# hop-floor --stream, the large-body floor, forwards the body frame by frame: 1 MB bodies, which
+# arrive in several frames, to a model that answers their length.
+mkdir -p "$work/size"
+printf 'def size(args):\n    return len(args["pad"])\n' >"$work/size/size.py"
+./target/debug/hop-floor --listen 127.0.0.1:0 --stream --runtime target/debug/replica-runtime \
+  --dir "$work/size" --file size.py --function size >"$work/hop" &
 hop=$!
 hop_addr=$(listening_addr hop-floor "$work/hop")
-./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --warmup 0.2 --duration 0.5
+./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --payload-bytes 1000000 --expect 1000000 \
+  --concurrency 2 --warmup 0.2 --duration 0.5
 kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 ./target/debug/replica-direct --runtime target/debug/replica-runtime --spin --warmup 0.2 --duration 0.5 >/dev/null
 # --spin is refused in the open loop, whose pacer thread needs the CPU.

@@ -50,9 +50,9 @@ struct Args {
 }
 
 /// The replica connection: registered for input only, as modelgate registers its replica
-/// sockets, so the replica reading a request does not wake this process. A write that does not
+/// sockets, so the replica reading a request does not wake this process. A request that does not
 /// fit the socket buffer waits for room through a duplicate descriptor registered for output for
-/// just that write.
+/// just that request (`Room`), as modelgate's `spare` descriptor is.
 struct Conn {
     fd: AsyncFd<UnixStream>,
 }
@@ -60,12 +60,12 @@ struct Conn {
 impl Conn {
     async fn write_frame(&self, body: &[u8]) -> std::io::Result<()> {
         let header = protocol::encode_header(Kind::Predict, body.len());
-        self.write_all(&header, body).await
+        self.write_all(&header, body, &mut None).await
     }
 
-    /// Writes `h` then `b`.
-    async fn write_all(&self, mut h: &[u8], mut b: &[u8]) -> std::io::Result<()> {
-        let mut room: Option<AsyncFd<UnixStream>> = None;
+    /// Writes `h` then `b`, waiting for space through `room`, which is registered on first need
+    /// and kept for the caller's next writes of the same request.
+    async fn write_all(&self, mut h: &[u8], mut b: &[u8], room: &mut Room) -> std::io::Result<()> {
         while !h.is_empty() || !b.is_empty() {
             let bufs = [std::io::IoSlice::new(h), std::io::IoSlice::new(b)];
             match self.fd.get_ref().write_vectored(&bufs) {
@@ -79,7 +79,7 @@ impl Conn {
                         let dup = self.fd.get_ref().try_clone()?;
                         #[allow(deprecated)] // a UnixStream owns one descriptor for its life
                         let fd = AsyncFd::with_interest(dup, Interest::WRITABLE)?;
-                        room = Some(fd);
+                        *room = Some(fd);
                     }
                     let fd = room.as_ref().expect("registered");
                     fd.writable().await?.clear_ready();
@@ -124,6 +124,9 @@ impl Conn {
         }
     }
 }
+
+/// A duplicate of the replica socket registered for output, while one request is written.
+type Room = Option<AsyncFd<UnixStream>>;
 
 /// Bytes read from the replica: `buf[..filled]`.
 #[derive(Default)]
@@ -222,11 +225,13 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
     let mut body = req.into_body();
     let mut head = Vec::new();
     let start = loop {
-        if let Some(at) = head.windows(MARK.len()).position(|w| w == MARK) {
-            break at + MARK.len();
-        }
+        // Only where the mark could end in the bytes that came last.
+        let from = head.len().saturating_sub(MARK.len() - 1);
         let frame = body.frame().await?.ok()?.into_data().ok()?;
         head.extend_from_slice(&frame);
+        if let Some(at) = head[from..].windows(MARK.len()).position(|w| w == MARK) {
+            break from + at + MARK.len();
+        }
     };
     // The request's bytes: from `start` up to the closing `}` of the envelope.
     let len = total.checked_sub(start + 1)?;
@@ -241,7 +246,10 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
     };
     let header = protocol::encode_header(Kind::Predict, len);
     let first = &head[start..start + sent.min(len)];
-    conn.write_all(&header, first).await.unwrap_or_else(fail);
+    let mut room = None;
+    conn.write_all(&header, first, &mut room)
+        .await
+        .unwrap_or_else(fail);
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map(|f| f.into_data()) else {
             eprintln!("hop-floor: the body ended early; stopping");
@@ -249,7 +257,7 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
         };
         let Ok(data) = data else { continue };
         let upto = data.len().min(len.saturating_sub(sent));
-        conn.write_all(&data[..upto], &[])
+        conn.write_all(&data[..upto], &[], &mut room)
             .await
             .unwrap_or_else(fail);
         sent += data.len();
