@@ -51,8 +51,9 @@ struct Args {
 
 /// The replica connection: registered for input only, as modelgate registers its replica
 /// sockets, so the replica reading a request does not wake this process. A request that does not
-/// fit the socket buffer waits for room through a duplicate descriptor registered for output for
-/// just that request (`Room`), as modelgate's `spare` descriptor is.
+/// fit the socket buffer waits for room through a duplicate descriptor registered for output
+/// until the request is written (`Room`); modelgate keeps one duplicate per connection and
+/// registers it while one write lasts, which for modelgate is the whole request.
 struct Conn {
     fd: AsyncFd<UnixStream>,
 }
@@ -267,6 +268,8 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
         eprintln!("hop-floor: the body was not {total} bytes ending in `}}`; stopping");
         std::process::exit(1);
     }
+    // Registered for output no longer: the replica reading the rest must not wake this process.
+    drop(room);
     let frame = conn.read_frame(st).await;
     std::mem::forget(in_step);
     frame.ok()
