@@ -363,7 +363,9 @@ impl ReplicaSocket {
     }
 
     /// Writes `parts` in order, in as few `writev` calls as the socket's buffer allows, waiting
-    /// for space if it fills up. `parts` is consumed as it is written.
+    /// for space if it fills up. `parts` is consumed as it is written. Unlike std's `write` on a
+    /// socket, `writev` cannot pass `MSG_NOSIGNAL`: a replica that has gone away gives `EPIPE`
+    /// because Rust programs ignore SIGPIPE (std sets that before `main`; nothing here resets it).
     async fn write_all(&mut self, parts: &mut [IoSlice<'_>]) -> std::io::Result<()> {
         let mut rest = parts;
         while !rest.is_empty() {
