@@ -7,9 +7,10 @@
 #   floor  bare hyper answering a fixed body (HTTP alone).
 # Servers (and their replicas) on CPU 0, loadgen on CPU 1, 127.0.0.1 only. Each round measures
 # every server at c=1, c=16, and open loop at 80 % of the rate it reached at c=16 in that round.
-# Prints medians over ROUNDS (default 5) and, per round, modelgate / hop and modelgate / floor. SPIN=1 makes the
-# closed-loop client poll instead of sleeping between answers (loadgen --spin), and leaves out the
-# open loop (which never polls, so 80 % of a polling client's maximum is no fair rate for it).
+# Prints medians over ROUNDS (default 5) and, per round, modelgate / hop and modelgate / floor.
+# SPIN=1 makes the closed-loop client poll instead of sleeping between answers (loadgen --spin),
+# and leaves out the open loop (which never polls, so 80 % of a polling client's maximum is no
+# fair rate for it).
 # Bounded: ROUNDS x 4 servers x 3 runs of 0.5 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@
 #             what HTTP alone costs for that many bytes on this machine;
 #   modelgate the proxy and one replica of a model answering the body's length;
 #   hop       hop-floor --stream: bare hyper passing each frame of the body to the same replica
-#             as it arrives, unparsed: the least a proxy in front of a replica can do;
+#             as it arrives, unparsed: about the least a proxy in front of a replica can do;
 #   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
 # The "proxy overhead" is modelgate - direct; hop - direct is the least of it this design
 # allows, and floor - floor(1 KB) the share that is moving the bytes over HTTP at all. Rounds
