@@ -3,7 +3,8 @@
 #   mg     modelgate with the add model and one replica;
 #   hop    hop-floor: bare hyper + the same replica-runtime over the same protocol, one request at
 #          a time, and nothing else (no routing, auth, limits, timeouts, metrics, supervision);
-#   hop4   hop-floor --pipeline 4: up to 4 requests written ahead to the replica;
+#   hopb   hop-floor --batch 16: the requests already waiting written together, as modelgate's
+#          dispatcher does (the floor of modelgate's design as it is now);
 #   floor  bare hyper answering a fixed body (HTTP alone).
 # Servers (and their replicas) on CPU 0, loadgen on CPU 1, 127.0.0.1 only. Each round measures
 # every server at c=1, c=16, and open loop at 80 % of the rate it reached at c=16 in that round.
@@ -28,15 +29,15 @@ start() { # name
     mg) rm -rf "$work/data"
         taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
         server=$!; wait_ready 18670 "$work/log" ;;
-    hop|hop4) local depth=1; [ "$1" = hop ] || depth=4
-        taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18670 --pipeline $depth >"$work/log" &
+    hop|hopb) local mode=; [ "$1" = hop ] || mode="--batch 16"
+        taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18670 $mode >"$work/log" &
         server=$!; listening_addr hop-floor "$work/log" >/dev/null ;;
     floor) taskset -c 0 ./target/release/floor --listen 127.0.0.1:18670 >"$work/log" &
         server=$!; listening_addr floor "$work/log" >/dev/null ;;
   esac
 }
 for round in $(seq 1 "$ROUNDS"); do
-  for s in mg hop hop4 floor; do
+  for s in mg hop hopb floor; do
     start $s
     run() { bench_load --url http://127.0.0.1:18670/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" "$@"; }
     printf '%s\t%s\tc1\t' "$round" $s; run --concurrency 1 ${SPIN:+--spin}
@@ -58,7 +59,7 @@ for line in open(sys.argv[1]):
     r = json.loads(j)
     assert r["error_total"] == 0, line
     runs.setdefault((server, what), []).append(r)
-servers = ["mg", "hop", "hop4", "floor"]
+servers = ["mg", "hop", "hopb", "floor"]
 med = lambda s, w, f: statistics.median(f(r) for r in runs[(s, w)])
 rps = lambda r: r["achieved_rps"]
 lat = lambda q: (lambda r: r["latency_us"][q])
@@ -73,10 +74,11 @@ for name, w, f in rows:
         print(f"| {name} | " + " | ".join(f"{med(s, w, f):,.0f}" for s in servers) + " |")
 n = len(runs[("mg", "c16")])
 per = lambda w, f, b: [f(x) / f(y) for x, y in zip(runs[("mg", w)], runs[(b, w)])]
-for base, name, w, f in [("hop", "c=16 req/s", "c16", rps), ("hop", "c=1 p50", "c1", lat("p50")),
-                         ("floor", "c=16 req/s", "c16", rps)]:
+label = {"hop": "hop-floor", "hopb": "hop-floor --batch 16", "floor": "floor"}
+for base, name, w, f in [("hop", "c=16 req/s", "c16", rps), ("hopb", "c=16 req/s", "c16", rps),
+                         ("hopb", "c=1 p50", "c1", lat("p50")), ("floor", "c=16 req/s", "c16", rps)]:
     ratios = per(w, f, base)
-    print(f"modelgate / {'hop-floor' if base == 'hop' else base}, {name}, per round: "
+    print(f"modelgate / {label[base]}, {name}, per round: "
           + ", ".join(f"{x:.2f}" for x in ratios)
           + f" (median {statistics.median(ratios):.2f}, {n} rounds)")
 PY

@@ -3,8 +3,10 @@
 #   (a) modelgate (proxy + one replica)          (b) FastAPI + uvicorn, one worker
 #   (c) the replica called directly over its socket (no proxy)
 #   (d) a bare hyper server answering a fixed body: the HTTP floor
-#   (e) hop-floor: bare hyper + the same replica over the same protocol and nothing else: the
-#       floor of modelgate's design (HTTP plus one hop to a separate Python process)
+#   (e) hop-floor --batch 16: bare hyper + the same replica over the same protocol, the requests
+#       already waiting written together as modelgate's dispatcher does, and nothing else: the
+#       floor of modelgate's design (HTTP plus one hop to a separate Python process). HOP_ARGS
+#       replaces `--batch 16` (HOP_ARGS= for one request at a time).
 # Every server is pinned to CPU 0 and the load generator to CPU 1. Each run is bounded
 # (1 s warm-up + DURATION s) and targets 127.0.0.1 only. The peer's packages go into a
 # throwaway virtualenv. Prints a table and the ratios. SPIN=1 makes the clients (loadgen and
@@ -43,7 +45,8 @@ open_rate() { # NAME URL ROUND
 echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
 taskset -c 0 ./target/release/modelgate serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
-taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18903 >/dev/null & pids+=($!)
+# shellcheck disable=SC2086 # HOP_ARGS is a list of arguments
+taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18903 ${HOP_ARGS---batch 16} >/dev/null & pids+=($!)
 venv=${VENV:-$out/venv}
 [ -x "$venv/bin/uvicorn" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q fastapi 'uvicorn[standard]'; }
 (cd loadtests/peers && MODEL_DIR="$PWD/../../examples/add_numbers" ACCESS_KEY=$KEY \

@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the pieces every prediction passes through: envelope parsing, routing by
-//! access key, API key authentication, and taking and returning a replica from a model's pool.
+//! access key, API key authentication, and a request's trip through a model's queue and
+//! dispatcher to a replica's socket and back.
 //!
 //! `cargo bench -p modelgate-benches`
 
@@ -77,7 +78,7 @@ fn route(model: usize) -> Arc<ModelRoute> {
     let name: Arc<str> = format!("model-{model}").into();
     let slots = vec![Arc::new(Slot::new(name.clone(), 0))];
     Arc::new(ModelRoute {
-        pool: Arc::new(Pool::new(name.clone(), 1, 16)),
+        pool: Arc::new(Pool::new(name.clone(), 1, 16, Default::default())),
         metrics: ModelMetrics::new(&name, &slots),
         slots,
         expected_ready: true,
@@ -178,22 +179,50 @@ fn authentication(c: &mut Criterion) {
     group.finish();
 }
 
+/// One request through a model's pool: queued, taken by the replica's dispatcher, written to the
+/// replica's socket, its answer read and handed back. The far end of the socket is a thread
+/// answering each frame at once (a replica whose function costs nothing), so this is the queue
+/// and dispatch plus a socket round trip between two threads.
 fn pool(c: &mut Criterion) {
+    use modelgate_protocol::{self as protocol, Kind};
+    use std::io::{Read, Write};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let pool = Arc::new(Pool::new("m".into(), 1, 16));
+    let pool = Arc::new(Pool::new("m".into(), 1, 16, Default::default()));
     let slot = Arc::new(Slot::new("m".into(), 0));
-    let (ours, _theirs) = rt.block_on(async { tokio::net::UnixStream::pair().unwrap() });
+    let (ours, theirs) = rt.block_on(async { tokio::net::UnixStream::pair().unwrap() });
+    let theirs = theirs.into_std().unwrap();
+    theirs.set_nonblocking(false).unwrap();
+    std::thread::spawn(move || {
+        let mut theirs = theirs;
+        let mut header = [0u8; protocol::HEADER_LEN];
+        let mut payload = Vec::new();
+        let answer = [&protocol::encode_header(Kind::ResultOk, 1)[..], b"8"].concat();
+        while theirs.read_exact(&mut header).is_ok() {
+            let h = protocol::decode_header(header).unwrap();
+            payload.resize(h.payload_len, 0);
+            theirs.read_exact(&mut payload).unwrap();
+            theirs.write_all(&answer).unwrap();
+        }
+    });
     let _guard = rt.enter();
     pool.set_health(0, SlotHealth::Ready);
     pool.release(ReplicaConn::new(slot, 1, ours).expect("register the socket"));
-    c.bench_function("pool_acquire_release_idle", |b| {
+    let request = vec![bytes::Bytes::from_static(br#"{"a":3,"b":5}"#)];
+    c.bench_function("pool_call_round_trip", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let conn = pool.acquire(Duration::from_secs(1)).await.unwrap();
-                pool.release(conn);
+                let served = pool
+                    .call(
+                        request.clone(),
+                        Duration::from_secs(1),
+                        Duration::from_secs(1),
+                    )
+                    .await
+                    .unwrap();
+                assert!(served.result.is_ok());
             })
         })
     });

@@ -66,6 +66,12 @@ pub struct ServerConfig {
     pub queue_timeout_secs: f64,
     /// Requests that may wait per model; beyond it requests get 429 at once. Default 1024.
     pub max_queue: usize,
+    /// Most waiting requests written to a replica together (it still runs them one at a time,
+    /// in order); 1 writes a request only once its replica is free. Default 16.
+    pub max_batch: usize,
+    /// Microseconds of the replica's recent time per request a batch may add up to: a function
+    /// slower than this gets one request at a time. Default 250.
+    pub batch_budget_us: u64,
     /// Seconds a client may take to send request headers. Default 10.
     pub header_read_timeout_secs: f64,
     /// Seconds a client may take to send a prediction's whole body; past it, 408 and the
@@ -112,6 +118,8 @@ impl Default for ServerConfig {
             request_timeout_secs: 30.0,
             queue_timeout_secs: 30.0,
             max_queue: 1024,
+            max_batch: 16,
+            batch_budget_us: 250,
             header_read_timeout_secs: 10.0,
             body_read_timeout_secs: 30.0,
             max_connections: 10_000,
@@ -309,6 +317,9 @@ impl Config {
         }
         if s.max_queue == 0 {
             errors.push("server.max_queue must be at least 1".into());
+        }
+        if s.max_batch == 0 {
+            errors.push("server.max_batch must be at least 1".into());
         }
         if s.max_concurrent_streams == 0 {
             errors.push("server.max_concurrent_streams must be at least 1".into());

@@ -27,6 +27,8 @@ use crate::supervisor::{self, ModelReplicas, ModelSpec, ReplicaSettings};
 #[derive(Debug, Clone)]
 pub struct DeploySettings {
     pub max_queue: usize,
+    /// How many waiting requests a replica is sent at once.
+    pub batching: crate::pool::Batching,
     pub max_replicas: u32,
     /// How long new replicas get to become ready before the deployment fails.
     pub start_timeout: Duration,
@@ -374,6 +376,7 @@ impl ControlPlane {
             spec.name.clone(),
             spec.replicas,
             self.deploy.max_queue,
+            self.deploy.batching,
         ));
         let replicas =
             supervisor::start_model(spec.clone(), pool.clone(), self.replicas.clone(), stop_rx);
@@ -512,7 +515,7 @@ async fn drain_and_stop(old: Running, bound: Duration) {
 fn idle_route(name: &str, expected_ready: bool) -> Arc<ModelRoute> {
     let name: Arc<str> = name.into();
     Arc::new(ModelRoute {
-        pool: Arc::new(Pool::new(name.clone(), 0, 1)),
+        pool: Arc::new(Pool::new(name.clone(), 0, 1, Default::default())),
         metrics: ModelMetrics::new(&name, &[]),
         slots: Vec::new(),
         expected_ready,

@@ -10,6 +10,7 @@ pub mod body;
 pub mod cgroup;
 pub mod config;
 pub mod control;
+pub mod dispatch;
 pub mod envelope;
 pub mod error;
 #[doc(hidden)]
@@ -121,6 +122,10 @@ pub async fn run(
         },
         DeploySettings {
             max_queue: server.max_queue,
+            batching: pool::Batching {
+                max: server.max_batch,
+                budget: std::time::Duration::from_micros(server.batch_budget_us),
+            },
             max_replicas: server.max_replicas,
             start_timeout: server.replica_start_timeout(),
             drain_timeout: server.shutdown_grace(),

@@ -20,11 +20,14 @@ pub const REPLICA_RESTARTS: &str = "modelgate_replica_restarts_total";
 pub const REPLICA_CPU: &str = "modelgate_replica_cpu_seconds_total";
 pub const REPLICA_MEMORY: &str = "modelgate_replica_memory_bytes";
 pub const AUDIT_DROPPED: &str = "modelgate_audit_dropped_total";
+pub const BATCH_SIZE: &str = "modelgate_dispatch_batch_size";
+pub const REQUEUED: &str = "modelgate_requests_requeued_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 const SIZE_BUCKETS: &[f64] = &[
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
 ];
@@ -34,6 +37,7 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), SIZE_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
         .install_recorder()?;
     describe_counter!(
         REQUESTS,
@@ -54,6 +58,14 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     describe_gauge!(QUEUE_DEPTH, "Requests waiting for a replica");
     describe_gauge!(REPLICA_BUSY, "1 while the replica handles a request");
     describe_counter!(REPLICA_RESTARTS, "Replica process restarts, by reason");
+    describe_histogram!(
+        BATCH_SIZE,
+        "Requests written to a replica together (it runs them one at a time, in order)"
+    );
+    describe_counter!(
+        REQUEUED,
+        "Requests put back at the front of the queue because their replica ended before running them"
+    );
     describe_counter!(
         AUDIT_DROPPED,
         "Audit records dropped because the writer's queue was full"

@@ -1,18 +1,24 @@
 //! The replicas of one model and the strict-FIFO queue of requests waiting for them.
 //!
-//! A request takes an idle replica if nobody is waiting, or joins the back of the queue. A replica
-//! coming free goes to the front waiter, so requests are served in arrival order and a replica
-//! never holds two requests. Idle replicas are kept in a FIFO too, which spreads load over all of
-//! them. The lock is a plain mutex held for a few pointer moves, never across an await.
+//! Every request joins the back of the queue with its bytes. A replica with work is driven by a
+//! dispatcher task ([`crate::dispatch`]): it takes requests from the front, writes them to the
+//! replica (several at once when several wait, see [`Batching`]) and hands each its answer. A
+//! replica runs one request at a time, in the order written, so requests are served in arrival
+//! order. An idle replica waits in the pool; a request that finds one starts its dispatcher. Idle
+//! replicas are kept in a FIFO too, which spreads load over all of them. The lock is a plain
+//! mutex held for a few pointer moves, never across an await.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use metrics::Gauge;
+use bytes::Bytes;
+use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
-use crate::replica::ReplicaConn;
+use crate::error::ApiError;
+use crate::replica::{ReplicaConn, Reply, Slot};
 
 /// Health of one replica slot, as the supervisor reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,21 +39,94 @@ pub enum AcquireError {
     Busy(&'static str),
     /// No slot is ready or starting.
     Unavailable,
+    /// The request was taken but its dispatcher ended without an answer (the runtime is
+    /// shutting down).
+    Dropped,
 }
 
-type Waiter = oneshot::Sender<Result<ReplicaConn, AcquireError>>;
+/// How many waiting requests a dispatcher writes to its replica at once.
+///
+/// Writing the requests already waiting together lets the replica read them in one go and the
+/// proxy read their answers in one go: one round of wake-ups for the lot instead of one per
+/// request, which on a core shared with the replica is most of a small request's cost. The
+/// replica still runs them one at a time, so a batch only pays while the function is quick next
+/// to that cost, and a request written behind others waits for them in the replica rather than in
+/// the queue. A batch therefore takes at most `max` requests, at most its share of the queue when
+/// the model has several replicas, and only as many as the replica's recent time per request fits
+/// in `budget` (a function that takes longer than `budget` gets one request at a time).
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max: usize,
+    pub budget: Duration,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max: 16,
+            budget: Duration::from_micros(250),
+        }
+    }
+}
+
+/// Requests larger than this are written alone, and a batch stops growing past this many bytes:
+/// small requests are copied into one buffer to go out in one write.
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// A request in the queue, or in a batch on its way to a replica.
+pub struct Pending {
+    id: u64,
+    /// The request's JSON text, as slices of the body.
+    pub request: Vec<Bytes>,
+    enqueued: Instant,
+    /// How long the function may run before its replica is killed.
+    pub timeout: Duration,
+    tx: oneshot::Sender<Result<Served, AcquireError>>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.request.iter().map(Bytes::len).sum()
+    }
+
+    /// Hands the request its outcome; `taken_at` is when it left the queue. A caller that went
+    /// away is not told.
+    pub fn answer(self, result: Result<Reply, ApiError>, slot: &Arc<Slot>, taken_at: Instant) {
+        let _ = self.tx.send(Ok(Served {
+            result,
+            slot: slot.clone(),
+            queue_wait: taken_at.saturating_duration_since(self.enqueued),
+        }));
+    }
+}
+
+/// What a replica made of a request.
+pub struct Served {
+    /// The function's answer, or why the call failed.
+    pub result: Result<Reply, ApiError>,
+    /// The replica slot that ran it.
+    pub slot: Arc<Slot>,
+    /// Time from joining the queue to being written to the replica.
+    pub queue_wait: Duration,
+}
 
 pub struct Pool {
     pub model: Arc<str>,
     state: Mutex<State>,
     max_queue: usize,
+    batching: Batching,
     queue_depth: Gauge,
+    pub(crate) batch_size: Histogram,
+    pub(crate) requeued: Counter,
 }
 
 struct State {
     idle: VecDeque<ReplicaConn>,
-    waiters: VecDeque<Waiter>,
+    waiters: VecDeque<Pending>,
     health: Vec<SlotHealth>,
+    next_id: u64,
+    /// The replicas' recent time per request (exponential average), for the batch size.
+    per_request: Duration,
 }
 
 impl State {
@@ -56,22 +135,36 @@ impl State {
             .iter()
             .any(|h| matches!(h, SlotHealth::Starting | SlotHealth::Ready))
     }
+
+    /// An idle replica for the requests waiting, to be driven by a new dispatcher.
+    fn idle_for_waiting(&mut self) -> Option<ReplicaConn> {
+        if self.waiters.is_empty() {
+            None
+        } else {
+            self.idle.pop_front()
+        }
+    }
 }
 
 impl Pool {
-    pub fn new(model: Arc<str>, slots: usize, max_queue: usize) -> Pool {
-        let queue_depth =
-            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "model" => model.to_string());
+    pub fn new(model: Arc<str>, slots: usize, max_queue: usize, batching: Batching) -> Pool {
+        let label = || [("model", model.to_string())];
+        let queue_depth = metrics::gauge!(crate::metrics::QUEUE_DEPTH, &label());
         queue_depth.set(0.0);
         Pool {
-            model,
             state: Mutex::new(State {
                 idle: VecDeque::with_capacity(slots),
                 waiters: VecDeque::new(),
                 health: vec![SlotHealth::Starting; slots],
+                next_id: 0,
+                per_request: Duration::ZERO,
             }),
             max_queue,
+            batching,
             queue_depth,
+            batch_size: metrics::histogram!(crate::metrics::BATCH_SIZE, &label()),
+            requeued: metrics::counter!(crate::metrics::REQUEUED, &label()),
+            model,
         }
     }
 
@@ -81,76 +174,172 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits, in FIFO order, for a replica of this model.
-    pub async fn acquire(&self, queue_timeout: Duration) -> Result<ReplicaConn, AcquireError> {
-        let rx = {
+    fn start(self: &Arc<Self>, conn: ReplicaConn) {
+        tokio::spawn(crate::dispatch::run(self.clone(), conn));
+    }
+
+    /// Queues `request` and waits for its answer. The queue is FIFO; a request still queued
+    /// after `queue_timeout` leaves it with [`AcquireError::Busy`]. Once written to a replica,
+    /// the dispatcher answers it (past `request_timeout` with a timeout).
+    pub async fn call(
+        self: &Arc<Self>,
+        request: Vec<Bytes>,
+        queue_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Result<Served, AcquireError> {
+        let enqueued = Instant::now();
+        let (id, rx, start) = {
             let mut st = self.lock();
             if !st.available() {
                 return Err(AcquireError::Unavailable);
             }
-            if st.waiters.is_empty() {
-                if let Some(conn) = st.idle.pop_front() {
-                    return Ok(conn);
-                }
-            }
             if st.waiters.len() >= self.max_queue {
-                st.waiters.retain(|w| !w.is_closed());
+                st.waiters.retain(|w| !w.tx.is_closed());
                 if st.waiters.len() >= self.max_queue {
                     return Err(AcquireError::Busy("the model's request queue is full"));
                 }
             }
             let (tx, rx) = oneshot::channel();
-            st.waiters.push_back(tx);
+            let id = st.next_id;
+            st.next_id += 1;
+            st.waiters.push_back(Pending {
+                id,
+                request,
+                enqueued,
+                timeout: request_timeout,
+                tx,
+            });
             self.queue_depth.set(st.waiters.len() as f64);
-            rx
+            (id, rx, st.idle_for_waiting())
         };
-        let mut waiting = WaitingTurn {
-            rx: Some(rx),
-            pool: self,
-        };
-        let rx = waiting.rx.as_mut().expect("receiver present until dropped");
-        match tokio::time::timeout(queue_timeout, rx).await {
-            Ok(Ok(result)) => {
-                waiting.rx = None;
-                result
-            }
-            Ok(Err(_)) => {
-                waiting.rx = None;
-                Err(AcquireError::Unavailable)
-            }
+        if let Some(conn) = start {
+            self.start(conn);
+        }
+        let mut rx = rx;
+        let outcome = match tokio::time::timeout_at(enqueued + queue_timeout, &mut rx).await {
+            Ok(outcome) => outcome,
             Err(_elapsed) => {
-                // A replica may have been handed over just as the timer fired: take it rather
-                // than lose it.
-                let mut rx = waiting.rx.take().expect("receiver present");
-                rx.close();
-                match rx.try_recv() {
-                    Ok(result) => result,
-                    Err(_) => Err(AcquireError::Busy(
+                let still_queued = {
+                    let mut st = self.lock();
+                    let at = st.waiters.iter().position(|w| w.id == id);
+                    if let Some(at) = at {
+                        st.waiters.remove(at);
+                        self.queue_depth.set(st.waiters.len() as f64);
+                    }
+                    at.is_some()
+                };
+                if still_queued {
+                    return Err(AcquireError::Busy(
                         "no replica became free within the queue timeout",
-                    )),
+                    ));
                 }
+                // Already written to a replica: its dispatcher answers within the request
+                // timeout.
+                rx.await
             }
+        };
+        outcome.unwrap_or(Err(AcquireError::Dropped))
+    }
+
+    /// A replica ready to serve (new, or its dispatcher has run out of work): it starts on the
+    /// queue, or waits idle.
+    pub fn release(self: &Arc<Self>, conn: ReplicaConn) {
+        let start = {
+            let mut st = self.lock();
+            st.idle.push_back(conn);
+            st.idle_for_waiting()
+        };
+        if let Some(conn) = start {
+            self.start(conn);
         }
     }
 
-    /// Returns a healthy replica: to the first live waiter, or to the idle set.
-    pub fn release(&self, mut conn: ReplicaConn) {
+    /// For a dispatcher: the next requests for `conn`, oldest first, in `batch` (which must be
+    /// empty), and the connection back; or `None` when nothing waits, and the connection has
+    /// gone back to the idle set. `served` is the time per request of the batch just served.
+    pub(crate) fn next_batch(
+        &self,
+        conn: ReplicaConn,
+        batch: &mut Vec<Pending>,
+        served: Option<Duration>,
+    ) -> Option<ReplicaConn> {
         let mut st = self.lock();
-        while let Some(waiter) = st.waiters.pop_front() {
-            match waiter.send(Ok(conn)) {
-                Ok(()) => {
-                    self.queue_depth.set(st.waiters.len() as f64);
-                    return;
-                }
-                Err(Ok(back)) => conn = back,
-                Err(Err(_)) => unreachable!("we sent Ok"),
-            }
+        if let Some(t) = served {
+            // An average over the last eight or so batches.
+            st.per_request = if st.per_request.is_zero() {
+                t
+            } else {
+                (st.per_request * 7 + t) / 8
+            };
         }
-        self.queue_depth.set(0.0);
-        st.idle.push_back(conn);
+        let most = self.batch_limit(&st);
+        let mut bytes = 0;
+        while let Some(front) = st.waiters.front() {
+            if front.tx.is_closed() {
+                st.waiters.pop_front();
+                continue;
+            }
+            let len = front.len();
+            if !batch.is_empty() && (batch.len() == most || bytes + len > BATCH_BYTES) {
+                break;
+            }
+            bytes += len;
+            batch.extend(st.waiters.pop_front());
+        }
+        self.queue_depth.set(st.waiters.len() as f64);
+        if batch.is_empty() {
+            conn.slot.busy.set(0.0);
+            st.idle.push_back(conn);
+            return None;
+        }
+        Some(conn)
     }
 
-    /// Drops the idle connection of `slot_id`, if any (its process has exited).
+    fn batch_limit(&self, st: &State) -> usize {
+        let ready = st
+            .health
+            .iter()
+            .filter(|h| **h == SlotHealth::Ready)
+            .count()
+            .max(1);
+        let share = st.waiters.len().div_ceil(ready);
+        let fits = if st.per_request.is_zero() {
+            1
+        } else {
+            (self.batching.budget.as_nanos() / st.per_request.as_nanos()) as usize
+        };
+        self.batching.max.min(share).min(fits).max(1)
+    }
+
+    /// Puts requests that were written to a replica but never ran (it died, or was killed for
+    /// an earlier request in the same batch) back at the front of the queue, in order.
+    pub(crate) fn requeue(self: &Arc<Self>, rest: Vec<Pending>) {
+        if rest.is_empty() {
+            return;
+        }
+        self.requeued.increment(rest.len() as u64);
+        let start = {
+            let mut st = self.lock();
+            if !st.available() {
+                for w in rest {
+                    let _ = w.tx.send(Err(AcquireError::Unavailable));
+                }
+                return;
+            }
+            let n = rest.len();
+            for w in rest.into_iter().rev() {
+                st.waiters.push_front(w);
+            }
+            self.queue_depth.set(st.waiters.len() as f64);
+            (0..n)
+                .map_while(|_| st.idle_for_waiting())
+                .collect::<Vec<_>>()
+        };
+        for conn in start {
+            self.start(conn);
+        }
+    }
+
     /// Drops the slot's connection from the idle list; true when it was there (the replica was
     /// not serving a request).
     pub fn remove_idle(&self, slot_id: &str) -> bool {
@@ -168,7 +357,7 @@ impl Pool {
         if !st.available() {
             st.idle.clear();
             for w in st.waiters.drain(..) {
-                let _ = w.send(Err(AcquireError::Unavailable));
+                let _ = w.tx.send(Err(AcquireError::Unavailable));
             }
             self.queue_depth.set(0.0);
         }
@@ -196,28 +385,10 @@ impl Pool {
             .iter()
             .filter(|h| **h == SlotHealth::Ready)
             .count();
-        st.waiters.iter().all(|w| w.is_closed()) && st.idle.len() >= ready
+        st.waiters.iter().all(|w| w.tx.is_closed()) && st.idle.len() >= ready
     }
 
     pub fn health(&self) -> Vec<SlotHealth> {
         self.lock().health.clone()
-    }
-}
-
-/// A place in the queue. If the request is dropped (client gone, timeout) after a replica was
-/// handed to it, the replica goes back to the pool instead of being lost.
-struct WaitingTurn<'a> {
-    rx: Option<oneshot::Receiver<Result<ReplicaConn, AcquireError>>>,
-    pool: &'a Pool,
-}
-
-impl Drop for WaitingTurn<'_> {
-    fn drop(&mut self) {
-        if let Some(mut rx) = self.rx.take() {
-            rx.close();
-            if let Ok(Ok(conn)) = rx.try_recv() {
-                self.pool.release(conn);
-            }
-        }
     }
 }

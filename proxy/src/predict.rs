@@ -6,8 +6,10 @@
 //!    of a request spread over many frames are copied together).
 //! 2. **Route** by access key through the routing snapshot (no store access), and when the model
 //!    has authentication enabled, check the caller's API key against the in-memory auth index.
-//! 3. **Queue** in the model's FIFO for a free replica, up to `queue_timeout`.
-//! 4. **Call** the replica, up to `request_timeout`; past it the replica's process group is killed.
+//! 3. **Queue** in the model's FIFO for a replica, up to `queue_timeout`.
+//! 4. **Call**: the replica's dispatcher ([`crate::dispatch`]) writes the request, with others
+//!    waiting behind it, and reads its answer, up to `request_timeout`; past it the replica's
+//!    process group is killed.
 //! 5. **Respond**: the function's JSON is spliced, unparsed, into the success envelope.
 
 use std::sync::Arc;
@@ -22,8 +24,8 @@ use tokio::time::Instant;
 use crate::auth::{Action, Auth};
 use crate::envelope::{Envelope, Scanner};
 use crate::error::{json_response, ApiError, Body};
-use crate::pool::{AcquireError, Pool};
-use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
+use crate::pool::AcquireError;
+use crate::replica::Reply;
 use crate::routing::{ModelRoute, Routes};
 use modelgate_protocol::ModelErrorKind;
 
@@ -152,33 +154,27 @@ async fn predict(
     drop(head);
     route.metrics.request_size.record(envelope.body_len as f64);
 
-    // Phase 3: queue.
-    let queued_at = Instant::now();
-    let conn = route
+    // Phases 3 and 4: queue, then the call, both driven by the model's pool.
+    let served = route
         .pool
-        .acquire(limits.queue_timeout)
+        .call(
+            envelope.request,
+            limits.queue_timeout,
+            limits.request_timeout,
+        )
         .await
         .map_err(|e| not_acquired(e, &route.name, limits.queue_timeout))?;
-    // One clock read for the queue wait and the start of the call.
-    let acquired_at = Instant::now();
     route
         .metrics
         .queue_wait
-        .record((acquired_at - queued_at).as_secs_f64());
-    reached.slot_index = route.slots.iter().position(|s| Arc::ptr_eq(s, &conn.slot));
-
-    // Phase 4: call.
-    let reply = call_replica(
-        &route.pool,
-        conn,
-        &envelope.request,
-        acquired_at,
-        limits.request_timeout,
-    )
-    .await?;
+        .record(served.queue_wait.as_secs_f64());
+    reached.slot_index = route
+        .slots
+        .iter()
+        .position(|s| Arc::ptr_eq(s, &served.slot));
 
     // Phase 5: respond.
-    respond(reply, &route)
+    respond(served.result?, &served.slot.id, &route)
 }
 
 /// Checks the caller's API key for a model with authentication on.
@@ -207,17 +203,18 @@ fn not_acquired(e: AcquireError, model: &str, queue_timeout: Duration) -> ApiErr
         AcquireError::Unavailable => ApiError::Unavailable {
             model: model.to_string(),
         },
+        AcquireError::Dropped => ApiError::Shutdown,
     }
 }
 
 /// The function's JSON, unparsed, inside the success envelope; or the model's error.
-fn respond(reply: Answered, route: &ModelRoute) -> Result<Response<Body>, ApiError> {
-    match reply.reply {
+fn respond(reply: Reply, replica_id: &str, route: &ModelRoute) -> Result<Response<Body>, ApiError> {
+    match reply {
         Reply::Ok(payload) => {
             const HEAD: &[u8] = b"{\"success\":true,\"response\":";
             const ID: &[u8] = b",\"replicaId\":\"";
             const END: &[u8] = b"\"}";
-            let id = reply.replica_id.as_bytes();
+            let id = replica_id.as_bytes();
             let tail_len = ID.len() + id.len() + END.len();
             let size = HEAD.len() + payload.len() + tail_len;
             route.metrics.response_size.record(size as f64);
@@ -295,129 +292,5 @@ async fn read_envelope(
     match invalid {
         Some(e) => Err(ApiError::InvalidRequest(e.0)),
         None => scanner.finish().map_err(|e| ApiError::InvalidRequest(e.0)),
-    }
-}
-
-struct Answered {
-    reply: Reply,
-    replica_id: Arc<str>,
-}
-
-async fn call_replica(
-    pool: &Arc<Pool>,
-    conn: ReplicaConn,
-    request: &[Bytes],
-    start: Instant,
-    timeout: Duration,
-) -> Result<Answered, ApiError> {
-    conn.slot.busy.set(1.0);
-    let deadline = start + timeout;
-    let mut in_flight = InFlight {
-        conn: Some(conn),
-        pool: pool.clone(),
-        deadline,
-    };
-    let conn = in_flight.conn.as_mut().expect("present until taken");
-    let result = tokio::time::timeout_at(deadline, conn.call(request)).await;
-    let conn = in_flight.conn.take().expect("present until taken");
-    conn.slot.busy.set(0.0);
-    let replica_id = conn.slot.id.clone();
-    match result {
-        Ok(Ok(reply)) if !is_out_of_memory(&reply) => {
-            pool.release(conn);
-            Ok(Answered { reply, replica_id })
-        }
-        result => {
-            call_ended_badly(conn, result, timeout).map(|reply| Answered { reply, replica_id })
-        }
-    }
-}
-
-fn is_out_of_memory(reply: &Reply) -> bool {
-    matches!(reply, Reply::Err(err) if err.kind == ModelErrorKind::OutOfMemory)
-}
-
-/// A call that leaves its replica unusable: out of memory, a broken or closed stream, or past the
-/// request timeout. The replica's process is killed (the supervisor restarts it).
-#[cold]
-#[inline(never)]
-fn call_ended_badly(
-    conn: ReplicaConn,
-    result: Result<Result<Reply, CallError>, tokio::time::error::Elapsed>,
-    timeout: Duration,
-) -> Result<Reply, ApiError> {
-    let replica_id = &conn.slot.id;
-    match result {
-        Ok(Ok(reply)) => {
-            // The interpreter hit its memory limit: its state is suspect, so it is replaced.
-            tracing::warn!(replica = %replica_id, "replica out of memory; replacing it");
-            conn.kill(KillReason::MemoryLimit);
-            Ok(reply)
-        }
-        Ok(Err(err)) => {
-            tracing::warn!(replica = %replica_id, "request failed: {err}");
-            match err {
-                CallError::Protocol(what) => {
-                    conn.kill(KillReason::ProtocolError);
-                    Err(ApiError::BadReplicaResponse(what))
-                }
-                // The process died (or is dying): make sure, and let the supervisor restart it.
-                CallError::Closed | CallError::Io(_) => {
-                    if let Some(why) = conn.slot.memory_killed(conn.generation) {
-                        conn.kill(KillReason::MemoryLimit);
-                        return Err(ApiError::MemoryLimit(why));
-                    }
-                    conn.kill(KillReason::None);
-                    Err(ApiError::Shutdown)
-                }
-            }
-        }
-        Err(_elapsed) => {
-            tracing::warn!(replica = %replica_id, "request timed out after {timeout:?}; killing the replica");
-            conn.kill(KillReason::Timeout);
-            Err(ApiError::Timeout {
-                secs: timeout.as_secs_f64(),
-            })
-        }
-    }
-}
-
-/// A replica lent to a request. If the request is dropped mid-call (the client went away), the
-/// call is finished in the background and the replica returned, or killed if it cannot be.
-struct InFlight {
-    conn: Option<ReplicaConn>,
-    pool: Arc<Pool>,
-    deadline: Instant,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        let pool = self.pool.clone();
-        let deadline = self.deadline;
-        if !conn.awaiting_reply() {
-            // Cancelled mid-write: the stream is out of step, so the process must go.
-            conn.slot.busy.set(0.0);
-            conn.kill(KillReason::ProtocolError);
-            return;
-        }
-        tokio::spawn(async move {
-            match tokio::time::timeout_at(deadline, conn.finish_call()).await {
-                Ok(Ok(_)) => {
-                    conn.slot.busy.set(0.0);
-                    pool.release(conn);
-                }
-                Ok(Err(_)) => {
-                    conn.slot.busy.set(0.0);
-                    conn.kill(KillReason::None);
-                }
-                Err(_) => {
-                    conn.slot.busy.set(0.0);
-                    conn.kill(KillReason::Timeout);
-                }
-            }
-        });
     }
 }

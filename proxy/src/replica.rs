@@ -225,7 +225,6 @@ pub struct ReplicaConn {
     read_buf: Vec<u8>,
     /// Where small reads land before they are appended to `read_buf`.
     scratch: Box<[u8]>,
-    phase: Phase,
     speculation: Speculation,
 }
 
@@ -253,14 +252,6 @@ impl Speculation {
             self.score.saturating_sub(1)
         };
     }
-}
-
-/// Where a call stands, so a cancelled one can be finished or the replica written off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    Writing,
-    Reading,
 }
 
 /// Payloads up to this size are copied next to their header so the request costs one write.
@@ -429,7 +420,6 @@ impl ReplicaConn {
             socket: ReplicaSocket::new(stream)?,
             read_buf: Vec::with_capacity(READ_CHUNK),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
-            phase: Phase::Idle,
             speculation: Speculation::default(),
         })
     }
@@ -504,11 +494,34 @@ impl ReplicaConn {
         Ok(())
     }
 
-    /// Sends one request (its JSON text in `parts`) and waits for its terminal answer.
-    pub async fn call(&mut self, parts: &[Bytes]) -> Result<Reply, CallError> {
-        self.phase = Phase::Writing;
-        self.write_frame(Kind::Predict, parts).await?;
-        self.phase = Phase::Reading;
+    /// Writes requests (each one's JSON text as slices) as `Predict` frames, in order: one alone
+    /// as [`Self::write_frame`] does, several copied together into one write. Their answers are
+    /// then read, in the same order, with [`Self::finish_call`]. Not cancel-safe: a write cut
+    /// short leaves the stream out of step.
+    pub async fn send<'a, I>(&mut self, requests: I) -> Result<(), CallError>
+    where
+        I: Iterator<Item = &'a [Bytes]> + Clone,
+    {
+        let mut count = requests.clone();
+        match (count.next(), count.next()) {
+            (None, _) => return Ok(()),
+            (Some(one), None) => self.write_frame(Kind::Predict, one).await?,
+            (Some(_), Some(_)) => {
+                let size = requests
+                    .clone()
+                    .map(|r| protocol::HEADER_LEN + r.iter().map(Bytes::len).sum::<usize>())
+                    .sum();
+                let mut buf = Vec::with_capacity(size);
+                for parts in requests {
+                    let len = parts.iter().map(Bytes::len).sum();
+                    buf.extend_from_slice(&protocol::encode_header(Kind::Predict, len));
+                    for part in parts {
+                        buf.extend_from_slice(part);
+                    }
+                }
+                self.socket.write_all(&mut [IoSlice::new(&buf)]).await?;
+            }
+        }
         // A replica sharing this CPU often runs as soon as the write wakes it, and has answered
         // by the time the write returns: read that answer now rather than through the
         // runtime's readiness wait (a yield and an `epoll_wait`, since the answer arrived
@@ -523,15 +536,17 @@ impl ReplicaConn {
                 None => {}
             }
         }
+        Ok(())
+    }
+
+    /// Sends one request (its JSON text in `parts`) and waits for its terminal answer.
+    pub async fn call(&mut self, parts: &[Bytes]) -> Result<Reply, CallError> {
+        self.send(std::iter::once(parts)).await?;
         self.finish_call().await
     }
 
-    /// True when the request went out whole and its answer has not been read yet.
-    pub fn awaiting_reply(&self) -> bool {
-        self.phase == Phase::Reading
-    }
-
-    /// Reads frames until the terminal answer of the call in flight, skipping unknown kinds.
+    /// Reads frames until the terminal answer of the oldest request sent and not yet answered,
+    /// skipping unknown kinds.
     pub async fn finish_call(&mut self) -> Result<Reply, CallError> {
         loop {
             // Readiness waits on an `AsyncFd` do not spend tokio's cooperative budget: a replica
@@ -540,13 +555,11 @@ impl ReplicaConn {
             let (kind, payload) = self.read_frame().await?;
             match Kind::from_u8(kind) {
                 Some(Kind::ResultOk) => {
-                    self.phase = Phase::Idle;
                     return Ok(Reply::Ok(payload));
                 }
                 Some(Kind::ResultErr) => {
                     let err: ModelError = serde_json::from_slice(&payload)
                         .map_err(|_| CallError::Protocol("malformed error frame"))?;
-                    self.phase = Phase::Idle;
                     return Ok(Reply::Err(err));
                 }
                 Some(Kind::Ready | Kind::LoadFailed | Kind::Predict | Kind::Ping) => {
@@ -699,7 +712,6 @@ mod tests {
         let (kind, got) = reader.join().unwrap();
         assert_eq!(kind, Kind::Predict as u8);
         assert!(got == expected, "request bytes intact and in order");
-        assert!(!conn.awaiting_reply());
     }
 
     #[tokio::test]

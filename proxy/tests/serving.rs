@@ -1384,3 +1384,230 @@ async fn a_waiting_replica_sleeps_once_per_request() {
         "the replica slept {per_request:.2} times per request"
     );
 }
+
+/// A model for the batching tests: `wait` sleeps first, `die` ends the process, `oom` raises
+/// `MemoryError`, `hang` never returns; every call that returns appends `<seq> <pid>` to `calls`
+/// (path baked in).
+fn batching_model(dir: &std::path::Path, calls: &std::path::Path) -> String {
+    std::fs::write(
+        dir.join("m.py"),
+        format!(
+            "import os, time\n\n\
+             def f(args):\n    \
+                 time.sleep(args.get('wait', 0))\n    \
+                 if args.get('die'):\n        os._exit(1)\n    \
+                 if args.get('oom'):\n        raise MemoryError('pretend')\n    \
+                 while args.get('hang'):\n        time.sleep(1)\n    \
+                 with open({calls:?}, 'a') as out:\n        out.write(f\"{{args.get('seq')}} {{os.getpid()}}\\n\")\n    \
+                 return {{'seq': args.get('seq'), 'sum': args.get('a', 0) + args.get('b', 0), 'pid': os.getpid()}}\n"
+        ),
+    )
+    .unwrap();
+    common::model_at("m", dir, "m.py", "f")
+}
+
+/// Sends `requests` in order, `gap` apart, each from its own task; returns the answers in the
+/// same order.
+async fn send_spaced(
+    server: &Server,
+    requests: Vec<serde_json::Value>,
+    gap: Duration,
+) -> Vec<(u16, serde_json::Value)> {
+    let mut tasks = Vec::new();
+    for request in requests {
+        let (c, url, key) = (client(), server.url("/model"), key_for("m"));
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(url)
+                .bearer_auth(common::admin_key())
+                .json(&json!({"accessKey": key, "request": request}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap())
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// `modelgate_dispatch_batch_size` of model `m`: (batches of more than 8, batches in all).
+async fn large_batches(server: &Server) -> (f64, f64) {
+    let bucket =
+        |le: &str| format!(r#"modelgate_dispatch_batch_size_bucket{{model="m",le="{le}"}}"#);
+    let all = server.metric(&bucket("+Inf")).await.unwrap();
+    (all - server.metric(&bucket("8")).await.unwrap(), all)
+}
+
+#[tokio::test]
+async fn waiting_requests_are_written_together_and_run_in_arrival_order_each_answer_to_its_caller()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    // A budget of 10 s lets the slow first call's time per request still allow batches of 16.
+    let server = Server::start(
+        "batch_budget_us = 10000000",
+        &[batching_model(dir.path(), &calls)],
+    );
+    server.wait_ready().await;
+    // One slow call holds the replica while 32 more queue behind it, 5 ms apart.
+    let mut requests = vec![json!({"seq": 0, "wait": 0.5})];
+    requests.extend((1..=32).map(|i| json!({"seq": i, "a": i, "b": 1000})));
+    let answers = send_spaced(&server, requests, Duration::from_millis(5)).await;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            body["response"]["seq"], i,
+            "each answer reaches its own caller"
+        );
+        if i > 0 {
+            assert_eq!(body["response"]["sum"], i + 1000);
+        }
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (0..=32).map(|i| i.to_string()).collect();
+    assert_eq!(ran, expected, "run once each, in arrival order");
+    // The 32 waiting requests went out as two batches of 16 (the first call alone).
+    assert_eq!(
+        large_batches(&server).await,
+        (2.0, 3.0),
+        "{}",
+        server.logs()
+    );
+}
+
+#[tokio::test]
+async fn requests_written_behind_one_that_kills_its_replica_run_on_the_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let server = Server::start(
+        "batch_budget_us = 10000000",
+        &[batching_model(dir.path(), &calls)],
+    );
+    server.wait_ready().await;
+    // While the first call sleeps, one that ends the process and four ordinary ones queue: they
+    // go out together, and the four behind the fatal one must not be lost with it.
+    let mut requests = vec![
+        json!({"seq": 0, "wait": 0.5}),
+        json!({"seq": 1, "die": true}),
+    ];
+    requests.extend((2..=5).map(|i| json!({ "seq": i })));
+    let answers = send_spaced(&server, requests, Duration::from_millis(30)).await;
+    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    assert_eq!(
+        (answers[1].0, answers[1].1["error"]["code"].as_str()),
+        (502, Some("model.shutdown"))
+    );
+    let first_pid = &answers[0].1["response"]["pid"];
+    for (status, body) in &answers[2..] {
+        assert_eq!(*status, 200, "{body}");
+        assert_ne!(
+            &body["response"]["pid"], first_pid,
+            "ran on the replacement"
+        );
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["0", "2", "3", "4", "5"], "each ran once, in order");
+    assert_eq!(
+        server
+            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
+            .await,
+        Some(4.0),
+        "{}",
+        server.logs()
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_times_out_in_a_batch_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let server = Server::start(
+        "batch_budget_us = 10000000\nrequest_timeout_secs = 1",
+        &[batching_model(dir.path(), &calls)],
+    );
+    server.wait_ready().await;
+    // The second call hangs: it alone gets 504 after its own second, and the two written behind
+    // it run on the replacement (each request's timeout counts from the answer before it).
+    let requests = vec![
+        json!({"seq": 0, "wait": 0.5}),
+        json!({"seq": 1, "hang": true}),
+        json!({"seq": 2}),
+        json!({"seq": 3, "wait": 0.7}),
+    ];
+    let started = Instant::now();
+    let answers = send_spaced(&server, requests, Duration::from_millis(30)).await;
+    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    assert_eq!(
+        (answers[1].0, answers[1].1["error"]["code"].as_str()),
+        (504, Some("model.timeout"))
+    );
+    for (status, body) in &answers[2..] {
+        assert_eq!(*status, 200, "{body}");
+        assert_ne!(body["response"]["pid"], answers[0].1["response"]["pid"]);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        server
+            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
+            .await,
+        Some(2.0),
+        "{}",
+        server.logs()
+    );
+}
+
+#[tokio::test]
+async fn requests_written_behind_an_out_of_memory_answer_run_on_the_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let server = Server::start(
+        "batch_budget_us = 10000000",
+        &[batching_model(dir.path(), &calls)],
+    );
+    server.wait_ready().await;
+    // A replica that answered out of memory is replaced, and it must not run what was written
+    // behind that request: the replacement does, once each.
+    let requests = vec![
+        json!({"seq": 0, "wait": 0.5}),
+        json!({"seq": 1, "oom": true}),
+        json!({"seq": 2}),
+        json!({"seq": 3}),
+    ];
+    let answers = send_spaced(&server, requests, Duration::from_millis(30)).await;
+    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    assert_eq!(
+        (answers[1].0, answers[1].1["error"]["code"].as_str()),
+        (500, Some("model.out_of_memory"))
+    );
+    for (status, body) in &answers[2..] {
+        assert_eq!(*status, 200, "{body}");
+        assert_ne!(body["response"]["pid"], answers[0].1["response"]["pid"]);
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(ran, ["0", "2", "3"], "each ran once, in order");
+    assert_eq!(
+        server
+            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
+            .await,
+        Some(2.0),
+        "{}",
+        server.logs()
+    );
+}

@@ -273,6 +273,14 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
         match Kind::from_u8(header.kind) {
             Some(Kind::Predict) => match model.predict(&payload) {
                 Ok(response) => write_frame(&mut writer, Kind::ResultOk, &response)?,
+                Err(err) if err.kind == protocol::ModelErrorKind::OutOfMemory => {
+                    write_json_frame(&mut writer, Kind::ResultErr, &err)?;
+                    // The interpreter's state is suspect and the proxy replaces this process:
+                    // requests it already sent behind this one must not run here (they go to
+                    // the replacement), so read and drop the rest until the proxy hangs up.
+                    io::copy(&mut reader, &mut io::sink())?;
+                    return Ok(ExitCode::FAILURE);
+                }
                 Err(err) => write_json_frame(&mut writer, Kind::ResultErr, &err)?,
             },
             Some(Kind::Ping) => write_frame(&mut writer, Kind::Pong, &[])?,

@@ -5,9 +5,15 @@
 //! Python process costs on this machine, which is the floor for modelgate's design (one process
 //! per replica); `floor` measures HTTP alone.
 //!
-//! `--pipeline 1` (the default) sends one request at a time, as modelgate does: a request holds
-//! the connection (a FIFO-fair lock) from its write to its answer. `--pipeline N` lets up to N
-//! requests be written ahead of their answers, which a reader task hands back in order.
+//! `--pipeline 1` (the default) sends one request at a time, as modelgate did before it wrote
+//! waiting requests together: a request holds the connection (a FIFO-fair lock) from its write to
+//! its answer. `--pipeline N` lets up to N requests be written ahead of their answers, each in its
+//! own write, which a reader task hands back in order.
+//!
+//! `--batch N` is the floor for modelgate as it is now: one dispatcher task takes every request
+//! already waiting (up to N, after one yield so that connections woken together all queue), writes
+//! them in one write and reads all their answers before the next batch. No budget, no fairness
+//! between replicas (there is one), no timeouts.
 //!
 //! `--stream` is the floor for large bodies: no parse and no gathering copy. Each frame of the
 //! body goes to the replica as it arrives, trusting the envelope to be loadgen's
@@ -47,6 +53,10 @@ struct Args {
     /// Forward each body frame as it arrives, unparsed (one request at a time).
     #[arg(long, conflicts_with = "pipeline")]
     stream: bool,
+    /// Write the requests already waiting (up to N) in one write, then read all their answers
+    /// (0: off).
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["pipeline", "stream"])]
+    batch: usize,
 }
 
 /// The replica connection: registered for input only, as modelgate registers its replica
@@ -162,6 +172,8 @@ enum Dispatch {
         writer: tokio::sync::Mutex<()>,
         waiting: Mutex<VecDeque<oneshot::Sender<Frame>>>,
     },
+    /// `--batch`: a dispatcher task takes what is queued and writes it in one go.
+    Batched(tokio::sync::mpsc::UnboundedSender<(Vec<u8>, oneshot::Sender<Frame>)>),
 }
 
 #[derive(serde::Deserialize)]
@@ -205,6 +217,49 @@ async fn call(d: &Dispatch, request: &[u8]) -> Option<Frame> {
                 std::mem::forget(in_step);
             }
             rx.await.ok()
+        }
+        Dispatch::Batched(q) => {
+            let (tx, rx) = oneshot::channel();
+            q.send((request.to_vec(), tx)).ok()?;
+            rx.await.ok()
+        }
+    }
+}
+
+/// `--batch`: the dispatcher. Requests are copied into one buffer with their headers.
+async fn batcher(
+    conn: Conn,
+    mut q: tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, oneshot::Sender<Frame>)>,
+    most: usize,
+) {
+    let mut st = ReadState::default();
+    let mut out = Vec::new();
+    let mut waiting = Vec::new();
+    while let Some(first) = q.recv().await {
+        waiting.push(first);
+        // Let the connections that are ready queue their requests first.
+        tokio::task::yield_now().await;
+        while waiting.len() < most {
+            match q.try_recv() {
+                Ok(next) => waiting.push(next),
+                Err(_) => break,
+            }
+        }
+        out.clear();
+        for (req, _) in &waiting {
+            out.extend_from_slice(&protocol::encode_header(Kind::Predict, req.len()));
+            out.extend_from_slice(req);
+        }
+        if conn.write_all(&out, &[], &mut None).await.is_err() {
+            eprintln!("hop-floor: writing to the replica failed");
+            std::process::exit(1);
+        }
+        for (_, tx) in waiting.drain(..) {
+            let Ok(frame) = conn.read_frame(&mut st).await else {
+                eprintln!("hop-floor: the replica went away");
+                std::process::exit(1);
+            };
+            let _ = tx.send(frame);
         }
     }
 }
@@ -329,7 +384,11 @@ async fn main() {
     let fd = AsyncFd::with_interest(stream, Interest::READABLE).expect("register");
     let conn = Conn { fd };
     let args_stream = args.stream;
-    let dispatch = if args.pipeline <= 1 {
+    let dispatch = if args.batch > 0 {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(batcher(conn, rx, args.batch));
+        Arc::new(Dispatch::Batched(tx))
+    } else if args.pipeline <= 1 {
         Arc::new(Dispatch::OneByOne(tokio::sync::Mutex::new((
             conn,
             ReadState::default(),
