@@ -58,6 +58,12 @@ hop=$!
 hop_addr=$(listening_addr hop-floor "$work/hop")
 ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --spin --warmup 0.3 --duration 1
 kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
+# hop-floor --batch, the floor of modelgate's batched dispatch: every answer checked (--expect).
+./target/debug/hop-floor --listen 127.0.0.1:0 --batch 16 --runtime target/debug/replica-runtime >"$work/hop" &
+hop=$!
+hop_addr=$(listening_addr hop-floor "$work/hop")
+./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 16 --warmup 0.2 --duration 0.5
+kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 # hop-floor --stream, the large-body floor, forwards the body frame by frame: 1 MB bodies, which
 # arrive in several frames, to a model that answers their length.
 mkdir -p "$work/size"

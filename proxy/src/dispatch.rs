@@ -7,10 +7,12 @@
 //!
 //! A call that leaves the replica unusable (it died, timed out, answered out of memory, or broke
 //! the protocol) gets its error and the replica is killed (the supervisor restarts it). The
-//! requests written behind it never ran, since the replica runs them in order and stops at the
-//! first that did not end well (an out-of-memory answer ends the replica's reading), so they go
-//! back to the front of the queue. After a protocol error the stream cannot be trusted to say
-//! what ran, so they fail with it instead.
+//! requests written behind it go back to the front of the queue when they cannot have run: the
+//! replica runs them in order, each only after writing the answer before it, and stops reading
+//! after an out-of-memory answer. A timeout is the one case where the replica may have finished
+//! the request just before the kill and started the next, so after that kill the dispatcher
+//! reads what the replica wrote before it died ([`settle`]). After a protocol error the stream
+//! cannot say what ran, so the requests behind it fail with it.
 //!
 //! The dispatcher is a task of its own, so a client that goes away takes nothing with it: its
 //! answer is dropped and the other requests of the batch are served.
@@ -25,17 +27,26 @@ use crate::error::ApiError;
 use crate::pool::{Pending, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
 
+/// How long a dispatcher reads a killed replica's last answers before it gives up on knowing
+/// which requests ran.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// Drives `conn` until the queue is empty (the connection goes back to the pool) or the
 /// replica is written off.
 pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn) {
     conn.slot.busy.set(1.0);
     let mut batch = Vec::new();
     let mut served = None;
-    loop {
-        // Requests that became ready in the same turn of the runtime (a burst of connections
-        // woken by one `epoll_wait`) join the queue before the batch is taken.
+    // Requests that became ready in the same turn of the runtime (a burst of connections woken
+    // by one `epoll_wait`) join the queue before the first batch is taken, while that pays.
+    // After a batch there is no point: the next requests of those connections come after their
+    // answers, through the runtime's next `epoll_wait`.
+    let yielded = pool.wait_for_company();
+    if yielded {
         tokio::task::yield_now().await;
-        conn = match pool.next_batch(conn, &mut batch, served) {
+    }
+    loop {
+        conn = match pool.next_batch(conn, &mut batch, served, yielded) {
             Some(conn) => conn,
             None => return,
         };
@@ -43,7 +54,11 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn) {
         match serve(&pool, &mut conn, &mut batch).await {
             Some(per_request) => served = Some(per_request),
             None => {
-                conn.slot.busy.set(0.0);
+                pool.retire();
+                // The slot's next process may already be serving.
+                if conn.slot.is_current(conn.generation) {
+                    conn.slot.busy.set(0.0);
+                }
                 return;
             }
         }
@@ -51,7 +66,7 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn) {
 }
 
 /// Writes `batch` and hands out the answers. Returns the time per request, or `None` when the
-/// replica was written off (the requests not answered are handled).
+/// replica was written off (every request of the batch has been answered or requeued).
 async fn serve(
     pool: &Arc<Pool>,
     conn: &mut ReplicaConn,
@@ -59,15 +74,22 @@ async fn serve(
 ) -> Option<Duration> {
     let taken_at = Instant::now();
     let n = batch.len();
+    let write_deadline = taken_at + batch[0].timeout;
     let mut rest = batch.drain(..);
-    let written = conn
-        .send(rest.as_slice().iter().map(|p| &p.request[..]))
-        .await;
-    if let Err(err) = written {
-        // The stream is broken or out of step: the replica goes. Answers it wrote before that
-        // are still read below; the first request without one gets the error.
-        tracing::warn!(replica = %conn.slot.id, "writing to the replica failed: {err}");
-        conn.kill(KillReason::None);
+    let requests = rest.as_slice().iter().map(|p| &p.request[..]);
+    match tokio::time::timeout_at(write_deadline, conn.send(requests)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            // The stream is broken or out of step: the replica goes. Answers it wrote before
+            // that are still read below; the first request without one gets the error.
+            tracing::warn!(replica = %conn.slot.id, "writing to the replica failed: {err}");
+            conn.kill(KillReason::None);
+        }
+        Err(_elapsed) => {
+            // The replica stopped reading: the first request did not reach it whole.
+            Box::pin(timed_out(pool, conn, rest.collect(), taken_at)).await;
+            return None;
+        }
     }
     let mut start = taken_at;
     while let Some(p) = rest.next() {
@@ -77,9 +99,8 @@ async fn serve(
                 start = Instant::now();
                 p.answer(Ok(reply), &conn.slot, taken_at);
             }
-            result => {
-                let timeout = p.timeout;
-                let (outcome, out_of_step) = ended_badly(conn, result, timeout);
+            Ok(result) => {
+                let (outcome, out_of_step) = ended_badly(conn, result);
                 p.answer(outcome, &conn.slot, taken_at);
                 let rest: Vec<Pending> = rest.collect();
                 match out_of_step {
@@ -96,6 +117,16 @@ async fn serve(
                 }
                 return None;
             }
+            Err(_elapsed) => {
+                Box::pin(timed_out(
+                    pool,
+                    conn,
+                    std::iter::once(p).chain(rest).collect(),
+                    taken_at,
+                ))
+                .await;
+                return None;
+            }
         }
     }
     // `start` is when the last answer was read.
@@ -106,26 +137,92 @@ fn is_out_of_memory(reply: &Reply) -> bool {
     matches!(reply, Reply::Err(err) if err.kind == ModelErrorKind::OutOfMemory)
 }
 
-/// A call that leaves its replica unusable: out of memory, a broken or closed stream, or past the
-/// request timeout. The replica's process is killed (the supervisor restarts it). Returns the
-/// call's outcome and, when the stream is out of step so the requests written after it cannot be
-/// known not to have run, what was wrong (`None`: they never ran).
+/// The first of `left` ran past its timeout: the replica is killed, then [`settle`]d. Called
+/// boxed, so that its state does not grow the dispatcher's future, which is moved into a new
+/// task on every busy period.
+#[cold]
+#[inline(never)]
+async fn timed_out(
+    pool: &Arc<Pool>,
+    conn: &mut ReplicaConn,
+    left: Vec<Pending>,
+    taken_at: Instant,
+) {
+    let timeout = left[0].timeout;
+    tracing::warn!(replica = %conn.slot.id, "request timed out after {timeout:?}; killing the replica");
+    conn.kill(KillReason::Timeout);
+    settle(pool, conn, left, taken_at).await;
+}
+
+/// After a kill for a timeout: the replica may have finished the request (`left[0]`) between the
+/// deadline and the kill, and started the next. Reads what it wrote before it died, up to
+/// [`SETTLE`], so that every answer it wrote reaches its caller; a request that may have started
+/// without answering fails; the requests after it never started and go back to the queue.
+async fn settle(pool: &Arc<Pool>, conn: &mut ReplicaConn, left: Vec<Pending>, taken_at: Instant) {
+    let until = Instant::now() + SETTLE;
+    let slot = conn.slot.clone();
+    let mut left = left.into_iter();
+    let Some(first) = left.next() else { return };
+    let timeout = ApiError::Timeout {
+        secs: first.timeout.as_secs_f64(),
+    };
+    match tokio::time::timeout_at(until, conn.finish_call()).await {
+        // It finished after all, just before the kill: the next one may have started.
+        Ok(Ok(reply)) => first.answer(Ok(reply), &slot, taken_at),
+        // It never finished, so nothing after it started.
+        Ok(Err(_)) => {
+            first.answer(Err(timeout), &slot, taken_at);
+            pool.requeue(left.collect());
+            return;
+        }
+        // No telling what ran.
+        Err(_) => {
+            first.answer(Err(timeout), &slot, taken_at);
+            for p in left {
+                p.answer(Err(ApiError::Shutdown), &slot, taken_at);
+            }
+            return;
+        }
+    }
+    while let Some(p) = left.next() {
+        match tokio::time::timeout_at(until, conn.finish_call()).await {
+            Ok(Ok(reply)) => p.answer(Ok(reply), &slot, taken_at),
+            // It may have started; the ones after it did not.
+            Ok(Err(_)) => {
+                p.answer(Err(ApiError::Shutdown), &slot, taken_at);
+                pool.requeue(left.collect());
+                return;
+            }
+            Err(_) => {
+                p.answer(Err(ApiError::Shutdown), &slot, taken_at);
+                for p in left {
+                    p.answer(Err(ApiError::Shutdown), &slot, taken_at);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A call that leaves its replica unusable: out of memory, or a broken or closed stream. The
+/// replica's process is killed (the supervisor restarts it). Returns the call's outcome and, when
+/// the stream is out of step so the requests written after it cannot be known not to have run,
+/// what was wrong (`None`: they never ran).
 #[cold]
 #[inline(never)]
 fn ended_badly(
     conn: &ReplicaConn,
-    result: Result<Result<Reply, CallError>, tokio::time::error::Elapsed>,
-    timeout: Duration,
+    result: Result<Reply, CallError>,
 ) -> (Result<Reply, ApiError>, Option<&'static str>) {
     let replica_id = &conn.slot.id;
     match result {
-        Ok(Ok(reply)) => {
+        Ok(reply) => {
             // The interpreter hit its memory limit: its state is suspect, so it is replaced.
             tracing::warn!(replica = %replica_id, "replica out of memory; replacing it");
             conn.kill(KillReason::MemoryLimit);
             (Ok(reply), None)
         }
-        Ok(Err(err)) => {
+        Err(err) => {
             tracing::warn!(replica = %replica_id, "request failed: {err}");
             match err {
                 CallError::Protocol(what) => {
@@ -143,15 +240,105 @@ fn ended_badly(
                 }
             }
         }
-        Err(_elapsed) => {
-            tracing::warn!(replica = %replica_id, "request timed out after {timeout:?}; killing the replica");
-            conn.kill(KillReason::Timeout);
-            (
-                Err(ApiError::Timeout {
-                    secs: timeout.as_secs_f64(),
-                }),
-                None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{AcquireError, Batching, SlotHealth};
+    use crate::replica::Slot;
+    use bytes::Bytes;
+    use modelgate_protocol::{self as protocol, Kind};
+    use std::io::{Read, Write};
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut f = protocol::encode_header(kind, payload.len()).to_vec();
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The race a timeout leaves: the replica finishes the request just after its deadline and
+    /// starts the next before the kill lands. The far end of the socket plays that replica: it
+    /// reads a batch of four, answers the first two late, then dies. The first two get their
+    /// answers, the third (which may have run) fails, and only the fourth, which cannot have
+    /// started, goes back to the queue.
+    #[tokio::test]
+    async fn after_a_timeout_answers_written_before_the_kill_reach_their_callers() {
+        let pool = Arc::new(Pool::new(
+            "m".into(),
+            1,
+            16,
+            Batching {
+                max: 16,
+                budget: Duration::from_secs(1000),
+            },
+        ));
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        let replica = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let read_request = |theirs: &mut std::os::unix::net::UnixStream| {
+                let mut h = [0u8; protocol::HEADER_LEN];
+                theirs.read_exact(&mut h).unwrap();
+                let mut payload = vec![0; protocol::decode_header(h).unwrap().payload_len];
+                theirs.read_exact(&mut payload).unwrap();
+            };
+            // A first request, answered at once: the pool learns the replica is quick.
+            read_request(&mut theirs);
+            theirs.write_all(&frame(Kind::ResultOk, b"0")).unwrap();
+            for _ in 0..4 {
+                read_request(&mut theirs);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            theirs.write_all(&frame(Kind::ResultOk, b"1")).unwrap();
+            theirs.write_all(&frame(Kind::ResultOk, b"2")).unwrap();
+        });
+        pool.set_health(0, SlotHealth::Ready);
+        let slot = Arc::new(Slot::new("m".into(), 0));
+        pool.release(ReplicaConn::new(slot, 1, ours).unwrap());
+        let first = pool
+            .call(
+                vec![Bytes::from_static(b"{}")],
+                Duration::from_secs(1),
+                Duration::from_secs(1),
             )
+            .await
+            .unwrap();
+        assert!(matches!(first.result, Ok(Reply::Ok(ref p)) if &p[..] == b"0"));
+        let calls: Vec<_> = (0..4)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let request = vec![Bytes::from(format!("{{\"i\":{i}}}"))];
+                    pool.call(
+                        request,
+                        Duration::from_millis(800),
+                        Duration::from_millis(100),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for call in calls {
+            outcomes.push(call.await.unwrap());
         }
+        replica.join().unwrap();
+        let ok = |o: &Result<crate::pool::Served, AcquireError>, want: &[u8]| matches!(o, Ok(s) if matches!(&s.result, Ok(Reply::Ok(p)) if &p[..] == want));
+        assert!(ok(&outcomes[0], b"1"), "the late answer reaches its caller");
+        assert!(ok(&outcomes[1], b"2"), "so does the next one's");
+        assert!(
+            matches!(&outcomes[2], Ok(s) if matches!(s.result, Err(ApiError::Shutdown))),
+            "the one that may have started fails"
+        );
+        // Put back, it waits for a replica that never comes, until its queue timeout.
+        assert_eq!(
+            outcomes[3].as_ref().err(),
+            Some(&AcquireError::Busy(
+                "no replica became free within the queue timeout"
+            ))
+        );
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::ApiError;
-use crate::replica::{ReplicaConn, Reply, Slot};
+use crate::replica::{ReplicaConn, Reply, Slot, Speculation};
 
 /// Health of one replica slot, as the supervisor reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,8 @@ pub struct Pending {
     /// The request's JSON text, as slices of the body.
     pub request: Vec<Bytes>,
     enqueued: Instant,
+    /// Past this, a request that is (back) in the queue gets 429 instead of a replica.
+    queue_deadline: Instant,
     /// How long the function may run before its replica is killed.
     pub timeout: Duration,
     tx: oneshot::Sender<Result<Served, AcquireError>>,
@@ -125,8 +127,17 @@ struct State {
     waiters: VecDeque<Pending>,
     health: Vec<SlotHealth>,
     next_id: u64,
-    /// The replicas' recent time per request (exponential average), for the batch size.
+    /// The replicas' recent time per request, for the batch size: it rises at once with a slower
+    /// batch and falls back over about eight.
     per_request: Duration,
+    /// Dispatchers started for an idle replica that have not taken their first batch: the
+    /// requests they are about to take do not count against `max_queue`.
+    starting: usize,
+    /// Dispatchers serving a batch.
+    serving: usize,
+    /// Whether a new dispatcher's yield, which lets the requests of connections woken with the
+    /// one that started it join the first batch, has been finding any.
+    company: Speculation,
 }
 
 impl State {
@@ -139,10 +150,11 @@ impl State {
     /// An idle replica for the requests waiting, to be driven by a new dispatcher.
     fn idle_for_waiting(&mut self) -> Option<ReplicaConn> {
         if self.waiters.is_empty() {
-            None
-        } else {
-            self.idle.pop_front()
+            return None;
         }
+        let conn = self.idle.pop_front()?;
+        self.starting += 1;
+        Some(conn)
     }
 }
 
@@ -158,6 +170,9 @@ impl Pool {
                 health: vec![SlotHealth::Starting; slots],
                 next_id: 0,
                 per_request: Duration::ZERO,
+                starting: 0,
+                serving: 0,
+                company: Speculation::default(),
             }),
             max_queue,
             batching,
@@ -180,7 +195,8 @@ impl Pool {
 
     /// Queues `request` and waits for its answer. The queue is FIFO; a request still queued
     /// after `queue_timeout` leaves it with [`AcquireError::Busy`]. Once written to a replica,
-    /// the dispatcher answers it (past `request_timeout` with a timeout).
+    /// the dispatcher answers it (past `request_timeout` with a timeout), or puts it back in the
+    /// queue if its replica ended before running it.
     pub async fn call(
         self: &Arc<Self>,
         request: Vec<Bytes>,
@@ -188,14 +204,22 @@ impl Pool {
         request_timeout: Duration,
     ) -> Result<Served, AcquireError> {
         let enqueued = Instant::now();
+        let queue_deadline = enqueued + queue_timeout;
+        // Requests of clients that went away, dropped (with their bodies) after the lock.
+        let mut abandoned = VecDeque::new();
         let (id, rx, start) = {
             let mut st = self.lock();
             if !st.available() {
                 return Err(AcquireError::Unavailable);
             }
-            if st.waiters.len() >= self.max_queue {
-                st.waiters.retain(|w| !w.tx.is_closed());
-                if st.waiters.len() >= self.max_queue {
+            // Requests a starting dispatcher is about to take are not waiting for a replica.
+            if st.waiters.len() >= self.max_queue + st.starting {
+                let (live, gone) = std::mem::take(&mut st.waiters)
+                    .into_iter()
+                    .partition(|w: &Pending| !w.tx.is_closed());
+                st.waiters = live;
+                abandoned = gone;
+                if st.waiters.len() >= self.max_queue + st.starting {
                     return Err(AcquireError::Busy("the model's request queue is full"));
                 }
             }
@@ -206,43 +230,41 @@ impl Pool {
                 id,
                 request,
                 enqueued,
+                queue_deadline,
                 timeout: request_timeout,
                 tx,
             });
             self.queue_depth.set(st.waiters.len() as f64);
             (id, rx, st.idle_for_waiting())
         };
+        drop(abandoned);
         if let Some(conn) = start {
             self.start(conn);
         }
         let mut rx = rx;
-        let outcome = match tokio::time::timeout_at(enqueued + queue_timeout, &mut rx).await {
-            Ok(outcome) => outcome,
+        match tokio::time::timeout_at(queue_deadline, &mut rx).await {
+            Ok(outcome) => outcome.unwrap_or(Err(AcquireError::Dropped)),
             Err(_elapsed) => {
-                let still_queued = {
+                let removed = {
                     let mut st = self.lock();
                     let at = st.waiters.iter().position(|w| w.id == id);
-                    if let Some(at) = at {
-                        st.waiters.remove(at);
-                        self.queue_depth.set(st.waiters.len() as f64);
-                    }
-                    at.is_some()
+                    let removed = at.and_then(|at| st.waiters.remove(at));
+                    self.queue_depth.set(st.waiters.len() as f64);
+                    removed
                 };
-                if still_queued {
+                if removed.is_some() {
                     return Err(AcquireError::Busy(
                         "no replica became free within the queue timeout",
                     ));
                 }
-                // Already written to a replica: its dispatcher answers within the request
-                // timeout.
-                rx.await
+                // Written to a replica: the dispatcher answers it, or, if the replica ends
+                // before running it, `requeue` refuses it (its queue deadline has passed).
+                rx.await.unwrap_or(Err(AcquireError::Dropped))
             }
-        };
-        outcome.unwrap_or(Err(AcquireError::Dropped))
+        }
     }
 
-    /// A replica ready to serve (new, or its dispatcher has run out of work): it starts on the
-    /// queue, or waits idle.
+    /// A replica whose process has just become ready: it starts on the queue, or waits idle.
     pub fn release(self: &Arc<Self>, conn: ReplicaConn) {
         let start = {
             let mut st = self.lock();
@@ -254,29 +276,46 @@ impl Pool {
         }
     }
 
+    /// For a new dispatcher: whether to yield before its first batch. Under load, the request
+    /// that started it is one of a burst of connections woken together, which a yield lets queue
+    /// (tokio's worker runs a task it just spawned next, before the tasks already waiting);
+    /// alone, the yield only costs an `epoll_wait`.
+    pub(crate) fn wait_for_company(&self) -> bool {
+        self.lock().company.should_try()
+    }
+
     /// For a dispatcher: the next requests for `conn`, oldest first, in `batch` (which must be
     /// empty), and the connection back; or `None` when nothing waits, and the connection has
-    /// gone back to the idle set. `served` is the time per request of the batch just served.
+    /// gone back to the idle set. `served` is the time per request of the batch just served
+    /// (`None` on a dispatcher's first call, when `yielded` says whether it yielded first).
     pub(crate) fn next_batch(
         &self,
         conn: ReplicaConn,
         batch: &mut Vec<Pending>,
         served: Option<Duration>,
+        yielded: bool,
     ) -> Option<ReplicaConn> {
+        // Requests of clients that went away, dropped (with their bodies) after the lock.
+        let mut abandoned = Vec::new();
         let mut st = self.lock();
-        if let Some(t) = served {
-            // An average over the last eight or so batches.
-            st.per_request = if st.per_request.is_zero() {
-                t
-            } else {
-                (st.per_request * 7 + t) / 8
-            };
+        match served {
+            Some(t) => {
+                st.serving -= 1;
+                st.per_request = t.max((st.per_request * 7 + t) / 8);
+            }
+            None => {
+                st.starting -= 1;
+                if yielded {
+                    let company = st.waiters.len() > 1;
+                    st.company.record(company);
+                }
+            }
         }
         let most = self.batch_limit(&st);
         let mut bytes = 0;
         while let Some(front) = st.waiters.front() {
             if front.tx.is_closed() {
-                st.waiters.pop_front();
+                abandoned.extend(st.waiters.pop_front());
                 continue;
             }
             let len = front.len();
@@ -292,7 +331,13 @@ impl Pool {
             st.idle.push_back(conn);
             return None;
         }
+        st.serving += 1;
         Some(conn)
+    }
+
+    /// For a dispatcher whose replica was written off in the middle of a batch.
+    pub(crate) fn retire(&self) {
+        self.lock().serving -= 1;
     }
 
     fn batch_limit(&self, st: &State) -> usize {
@@ -300,9 +345,10 @@ impl Pool {
             .health
             .iter()
             .filter(|h| **h == SlotHealth::Ready)
-            .count()
-            .max(1);
-        let share = st.waiters.len().div_ceil(ready);
+            .count();
+        // Shared among the replicas not already serving a batch (this one included).
+        let free = ready.saturating_sub(st.serving).max(1);
+        let share = st.waiters.len().div_ceil(free);
         let fits = if st.per_request.is_zero() {
             1
         } else {
@@ -312,29 +358,41 @@ impl Pool {
     }
 
     /// Puts requests that were written to a replica but never ran (it died, or was killed for
-    /// an earlier request in the same batch) back at the front of the queue, in order.
+    /// an earlier request in the same batch) back at the front of the queue, in order. Those past
+    /// their queue deadline get 429 instead, and all get 503 if no replica is left to wait for.
     pub(crate) fn requeue(self: &Arc<Self>, rest: Vec<Pending>) {
         if rest.is_empty() {
             return;
         }
-        self.requeued.increment(rest.len() as u64);
+        let now = Instant::now();
+        let (back, late): (Vec<Pending>, Vec<Pending>) =
+            rest.into_iter().partition(|w| w.queue_deadline > now);
+        for w in late {
+            let _ = w.tx.send(Err(AcquireError::Busy(
+                "no replica became free within the queue timeout",
+            )));
+        }
+        let mut refused = Vec::new();
         let start = {
             let mut st = self.lock();
-            if !st.available() {
-                for w in rest {
-                    let _ = w.tx.send(Err(AcquireError::Unavailable));
+            if st.available() {
+                self.requeued.increment(back.len() as u64);
+                let n = back.len();
+                for w in back.into_iter().rev() {
+                    st.waiters.push_front(w);
                 }
-                return;
+                self.queue_depth.set(st.waiters.len() as f64);
+                (0..n)
+                    .map_while(|_| st.idle_for_waiting())
+                    .collect::<Vec<_>>()
+            } else {
+                refused = back;
+                Vec::new()
             }
-            let n = rest.len();
-            for w in rest.into_iter().rev() {
-                st.waiters.push_front(w);
-            }
-            self.queue_depth.set(st.waiters.len() as f64);
-            (0..n)
-                .map_while(|_| st.idle_for_waiting())
-                .collect::<Vec<_>>()
         };
+        for w in refused {
+            let _ = w.tx.send(Err(AcquireError::Unavailable));
+        }
         for conn in start {
             self.start(conn);
         }
@@ -352,14 +410,21 @@ impl Pool {
     /// Records a slot's health; when no slot is worth waiting for, every waiter gets 503 now
     /// instead of 429 later.
     pub fn set_health(&self, slot_index: usize, health: SlotHealth) {
-        let mut st = self.lock();
-        st.health[slot_index] = health;
-        if !st.available() {
-            st.idle.clear();
-            for w in st.waiters.drain(..) {
-                let _ = w.tx.send(Err(AcquireError::Unavailable));
+        let (idle, waiters) = {
+            let mut st = self.lock();
+            st.health[slot_index] = health;
+            if st.available() {
+                return;
             }
             self.queue_depth.set(0.0);
+            (
+                std::mem::take(&mut st.idle),
+                std::mem::take(&mut st.waiters),
+            )
+        };
+        drop(idle);
+        for w in waiters {
+            let _ = w.tx.send(Err(AcquireError::Unavailable));
         }
     }
 

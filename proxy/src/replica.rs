@@ -173,6 +173,11 @@ impl Slot {
         }
     }
 
+    /// Whether `generation` is the slot's current process.
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::SeqCst) == generation
+    }
+
     /// Keeps a line of the replica's output, dropping the oldest beyond [`LOG_LINES`].
     pub fn push_log(&self, line: String) {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
@@ -225,27 +230,32 @@ pub struct ReplicaConn {
     read_buf: Vec<u8>,
     /// Where small reads land before they are appended to `read_buf`.
     scratch: Box<[u8]>,
+    /// Where small requests are copied together with their headers, to go out in one write;
+    /// kept between writes (it holds at most a batch, `pool::BATCH_BYTES` and headers).
+    out: Vec<u8>,
     speculation: Speculation,
 }
 
-/// Whether reading an answer right after writing its request (before any readiness wait)
-/// has been finding it. A hit saves a yield and an `epoll_wait` (several µs here), a miss
-/// costs one `recv` (about 1 µs), so this keeps trying while more than about one in five hit:
-/// +4 per hit, -1 per miss, within `0..=32`. At 0 it tries once every 16 calls, to notice when
-/// answers start arriving that early again (a replica moved onto this process's CPU).
+/// Whether a speculative step has been paying: one that saves much when it hits and costs
+/// little when it misses. Used for reading an answer right after writing its request (before
+/// any readiness wait: a hit saves a yield and an `epoll_wait`, several µs here, a miss costs one
+/// `recv`, about 1 µs), and for a dispatcher's yield before its first batch (`Pool`: a hit lets
+/// other requests join the batch, a miss costs an `epoll_wait`). It keeps trying while more than
+/// about one in five hit: +4 per hit, -1 per miss, within `0..=32`. At 0 it tries once every 16
+/// calls, to notice when hits start again (a replica moved onto this process's CPU; load).
 #[derive(Debug, Default)]
-struct Speculation {
+pub(crate) struct Speculation {
     score: u8,
     calls: u8,
 }
 
 impl Speculation {
-    fn should_try(&mut self) -> bool {
+    pub(crate) fn should_try(&mut self) -> bool {
         self.calls = self.calls.wrapping_add(1);
         self.score > 0 || self.calls.is_multiple_of(16)
     }
 
-    fn record(&mut self, hit: bool) {
+    pub(crate) fn record(&mut self, hit: bool) {
         self.score = if hit {
             (self.score + 4).min(32)
         } else {
@@ -420,6 +430,7 @@ impl ReplicaConn {
             socket: ReplicaSocket::new(stream)?,
             read_buf: Vec::with_capacity(READ_CHUNK),
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            out: Vec::new(),
             speculation: Speculation::default(),
         })
     }
@@ -478,12 +489,14 @@ impl ReplicaConn {
         let len = parts.iter().map(Bytes::len).sum();
         let header = protocol::encode_header(kind, len);
         if len <= COALESCE_LIMIT {
-            let mut buf = Vec::with_capacity(header.len() + len);
+            let mut buf = std::mem::take(&mut self.out);
+            buf.clear();
             buf.extend_from_slice(&header);
             for part in parts {
                 buf.extend_from_slice(part);
             }
             self.socket.write_all(&mut [IoSlice::new(&buf)]).await?;
+            self.out = buf;
         } else {
             // Large payloads go out as they arrived from the client, never copied together.
             let mut all = Vec::with_capacity(parts.len() + 1);
@@ -507,11 +520,8 @@ impl ReplicaConn {
             (None, _) => return Ok(()),
             (Some(one), None) => self.write_frame(Kind::Predict, one).await?,
             (Some(_), Some(_)) => {
-                let size = requests
-                    .clone()
-                    .map(|r| protocol::HEADER_LEN + r.iter().map(Bytes::len).sum::<usize>())
-                    .sum();
-                let mut buf = Vec::with_capacity(size);
+                let mut buf = std::mem::take(&mut self.out);
+                buf.clear();
                 for parts in requests {
                     let len = parts.iter().map(Bytes::len).sum();
                     buf.extend_from_slice(&protocol::encode_header(Kind::Predict, len));
@@ -520,6 +530,7 @@ impl ReplicaConn {
                     }
                 }
                 self.socket.write_all(&mut [IoSlice::new(&buf)]).await?;
+                self.out = buf;
             }
         }
         // A replica sharing this CPU often runs as soon as the write wakes it, and has answered

@@ -1385,15 +1385,19 @@ async fn a_waiting_replica_sleeps_once_per_request() {
     );
 }
 
-/// A model for the batching tests: `wait` sleeps first, `die` ends the process, `oom` raises
-/// `MemoryError`, `hang` never returns; every call that returns appends `<seq> <pid>` to `calls`
-/// (path baked in).
+/// A model for the batching tests: `hold` (a path) first writes `<hold>.started` and waits until
+/// the file `hold` exists; `wait` sleeps; `die` ends the process, `oom` raises `MemoryError`,
+/// `hang` never returns. Every call that returns appends `<seq> <pid>` to `calls` (path baked
+/// in).
 fn batching_model(dir: &std::path::Path, calls: &std::path::Path) -> String {
     std::fs::write(
         dir.join("m.py"),
         format!(
             "import os, time\n\n\
              def f(args):\n    \
+                 hold = args.get('hold')\n    \
+                 if hold:\n        open(hold + '.started', 'w').close()\n        \
+                     while not os.path.exists(hold):\n            time.sleep(0.005)\n    \
                  time.sleep(args.get('wait', 0))\n    \
                  if args.get('die'):\n        os._exit(1)\n    \
                  if args.get('oom'):\n        raise MemoryError('pretend')\n    \
@@ -1406,17 +1410,28 @@ fn batching_model(dir: &std::path::Path, calls: &std::path::Path) -> String {
     common::model_at("m", dir, "m.py", "f")
 }
 
-/// Sends `requests` in order, `gap` apart, each from its own task; returns the answers in the
-/// same order.
-async fn send_spaced(
+/// The `seq` of every call model `m` ran, in the order it ran them.
+fn calls_run(calls: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(calls)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect()
+}
+
+/// Queues requests behind one that holds model `m`'s only replica, in a known order: the first
+/// request of `requests` gets `"hold"`, and once it runs each of the rest is sent only after
+/// the queue has taken the one before. Then the hold is released and the answers are returned,
+/// in the order sent.
+async fn behind_a_held_call(
     server: &Server,
-    requests: Vec<serde_json::Value>,
-    gap: Duration,
+    mut requests: Vec<serde_json::Value>,
 ) -> Vec<(u16, serde_json::Value)> {
-    let mut tasks = Vec::new();
-    for request in requests {
+    let hold = server.dir.path().join("release");
+    requests[0]["hold"] = json!(hold.to_str().unwrap());
+    let send = |request: serde_json::Value| {
         let (c, url, key) = (client(), server.url("/model"), key_for("m"));
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             let r = c
                 .post(url)
                 .bearer_auth(common::admin_key())
@@ -1425,9 +1440,26 @@ async fn send_spaced(
                 .await
                 .unwrap();
             (r.status().as_u16(), r.json().await.unwrap())
-        }));
-        tokio::time::sleep(gap).await;
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tasks = Vec::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        tasks.push(send(request));
+        loop {
+            let there = if i == 0 {
+                hold.with_extension("started").exists()
+            } else {
+                server.metric(r#"modelgate_queue_depth{model="m"}"#).await == Some(i as f64)
+            };
+            if there {
+                break;
+            }
+            assert!(Instant::now() < deadline, "request {i} never queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
+    std::fs::write(&hold, "").unwrap();
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap());
@@ -1443,21 +1475,20 @@ async fn large_batches(server: &Server) -> (f64, f64) {
     (all - server.metric(&bucket("8")).await.unwrap(), all)
 }
 
+/// Server settings under which the requests queued behind a held call go out as one batch (up
+/// to 16): the held call is slow, and the default budget would send them one at a time.
+const BATCH_ALL: &str = "batch_budget_us = 1000000000";
+
 #[tokio::test]
 async fn waiting_requests_are_written_together_and_run_in_arrival_order_each_answer_to_its_caller()
 {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
-    // A budget of 10 s lets the slow first call's time per request still allow batches of 16.
-    let server = Server::start(
-        "batch_budget_us = 10000000",
-        &[batching_model(dir.path(), &calls)],
-    );
+    let server = Server::start(BATCH_ALL, &[batching_model(dir.path(), &calls)]);
     server.wait_ready().await;
-    // One slow call holds the replica while 32 more queue behind it, 5 ms apart.
-    let mut requests = vec![json!({"seq": 0, "wait": 0.5})];
+    let mut requests = vec![json!({"seq": 0})];
     requests.extend((1..=32).map(|i| json!({"seq": i, "a": i, "b": 1000})));
-    let answers = send_spaced(&server, requests, Duration::from_millis(5)).await;
+    let answers = behind_a_held_call(&server, requests).await;
     for (i, (status, body)) in answers.iter().enumerate() {
         assert_eq!(*status, 200, "{body}");
         assert_eq!(
@@ -1468,14 +1499,13 @@ async fn waiting_requests_are_written_together_and_run_in_arrival_order_each_ans
             assert_eq!(body["response"]["sum"], i + 1000);
         }
     }
-    let ran: Vec<String> = std::fs::read_to_string(&calls)
-        .unwrap()
-        .lines()
-        .map(|l| l.split(' ').next().unwrap().to_string())
-        .collect();
     let expected: Vec<String> = (0..=32).map(|i| i.to_string()).collect();
-    assert_eq!(ran, expected, "run once each, in arrival order");
-    // The 32 waiting requests went out as two batches of 16 (the first call alone).
+    assert_eq!(
+        calls_run(&calls),
+        expected,
+        "run once each, in arrival order"
+    );
+    // The 32 waiting requests went out as two batches of 16 (the held call alone).
     assert_eq!(
         large_batches(&server).await,
         (2.0, 3.0),
@@ -1488,19 +1518,13 @@ async fn waiting_requests_are_written_together_and_run_in_arrival_order_each_ans
 async fn requests_written_behind_one_that_kills_its_replica_run_on_the_replacement() {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
-    let server = Server::start(
-        "batch_budget_us = 10000000",
-        &[batching_model(dir.path(), &calls)],
-    );
+    let server = Server::start(BATCH_ALL, &[batching_model(dir.path(), &calls)]);
     server.wait_ready().await;
-    // While the first call sleeps, one that ends the process and four ordinary ones queue: they
-    // go out together, and the four behind the fatal one must not be lost with it.
-    let mut requests = vec![
-        json!({"seq": 0, "wait": 0.5}),
-        json!({"seq": 1, "die": true}),
-    ];
+    // One that ends the process and four ordinary ones go out together; the four behind the
+    // fatal one must not be lost with it.
+    let mut requests = vec![json!({"seq": 0}), json!({"seq": 1, "die": true})];
     requests.extend((2..=5).map(|i| json!({ "seq": i })));
-    let answers = send_spaced(&server, requests, Duration::from_millis(30)).await;
+    let answers = behind_a_held_call(&server, requests).await;
     assert_eq!(answers[0].0, 200, "{}", answers[0].1);
     assert_eq!(
         (answers[1].0, answers[1].1["error"]["code"].as_str()),
@@ -1514,12 +1538,11 @@ async fn requests_written_behind_one_that_kills_its_replica_run_on_the_replaceme
             "ran on the replacement"
         );
     }
-    let ran: Vec<String> = std::fs::read_to_string(&calls)
-        .unwrap()
-        .lines()
-        .map(|l| l.split(' ').next().unwrap().to_string())
-        .collect();
-    assert_eq!(ran, ["0", "2", "3", "4", "5"], "each ran once, in order");
+    assert_eq!(
+        calls_run(&calls),
+        ["0", "2", "3", "4", "5"],
+        "each ran once, in order"
+    );
     assert_eq!(
         server
             .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
@@ -1535,20 +1558,20 @@ async fn a_request_that_times_out_in_a_batch_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
     let server = Server::start(
-        "batch_budget_us = 10000000\nrequest_timeout_secs = 1",
+        &format!("{BATCH_ALL}\nrequest_timeout_secs = 3"),
         &[batching_model(dir.path(), &calls)],
     );
     server.wait_ready().await;
-    // The second call hangs: it alone gets 504 after its own second, and the two written behind
-    // it run on the replacement (each request's timeout counts from the answer before it).
+    // The second call hangs: it alone gets 504, after its own 3 s. The two written behind it
+    // run on the replacement, together, taking 3.2 s in all: each request's timeout counts from
+    // the answer before it, not from the batch's write.
     let requests = vec![
-        json!({"seq": 0, "wait": 0.5}),
+        json!({"seq": 0}),
         json!({"seq": 1, "hang": true}),
-        json!({"seq": 2}),
-        json!({"seq": 3, "wait": 0.7}),
+        json!({"seq": 2, "wait": 1.6}),
+        json!({"seq": 3, "wait": 1.6}),
     ];
-    let started = Instant::now();
-    let answers = send_spaced(&server, requests, Duration::from_millis(30)).await;
+    let answers = behind_a_held_call(&server, requests).await;
     assert_eq!(answers[0].0, 200, "{}", answers[0].1);
     assert_eq!(
         (answers[1].0, answers[1].1["error"]["code"].as_str()),
@@ -1558,7 +1581,11 @@ async fn a_request_that_times_out_in_a_batch_fails_alone() {
         assert_eq!(*status, 200, "{body}");
         assert_ne!(body["response"]["pid"], answers[0].1["response"]["pid"]);
     }
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        calls_run(&calls),
+        ["0", "2", "3"],
+        "each ran once, in order"
+    );
     assert_eq!(
         server
             .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
@@ -1573,20 +1600,17 @@ async fn a_request_that_times_out_in_a_batch_fails_alone() {
 async fn requests_written_behind_an_out_of_memory_answer_run_on_the_replacement() {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
-    let server = Server::start(
-        "batch_budget_us = 10000000",
-        &[batching_model(dir.path(), &calls)],
-    );
+    let server = Server::start(BATCH_ALL, &[batching_model(dir.path(), &calls)]);
     server.wait_ready().await;
     // A replica that answered out of memory is replaced, and it must not run what was written
     // behind that request: the replacement does, once each.
     let requests = vec![
-        json!({"seq": 0, "wait": 0.5}),
+        json!({"seq": 0}),
         json!({"seq": 1, "oom": true}),
         json!({"seq": 2}),
         json!({"seq": 3}),
     ];
-    let answers = send_spaced(&server, requests, Duration::from_millis(30)).await;
+    let answers = behind_a_held_call(&server, requests).await;
     assert_eq!(answers[0].0, 200, "{}", answers[0].1);
     assert_eq!(
         (answers[1].0, answers[1].1["error"]["code"].as_str()),
@@ -1596,12 +1620,11 @@ async fn requests_written_behind_an_out_of_memory_answer_run_on_the_replacement(
         assert_eq!(*status, 200, "{body}");
         assert_ne!(body["response"]["pid"], answers[0].1["response"]["pid"]);
     }
-    let ran: Vec<String> = std::fs::read_to_string(&calls)
-        .unwrap()
-        .lines()
-        .map(|l| l.split(' ').next().unwrap().to_string())
-        .collect();
-    assert_eq!(ran, ["0", "2", "3"], "each ran once, in order");
+    assert_eq!(
+        calls_run(&calls),
+        ["0", "2", "3"],
+        "each ran once, in order"
+    );
     assert_eq!(
         server
             .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
