@@ -17,6 +17,7 @@
 //! The dispatcher is a task of its own, so a client that goes away takes nothing with it: its
 //! answer is dropped and the other requests of the batch are served.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,44 +25,48 @@ use modelgate_protocol::ModelErrorKind;
 use tokio::time::Instant;
 
 use crate::error::ApiError;
-use crate::pool::{Pending, Pool};
+use crate::pool::{Dispatcher, Pending, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
 
 /// How long a dispatcher reads a killed replica's last answers before it gives up on knowing
 /// which requests ran.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// Drives `conn` until the queue is empty (the connection goes back to the pool) or the
-/// replica is written off.
-pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn) {
-    conn.slot.busy.set(1.0);
+/// Drives the replica behind `conn` for its process's life: woken through `me` when requests
+/// wait, it serves batches until the queue is empty, then waits in the pool's idle list again.
+/// It ends when told to stop or when its replica is written off.
+pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatcher>) {
     let mut batch = Vec::new();
-    let mut served = None;
-    // Requests that became ready in the same turn of the runtime (a burst of connections woken
-    // by one `epoll_wait`) join the queue before the first batch is taken, while that pays.
-    // After a batch there is no point: the next requests of those connections come after their
-    // answers, through the runtime's next `epoll_wait`.
-    let yielded = pool.wait_for_company();
-    if yielded {
-        tokio::task::yield_now().await;
-    }
     loop {
-        conn = match pool.next_batch(conn, &mut batch, served, yielded) {
-            Some(conn) => conn,
-            None => return,
-        };
-        pool.batch_size.record(batch.len() as f64);
-        match serve(&pool, &mut conn, &mut batch).await {
-            Some(per_request) => served = Some(per_request),
-            None => {
-                pool.retire();
-                // The slot's next process may already be serving.
-                if conn.slot.is_current(conn.generation) {
-                    conn.slot.busy.set(0.0);
+        me.wake.notified().await;
+        if me.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        conn.slot.busy.set(1.0);
+        // Requests that became ready in the same turn of the runtime (a burst of connections
+        // woken by one `epoll_wait`) join the queue before the first batch is taken, while that
+        // pays. After a batch there is no point: the next requests of those connections come
+        // after their answers, through the runtime's next `epoll_wait`.
+        let yielded = pool.wait_for_company();
+        if yielded {
+            tokio::task::yield_now().await;
+        }
+        let mut served = None;
+        while pool.next_batch(&me, &mut batch, served, yielded) {
+            pool.batch_size.record(batch.len() as f64);
+            match serve(&pool, &mut conn, &mut batch).await {
+                Some(per_request) => served = Some(per_request),
+                None => {
+                    pool.retire();
+                    // The slot's next process may already be serving.
+                    if conn.slot.is_current(conn.generation) {
+                        conn.slot.busy.set(0.0);
+                    }
+                    return;
                 }
-                return;
             }
         }
+        conn.slot.busy.set(0.0);
     }
 }
 
@@ -138,8 +143,7 @@ fn is_out_of_memory(reply: &Reply) -> bool {
 }
 
 /// The first of `left` ran past its timeout: the replica is killed, then [`settle`]d. Called
-/// boxed, so that its state does not grow the dispatcher's future, which is moved into a new
-/// task on every busy period.
+/// boxed, so that its state does not grow the dispatcher's future on the common path.
 #[cold]
 #[inline(never)]
 async fn timed_out(

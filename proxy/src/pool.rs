@@ -1,12 +1,12 @@
 //! The replicas of one model and the strict-FIFO queue of requests waiting for them.
 //!
-//! Every request joins the back of the queue with its bytes. A replica with work is driven by a
-//! dispatcher task ([`crate::dispatch`]): it takes requests from the front, writes them to the
-//! replica (several at once when several wait, see [`Batching`]) and hands each its answer. A
-//! replica runs one request at a time, in the order written, so requests are served in arrival
-//! order. An idle replica waits in the pool; a request that finds one starts its dispatcher. Idle
-//! replicas are kept in a FIFO too, which spreads load over all of them. The lock is a plain
-//! mutex held for a few pointer moves, never across an await.
+//! Every request joins the back of the queue with its bytes. Each replica process is driven by a
+//! dispatcher task of its own ([`crate::dispatch`]): while the queue has work it takes requests
+//! from the front, writes them to the replica (several at once when several wait, see
+//! [`Batching`]) and hands each its answer. A replica runs one request at a time, in the order
+//! written, so requests are served in arrival order. An idle dispatcher waits in the pool's idle
+//! list; a request that finds one wakes it. The idle list is a FIFO too, which spreads load over
+//! all replicas. The lock is a plain mutex held for a few pointer moves, never across an await.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -122,8 +122,24 @@ pub struct Pool {
     pub(crate) requeued: Counter,
 }
 
+/// A dispatcher as the pool sees it: woken for work, or told to stop.
+pub(crate) struct Dispatcher {
+    pub(crate) slot_id: Arc<str>,
+    pub(crate) wake: tokio::sync::Notify,
+    /// Set (then `wake`) when its replica is gone while it was idle, or the model stops.
+    pub(crate) stop: std::sync::atomic::AtomicBool,
+}
+
+impl Dispatcher {
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
 struct State {
-    idle: VecDeque<ReplicaConn>,
+    /// Dispatchers with nothing to do, each holding its replica's connection.
+    idle: VecDeque<Arc<Dispatcher>>,
     waiters: VecDeque<Pending>,
     health: Vec<SlotHealth>,
     next_id: u64,
@@ -147,14 +163,14 @@ impl State {
             .any(|h| matches!(h, SlotHealth::Starting | SlotHealth::Ready))
     }
 
-    /// An idle replica for the requests waiting, to be driven by a new dispatcher.
-    fn idle_for_waiting(&mut self) -> Option<ReplicaConn> {
+    /// An idle dispatcher for the requests waiting, to be woken.
+    fn idle_for_waiting(&mut self) -> Option<Arc<Dispatcher>> {
         if self.waiters.is_empty() {
             return None;
         }
-        let conn = self.idle.pop_front()?;
+        let d = self.idle.pop_front()?;
         self.starting += 1;
-        Some(conn)
+        Some(d)
     }
 }
 
@@ -189,8 +205,8 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start(self: &Arc<Self>, conn: ReplicaConn) {
-        tokio::spawn(crate::dispatch::run(self.clone(), conn));
+    fn start(d: Arc<Dispatcher>) {
+        d.wake.notify_one();
     }
 
     /// Queues `request` and waits for its answer. The queue is FIFO; a request still queued
@@ -238,8 +254,8 @@ impl Pool {
             (id, rx, st.idle_for_waiting())
         };
         drop(abandoned);
-        if let Some(conn) = start {
-            self.start(conn);
+        if let Some(d) = start {
+            Self::start(d);
         }
         let mut rx = rx;
         match tokio::time::timeout_at(queue_deadline, &mut rx).await {
@@ -264,15 +280,22 @@ impl Pool {
         }
     }
 
-    /// A replica whose process has just become ready: it starts on the queue, or waits idle.
+    /// A replica whose process has just become ready: its dispatcher starts on the queue, or
+    /// waits idle.
     pub fn release(self: &Arc<Self>, conn: ReplicaConn) {
+        let d = Arc::new(Dispatcher {
+            slot_id: conn.slot.id.clone(),
+            wake: tokio::sync::Notify::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(crate::dispatch::run(self.clone(), conn, d.clone()));
         let start = {
             let mut st = self.lock();
-            st.idle.push_back(conn);
+            st.idle.push_back(d);
             st.idle_for_waiting()
         };
-        if let Some(conn) = start {
-            self.start(conn);
+        if let Some(d) = start {
+            Self::start(d);
         }
     }
 
@@ -284,17 +307,17 @@ impl Pool {
         self.lock().company.should_try()
     }
 
-    /// For a dispatcher: the next requests for `conn`, oldest first, in `batch` (which must be
-    /// empty), and the connection back; or `None` when nothing waits, and the connection has
-    /// gone back to the idle set. `served` is the time per request of the batch just served
-    /// (`None` on a dispatcher's first call, when `yielded` says whether it yielded first).
+    /// For dispatcher `me`: the next requests for its replica, oldest first, in `batch` (which
+    /// must be empty); false when nothing waits, and `me` has gone back to the idle list.
+    /// `served` is the time per request of the batch just served (`None` on the first call after
+    /// a wake-up, when `yielded` says whether it yielded first).
     pub(crate) fn next_batch(
         &self,
-        conn: ReplicaConn,
+        me: &Arc<Dispatcher>,
         batch: &mut Vec<Pending>,
         served: Option<Duration>,
         yielded: bool,
-    ) -> Option<ReplicaConn> {
+    ) -> bool {
         // Requests of clients that went away, dropped (with their bodies) after the lock.
         let mut abandoned = Vec::new();
         let mut st = self.lock();
@@ -327,12 +350,11 @@ impl Pool {
         }
         self.queue_depth.set(st.waiters.len() as f64);
         if batch.is_empty() {
-            conn.slot.busy.set(0.0);
-            st.idle.push_back(conn);
-            return None;
+            st.idle.push_back(me.clone());
+            return false;
         }
         st.serving += 1;
-        Some(conn)
+        true
     }
 
     /// For a dispatcher whose replica was written off in the middle of a batch.
@@ -393,18 +415,24 @@ impl Pool {
         for w in refused {
             let _ = w.tx.send(Err(AcquireError::Unavailable));
         }
-        for conn in start {
-            self.start(conn);
+        for d in start {
+            Self::start(d);
         }
     }
 
-    /// Drops the slot's connection from the idle list; true when it was there (the replica was
-    /// not serving a request).
+    /// Stops the slot's dispatcher if it is idle (its process has ended); true when it was (the
+    /// replica was not serving a request).
     pub fn remove_idle(&self, slot_id: &str) -> bool {
         let mut st = self.lock();
-        let before = st.idle.len();
-        st.idle.retain(|c| &*c.slot.id != slot_id);
-        st.idle.len() != before
+        match st.idle.iter().position(|d| &*d.slot_id == slot_id) {
+            Some(at) => {
+                if let Some(d) = st.idle.remove(at) {
+                    d.stop();
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Records a slot's health; when no slot is worth waiting for, every waiter gets 503 now
@@ -422,7 +450,9 @@ impl Pool {
                 std::mem::take(&mut st.waiters),
             )
         };
-        drop(idle);
+        for d in idle {
+            d.stop();
+        }
         for w in waiters {
             let _ = w.tx.send(Err(AcquireError::Unavailable));
         }
