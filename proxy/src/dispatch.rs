@@ -25,7 +25,7 @@ use modelgate_protocol::ModelErrorKind;
 use tokio::time::Instant;
 
 use crate::error::ApiError;
-use crate::pool::{Dispatcher, Pending, Pool};
+use crate::pool::{Dispatcher, Next, Pending, Pool};
 use crate::replica::{CallError, KillReason, ReplicaConn, Reply};
 
 /// How long a dispatcher reads a killed replica's last answers before it gives up on knowing
@@ -34,15 +34,22 @@ const SETTLE: Duration = Duration::from_secs(2);
 
 /// Drives the replica behind `conn` for its process's life: woken through `me` when requests
 /// wait, it serves batches until the queue is empty, then waits in the pool's idle list again.
-/// It ends when told to stop or when its replica is written off.
+/// It ends when its process has ended ([`Pool::process_ended`]) or when it writes the replica
+/// off.
 pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatcher>) {
     let mut batch = Vec::new();
+    // The slot's next process may be serving already when this one's dispatcher stops.
+    let busy = |conn: &ReplicaConn, v: f64| {
+        if conn.slot.is_current(conn.generation) {
+            conn.slot.busy.set(v);
+        }
+    };
     loop {
         me.wake.notified().await;
         if me.stop.load(Ordering::SeqCst) {
             return;
         }
-        conn.slot.busy.set(1.0);
+        busy(&conn, 1.0);
         // Requests that became ready in the same turn of the runtime (a burst of connections
         // woken by one `epoll_wait`) join the queue before the first batch is taken, while that
         // pays. After a batch there is no point: the next requests of those connections come
@@ -52,31 +59,37 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatch
             tokio::task::yield_now().await;
         }
         let mut served = None;
-        while pool.next_batch(&me, &mut batch, served, yielded) {
+        loop {
+            match pool.next_batch(&me, &mut batch, served, yielded) {
+                Next::Serve => {}
+                Next::Park => break,
+                Next::Stop => {
+                    busy(&conn, 0.0);
+                    return;
+                }
+            }
             pool.batch_size.record(batch.len() as f64);
             match serve(&pool, &mut conn, &mut batch).await {
-                Some(per_request) => served = Some(per_request),
-                None => {
-                    pool.retire();
-                    // The slot's next process may already be serving.
-                    if conn.slot.is_current(conn.generation) {
-                        conn.slot.busy.set(0.0);
-                    }
+                Ok(per_request) => served = Some(per_request),
+                Err(spent) => {
+                    pool.retire(spent);
+                    busy(&conn, 0.0);
                     return;
                 }
             }
         }
-        conn.slot.busy.set(0.0);
+        busy(&conn, 0.0);
     }
 }
 
-/// Writes `batch` and hands out the answers. Returns the time per request, or `None` when the
-/// replica was written off (every request of the batch has been answered or requeued).
+/// Writes `batch` and hands out the answers. Returns the time per request; or, when the
+/// replica was written off (every request of the batch has been answered or requeued), the time
+/// spent on the batch.
 async fn serve(
     pool: &Arc<Pool>,
     conn: &mut ReplicaConn,
     batch: &mut Vec<Pending>,
-) -> Option<Duration> {
+) -> Result<Duration, Duration> {
     let taken_at = Instant::now();
     let n = batch.len();
     let write_deadline = taken_at + batch[0].timeout;
@@ -93,7 +106,7 @@ async fn serve(
         Err(_elapsed) => {
             // The replica stopped reading: the first request did not reach it whole.
             Box::pin(timed_out(pool, conn, rest.collect(), taken_at)).await;
-            return None;
+            return Err(taken_at.elapsed());
         }
     }
     let mut start = taken_at;
@@ -120,7 +133,7 @@ async fn serve(
                     }
                     None => pool.requeue(rest),
                 }
-                return None;
+                return Err(taken_at.elapsed());
             }
             Err(_elapsed) => {
                 Box::pin(timed_out(
@@ -130,12 +143,12 @@ async fn serve(
                     taken_at,
                 ))
                 .await;
-                return None;
+                return Err(taken_at.elapsed());
             }
         }
     }
     // `start` is when the last answer was read.
-    Some((start - taken_at) / n as u32)
+    Ok((start - taken_at) / n as u32)
 }
 
 fn is_out_of_memory(reply: &Reply) -> bool {
@@ -161,50 +174,58 @@ async fn timed_out(
 /// After a kill for a timeout: the replica may have finished the request (`left[0]`) between the
 /// deadline and the kill, and started the next. Reads what it wrote before it died, up to
 /// [`SETTLE`], so that every answer it wrote reaches its caller; a request that may have started
-/// without answering fails; the requests after it never started and go back to the queue.
+/// without answering fails; the requests after it never started and go back to the queue. After
+/// an out-of-memory answer the replica ran nothing more, so the rest go back too; after a
+/// protocol error nothing can be told, so the rest fail with it.
 async fn settle(pool: &Arc<Pool>, conn: &mut ReplicaConn, left: Vec<Pending>, taken_at: Instant) {
     let until = Instant::now() + SETTLE;
     let slot = conn.slot.clone();
     let mut left = left.into_iter();
-    let Some(first) = left.next() else { return };
-    let timeout = ApiError::Timeout {
-        secs: first.timeout.as_secs_f64(),
-    };
-    match tokio::time::timeout_at(until, conn.finish_call()).await {
-        // It finished after all, just before the kill: the next one may have started.
-        Ok(Ok(reply)) => first.answer(Ok(reply), &slot, taken_at),
-        // It never finished, so nothing after it started.
-        Ok(Err(_)) => {
-            first.answer(Err(timeout), &slot, taken_at);
-            pool.requeue(left.collect());
-            return;
-        }
-        // No telling what ran.
-        Err(_) => {
-            first.answer(Err(timeout), &slot, taken_at);
-            for p in left {
-                p.answer(Err(ApiError::Shutdown), &slot, taken_at);
-            }
-            return;
-        }
-    }
+    let mut first = true;
     while let Some(p) = left.next() {
+        // What the one that may have been running when the kill landed gets, if it never
+        // answered: the timed-out one its timeout, the ones after it a shutdown.
+        let unanswered = if first {
+            ApiError::Timeout {
+                secs: p.timeout.as_secs_f64(),
+            }
+        } else {
+            ApiError::Shutdown
+        };
         match tokio::time::timeout_at(until, conn.finish_call()).await {
-            Ok(Ok(reply)) => p.answer(Ok(reply), &slot, taken_at),
-            // It may have started; the ones after it did not.
+            // It finished after all, just before the kill: the next one may have started,
+            // unless this was an out-of-memory answer, after which the replica runs nothing.
+            Ok(Ok(reply)) => {
+                let out_of_memory = is_out_of_memory(&reply);
+                p.answer(Ok(reply), &slot, taken_at);
+                if out_of_memory {
+                    pool.requeue(left.collect());
+                    return;
+                }
+            }
+            Ok(Err(CallError::Protocol(what))) => {
+                p.answer(Err(ApiError::BadReplicaResponse(what)), &slot, taken_at);
+                for p in left {
+                    p.answer(Err(ApiError::BadReplicaResponse(what)), &slot, taken_at);
+                }
+                return;
+            }
+            // The stream ended: this one never finished, so nothing after it started.
             Ok(Err(_)) => {
-                p.answer(Err(ApiError::Shutdown), &slot, taken_at);
+                p.answer(Err(unanswered), &slot, taken_at);
                 pool.requeue(left.collect());
                 return;
             }
+            // No telling what ran.
             Err(_) => {
-                p.answer(Err(ApiError::Shutdown), &slot, taken_at);
+                p.answer(Err(unanswered), &slot, taken_at);
                 for p in left {
                     p.answer(Err(ApiError::Shutdown), &slot, taken_at);
                 }
                 return;
             }
         }
+        first = false;
     }
 }
 
@@ -326,10 +347,16 @@ mod tests {
             })
             .collect();
         let mut outcomes = Vec::new();
-        for call in calls {
+        let mut calls = calls.into_iter();
+        for call in calls.by_ref().take(3) {
             outcomes.push(call.await.unwrap());
         }
         replica.join().unwrap();
+        // The replacement process comes up.
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let next = fake_replica(theirs, 1, Duration::ZERO, b"4");
+        pool.release(ReplicaConn::new(Arc::new(Slot::new("m".into(), 0)), 2, ours).unwrap());
+        outcomes.push(calls.next().unwrap().await.unwrap());
         let ok = |o: &Result<crate::pool::Served, AcquireError>, want: &[u8]| matches!(o, Ok(s) if matches!(&s.result, Ok(Reply::Ok(p)) if &p[..] == want));
         assert!(ok(&outcomes[0], b"1"), "the late answer reaches its caller");
         assert!(ok(&outcomes[1], b"2"), "so does the next one's");
@@ -337,12 +364,91 @@ mod tests {
             matches!(&outcomes[2], Ok(s) if matches!(s.result, Err(ApiError::Shutdown))),
             "the one that may have started fails"
         );
-        // Put back, it waits for a replica that never comes, until its queue timeout.
+        // Put back, it is served by the next replica.
+        assert!(
+            ok(&outcomes[3], b"4"),
+            "the one that never started runs on the next replica"
+        );
+        assert_eq!(next.join().unwrap(), 1, "once");
+    }
+
+    /// The far end of a replica socket, as a replica: answers `requests` requests with `answer`,
+    /// each after `delay`, then closes. Returns how many it answered.
+    fn fake_replica(
+        theirs: tokio::net::UnixStream,
+        requests: usize,
+        delay: Duration,
+        answer: &'static [u8],
+    ) -> std::thread::JoinHandle<usize> {
+        let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut served = 0;
+            for _ in 0..requests {
+                let mut h = [0u8; protocol::HEADER_LEN];
+                if theirs.read_exact(&mut h).is_err() {
+                    break;
+                }
+                let mut payload = vec![0; protocol::decode_header(h).unwrap().payload_len];
+                theirs.read_exact(&mut payload).unwrap();
+                std::thread::sleep(delay);
+                theirs.write_all(&frame(Kind::ResultOk, answer)).unwrap();
+                served += 1;
+            }
+            served
+        })
+    }
+
+    /// A process that ends while its dispatcher is serving: the dispatcher finishes the batch,
+    /// then ends instead of waiting idle with a dead connection (the next request would fail on
+    /// it), and lets go of the pool.
+    #[tokio::test]
+    async fn a_dispatcher_whose_process_ended_mid_batch_ends_after_it() {
+        let pool = Arc::new(Pool::new("m".into(), 1, 16, Batching::default()));
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let replica = fake_replica(theirs, 1, Duration::from_millis(200), b"1");
+        pool.set_health(0, SlotHealth::Ready);
+        let slot = Arc::new(Slot::new("m".into(), 0));
+        let d = pool.release(ReplicaConn::new(slot, 1, ours).unwrap());
+        let call = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                pool.call(
+                    vec![Bytes::from_static(b"{}")],
+                    Duration::from_secs(1),
+                    Duration::from_secs(1),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!pool.process_ended(&d), "it was serving, not idle");
+        let served = call.await.unwrap().unwrap();
+        assert!(matches!(served.result, Ok(Reply::Ok(ref p)) if &p[..] == b"1"));
+        assert_eq!(replica.join().unwrap(), 1);
+        assert!(
+            !pool.drained(),
+            "not back in the idle list, where it would count as a replica ready to serve"
+        );
+        // No dispatcher is left: the next request waits for one until its queue timeout.
+        let next = pool
+            .call(
+                vec![Bytes::from_static(b"{}")],
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+            )
+            .await;
         assert_eq!(
-            outcomes[3].as_ref().err(),
-            Some(&AcquireError::Busy(
+            next.err(),
+            Some(AcquireError::Busy(
                 "no replica became free within the queue timeout"
             ))
+        );
+        assert_eq!(
+            Arc::strong_count(&pool),
+            1,
+            "the dispatcher let go of the pool"
         );
     }
 }

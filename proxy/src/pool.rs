@@ -123,10 +123,10 @@ pub struct Pool {
 }
 
 /// A dispatcher as the pool sees it: woken for work, or told to stop.
-pub(crate) struct Dispatcher {
-    pub(crate) slot_id: Arc<str>,
+pub struct Dispatcher {
     pub(crate) wake: tokio::sync::Notify,
-    /// Set (then `wake`) when its replica is gone while it was idle, or the model stops.
+    /// Set (under the pool's lock, then `wake`) when its process has ended or no replica of the
+    /// model is worth waiting for: an idle dispatcher ends at once, a busy one after its batch.
     pub(crate) stop: std::sync::atomic::AtomicBool,
 }
 
@@ -135,6 +135,20 @@ impl Dispatcher {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.wake.notify_one();
     }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// What a dispatcher does after [`Pool::next_batch`].
+pub(crate) enum Next {
+    /// Serve the batch.
+    Serve,
+    /// Nothing waits: it is back in the idle list; wait to be woken.
+    Park,
+    /// Its process has ended: end.
+    Stop,
 }
 
 struct State {
@@ -281,22 +295,23 @@ impl Pool {
     }
 
     /// A replica whose process has just become ready: its dispatcher starts on the queue, or
-    /// waits idle.
-    pub fn release(self: &Arc<Self>, conn: ReplicaConn) {
+    /// waits idle. The caller hands the dispatcher back to [`Pool::process_ended`] when the
+    /// process ends.
+    pub fn release(self: &Arc<Self>, conn: ReplicaConn) -> Arc<Dispatcher> {
         let d = Arc::new(Dispatcher {
-            slot_id: conn.slot.id.clone(),
             wake: tokio::sync::Notify::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(crate::dispatch::run(self.clone(), conn, d.clone()));
         let start = {
             let mut st = self.lock();
-            st.idle.push_back(d);
+            st.idle.push_back(d.clone());
             st.idle_for_waiting()
         };
         if let Some(d) = start {
             Self::start(d);
         }
+        d
     }
 
     /// For a new dispatcher: whether to yield before its first batch. Under load, the request
@@ -308,16 +323,15 @@ impl Pool {
     }
 
     /// For dispatcher `me`: the next requests for its replica, oldest first, in `batch` (which
-    /// must be empty); false when nothing waits, and `me` has gone back to the idle list.
-    /// `served` is the time per request of the batch just served (`None` on the first call after
-    /// a wake-up, when `yielded` says whether it yielded first).
+    /// must be empty). `served` is the time per request of the batch just served (`None` on the
+    /// first call after a wake-up, when `yielded` says whether it yielded first).
     pub(crate) fn next_batch(
         &self,
         me: &Arc<Dispatcher>,
         batch: &mut Vec<Pending>,
         served: Option<Duration>,
         yielded: bool,
-    ) -> bool {
+    ) -> Next {
         // Requests of clients that went away, dropped (with their bodies) after the lock.
         let mut abandoned = Vec::new();
         let mut st = self.lock();
@@ -333,6 +347,9 @@ impl Pool {
                     st.company.record(company);
                 }
             }
+        }
+        if me.stopped() {
+            return Next::Stop;
         }
         let most = self.batch_limit(&st);
         let mut bytes = 0;
@@ -351,15 +368,19 @@ impl Pool {
         self.queue_depth.set(st.waiters.len() as f64);
         if batch.is_empty() {
             st.idle.push_back(me.clone());
-            return false;
+            return Next::Park;
         }
         st.serving += 1;
-        true
+        Next::Serve
     }
 
-    /// For a dispatcher whose replica was written off in the middle of a batch.
-    pub(crate) fn retire(&self) {
-        self.lock().serving -= 1;
+    /// For a dispatcher whose replica was written off in the middle of a batch, `spent` into it:
+    /// that time counts as the replica's time per request, so a function that just hung or
+    /// crashed is sent one request at a time until it proves quick again.
+    pub(crate) fn retire(&self, spent: Duration) {
+        let mut st = self.lock();
+        st.serving -= 1;
+        st.per_request = st.per_request.max(spent);
     }
 
     fn batch_limit(&self, st: &State) -> usize {
@@ -386,17 +407,16 @@ impl Pool {
         if rest.is_empty() {
             return;
         }
-        let now = Instant::now();
-        let (back, late): (Vec<Pending>, Vec<Pending>) =
-            rest.into_iter().partition(|w| w.queue_deadline > now);
-        for w in late {
-            let _ = w.tx.send(Err(AcquireError::Busy(
-                "no replica became free within the queue timeout",
-            )));
-        }
+        let late;
         let mut refused = Vec::new();
         let start = {
             let mut st = self.lock();
+            // Read under the lock: a caller whose queue timer fires from now on finds its
+            // request back in the queue, or already refused.
+            let now = Instant::now();
+            let (back, gone): (Vec<Pending>, Vec<Pending>) =
+                rest.into_iter().partition(|w| w.queue_deadline > now);
+            late = gone;
             if st.available() {
                 self.requeued.increment(back.len() as u64);
                 let n = back.len();
@@ -412,6 +432,11 @@ impl Pool {
                 Vec::new()
             }
         };
+        for w in late {
+            let _ = w.tx.send(Err(AcquireError::Busy(
+                "no replica became free within the queue timeout",
+            )));
+        }
         for w in refused {
             let _ = w.tx.send(Err(AcquireError::Unavailable));
         }
@@ -420,19 +445,18 @@ impl Pool {
         }
     }
 
-    /// Stops the slot's dispatcher if it is idle (its process has ended); true when it was (the
-    /// replica was not serving a request).
-    pub fn remove_idle(&self, slot_id: &str) -> bool {
-        let mut st = self.lock();
-        match st.idle.iter().position(|d| &*d.slot_id == slot_id) {
-            Some(at) => {
-                if let Some(d) = st.idle.remove(at) {
-                    d.stop();
-                }
-                true
-            }
-            None => false,
-        }
+    /// The process behind dispatcher `d` has ended (or is being stopped): `d` ends, at once if
+    /// it is idle, after its batch if it is serving one. True when it was idle (the replica was
+    /// not serving a request).
+    pub fn process_ended(&self, d: &Arc<Dispatcher>) -> bool {
+        let was_idle = {
+            let mut st = self.lock();
+            d.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let at = st.idle.iter().position(|i| Arc::ptr_eq(i, d));
+            at.and_then(|at| st.idle.remove(at)).is_some()
+        };
+        d.wake.notify_one();
+        was_idle
     }
 
     /// Records a slot's health; when no slot is worth waiting for, every waiter gets 503 now

@@ -410,12 +410,12 @@ async fn run_in_cgroup(
         "replica ready in {:.0} ms", started.elapsed().as_secs_f64() * 1e3
     );
     task.pool.set_health(task.index, SlotHealth::Ready);
-    task.pool.release(conn);
+    let dispatcher = task.pool.release(conn);
     let ready_at = Instant::now();
 
     tokio::select! {
         status = child.wait() => {
-            let idle = task.pool.remove_idle(&slot.id);
+            let idle = task.pool.process_ended(&dispatcher);
             crate::metrics::retire_replica_cpu(slot);
             slot.end_process();
             let reason = match slot.take_kill_reason() {
@@ -429,7 +429,7 @@ async fn run_in_cgroup(
             Outcome::Exited { ran_for: Some(ready_at.elapsed()), reason, idle }
         }
         _ = task.stop.changed() => {
-            task.pool.remove_idle(&slot.id);
+            task.pool.process_ended(&dispatcher);
             stop_process(slot, &mut child).await;
             Outcome::Stopped
         }

@@ -1558,18 +1558,18 @@ async fn a_request_that_times_out_in_a_batch_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
     let server = Server::start(
-        &format!("{BATCH_ALL}\nrequest_timeout_secs = 3"),
+        &format!("{BATCH_ALL}\nrequest_timeout_secs = 5"),
         &[batching_model(dir.path(), &calls)],
     );
     server.wait_ready().await;
-    // The second call hangs: it alone gets 504, after its own 3 s. The two written behind it
-    // run on the replacement, together, taking 3.2 s in all: each request's timeout counts from
+    // The second call hangs: it alone gets 504, after its own 5 s. The two written behind it
+    // run on the replacement, together, taking 5.2 s in all: each request's timeout counts from
     // the answer before it, not from the batch's write.
     let requests = vec![
         json!({"seq": 0}),
         json!({"seq": 1, "hang": true}),
-        json!({"seq": 2, "wait": 1.6}),
-        json!({"seq": 3, "wait": 1.6}),
+        json!({"seq": 2, "wait": 2.6}),
+        json!({"seq": 3, "wait": 2.6}),
     ];
     let answers = behind_a_held_call(&server, requests).await;
     assert_eq!(answers[0].0, 200, "{}", answers[0].1);
@@ -1594,6 +1594,11 @@ async fn a_request_that_times_out_in_a_batch_fails_alone() {
         "{}",
         server.logs()
     );
+    let bucket =
+        |le: &str| format!(r#"modelgate_dispatch_batch_size_bucket{{model="m",le="{le}"}}"#);
+    let pairs =
+        server.metric(&bucket("2")).await.unwrap() - server.metric(&bucket("1")).await.unwrap();
+    assert_eq!(pairs, 1.0, "the two put back went out together");
 }
 
 #[tokio::test]
