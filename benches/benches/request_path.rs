@@ -180,34 +180,32 @@ fn authentication(c: &mut Criterion) {
 }
 
 /// One request through a model's pool: queued, taken by the replica's dispatcher, written to the
-/// replica's socket, its answer read and handed back. The far end of the socket is a thread
-/// answering each frame at once (a replica whose function costs nothing), so this is the queue
-/// and dispatch plus a socket round trip between two threads.
+/// replica's socket, its answer read and handed back. The far end of the socket is a task on the
+/// same single-threaded runtime answering each frame at once (a replica whose function costs
+/// nothing, and no thread to wake), so this is the queue and dispatch plus a write and a read on
+/// each end of a Unix socket.
 fn pool(c: &mut Criterion) {
     use modelgate_protocol::{self as protocol, Kind};
-    use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let _guard = rt.enter();
     let pool = Arc::new(Pool::new("m".into(), 1, 16, Default::default()));
     let slot = Arc::new(Slot::new("m".into(), 0));
-    let (ours, theirs) = rt.block_on(async { tokio::net::UnixStream::pair().unwrap() });
-    let theirs = theirs.into_std().unwrap();
-    theirs.set_nonblocking(false).unwrap();
-    std::thread::spawn(move || {
-        let mut theirs = theirs;
+    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    rt.spawn(async move {
         let mut header = [0u8; protocol::HEADER_LEN];
         let mut payload = Vec::new();
         let answer = [&protocol::encode_header(Kind::ResultOk, 1)[..], b"8"].concat();
-        while theirs.read_exact(&mut header).is_ok() {
+        while theirs.read_exact(&mut header).await.is_ok() {
             let h = protocol::decode_header(header).unwrap();
             payload.resize(h.payload_len, 0);
-            theirs.read_exact(&mut payload).unwrap();
-            theirs.write_all(&answer).unwrap();
+            theirs.read_exact(&mut payload).await.unwrap();
+            theirs.write_all(&answer).await.unwrap();
         }
     });
-    let _guard = rt.enter();
     pool.set_health(0, SlotHealth::Ready);
     pool.release(ReplicaConn::new(slot, 1, ours).expect("register the socket"));
     let request = vec![bytes::Bytes::from_static(br#"{"a":3,"b":5}"#)];

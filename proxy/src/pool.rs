@@ -316,7 +316,7 @@ impl Pool {
 
     /// For a new dispatcher: whether to yield before its first batch. Under load, the request
     /// that started it is one of a burst of connections woken together, which a yield lets queue
-    /// (tokio's worker runs a task it just spawned next, before the tasks already waiting);
+    /// (tokio's worker runs a task it just woke next, before the tasks already waiting);
     /// alone, the yield only costs an `epoll_wait`.
     pub(crate) fn wait_for_company(&self) -> bool {
         self.lock().company.should_try()
