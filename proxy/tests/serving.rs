@@ -1475,6 +1475,39 @@ async fn large_batches(server: &Server) -> (f64, f64) {
     (all - server.metric(&bucket("8")).await.unwrap(), all)
 }
 
+/// Checks a batch whose second request ended its replica (after the held first one): the first
+/// answered, the second alone failed with `status` and `code`, every later one was put back and
+/// answered by the replacement, and the model ran `ran`, in that order.
+async fn only_the_fatal_one_failed(
+    server: &Server,
+    calls: &std::path::Path,
+    answers: &[(u16, serde_json::Value)],
+    (status, code): (u16, &str),
+    ran: &[&str],
+) {
+    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    assert_eq!(
+        (answers[1].0, answers[1].1["error"]["code"].as_str()),
+        (status, Some(code))
+    );
+    for (status, body) in &answers[2..] {
+        assert_eq!(*status, 200, "{body}");
+        assert_ne!(
+            body["response"]["pid"], answers[0].1["response"]["pid"],
+            "ran on the replacement"
+        );
+    }
+    assert_eq!(calls_run(calls), ran, "each ran once, in order");
+    assert_eq!(
+        server
+            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
+            .await,
+        Some((answers.len() - 2) as f64),
+        "{}",
+        server.logs()
+    );
+}
+
 /// Server settings under which the requests queued behind a held call go out as one batch (up
 /// to 16): the held call is slow, and the default budget would send them one at a time.
 const BATCH_ALL: &str = "batch_budget_us = 1000000000";
@@ -1525,32 +1558,14 @@ async fn requests_written_behind_one_that_kills_its_replica_run_on_the_replaceme
     let mut requests = vec![json!({"seq": 0}), json!({"seq": 1, "die": true})];
     requests.extend((2..=5).map(|i| json!({ "seq": i })));
     let answers = behind_a_held_call(&server, requests).await;
-    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
-    assert_eq!(
-        (answers[1].0, answers[1].1["error"]["code"].as_str()),
-        (502, Some("model.shutdown"))
-    );
-    let first_pid = &answers[0].1["response"]["pid"];
-    for (status, body) in &answers[2..] {
-        assert_eq!(*status, 200, "{body}");
-        assert_ne!(
-            &body["response"]["pid"], first_pid,
-            "ran on the replacement"
-        );
-    }
-    assert_eq!(
-        calls_run(&calls),
-        ["0", "2", "3", "4", "5"],
-        "each ran once, in order"
-    );
-    assert_eq!(
-        server
-            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
-            .await,
-        Some(4.0),
-        "{}",
-        server.logs()
-    );
+    only_the_fatal_one_failed(
+        &server,
+        &calls,
+        &answers,
+        (502, "model.shutdown"),
+        &["0", "2", "3", "4", "5"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -1572,28 +1587,14 @@ async fn a_request_that_times_out_in_a_batch_fails_alone() {
         json!({"seq": 3, "wait": 2.6}),
     ];
     let answers = behind_a_held_call(&server, requests).await;
-    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
-    assert_eq!(
-        (answers[1].0, answers[1].1["error"]["code"].as_str()),
-        (504, Some("model.timeout"))
-    );
-    for (status, body) in &answers[2..] {
-        assert_eq!(*status, 200, "{body}");
-        assert_ne!(body["response"]["pid"], answers[0].1["response"]["pid"]);
-    }
-    assert_eq!(
-        calls_run(&calls),
-        ["0", "2", "3"],
-        "each ran once, in order"
-    );
-    assert_eq!(
-        server
-            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
-            .await,
-        Some(2.0),
-        "{}",
-        server.logs()
-    );
+    only_the_fatal_one_failed(
+        &server,
+        &calls,
+        &answers,
+        (504, "model.timeout"),
+        &["0", "2", "3"],
+    )
+    .await;
     let bucket =
         |le: &str| format!(r#"modelgate_dispatch_batch_size_bucket{{model="m",le="{le}"}}"#);
     let pairs =
@@ -1616,26 +1617,12 @@ async fn requests_written_behind_an_out_of_memory_answer_run_on_the_replacement(
         json!({"seq": 3}),
     ];
     let answers = behind_a_held_call(&server, requests).await;
-    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
-    assert_eq!(
-        (answers[1].0, answers[1].1["error"]["code"].as_str()),
-        (500, Some("model.out_of_memory"))
-    );
-    for (status, body) in &answers[2..] {
-        assert_eq!(*status, 200, "{body}");
-        assert_ne!(body["response"]["pid"], answers[0].1["response"]["pid"]);
-    }
-    assert_eq!(
-        calls_run(&calls),
-        ["0", "2", "3"],
-        "each ran once, in order"
-    );
-    assert_eq!(
-        server
-            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
-            .await,
-        Some(2.0),
-        "{}",
-        server.logs()
-    );
+    only_the_fatal_one_failed(
+        &server,
+        &calls,
+        &answers,
+        (500, "model.out_of_memory"),
+        &["0", "2", "3"],
+    )
+    .await;
 }
