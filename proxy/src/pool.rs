@@ -160,13 +160,13 @@ struct State {
     /// The replicas' recent time per request, for the batch size: it rises at once with a slower
     /// batch and falls back over about eight.
     per_request: Duration,
-    /// Dispatchers started for an idle replica that have not taken their first batch: the
+    /// Idle dispatchers woken for the queue that have not taken their first batch yet: the
     /// requests they are about to take do not count against `max_queue`.
     starting: usize,
     /// Dispatchers serving a batch.
     serving: usize,
-    /// Whether a new dispatcher's yield, which lets the requests of connections woken with the
-    /// one that started it join the first batch, has been finding any.
+    /// Whether a woken dispatcher's yield, which lets the requests of connections woken with the
+    /// one that woke it join the first batch, has been finding any.
     company: Speculation,
 }
 
@@ -314,8 +314,8 @@ impl Pool {
         d
     }
 
-    /// For a new dispatcher: whether to yield before its first batch. Under load, the request
-    /// that started it is one of a burst of connections woken together, which a yield lets queue
+    /// For a dispatcher just woken: whether to yield before its first batch. Under load, the
+    /// request that woke it is one of a burst of connections woken together, which a yield lets queue
     /// (tokio's worker runs a task it just woke next, before the tasks already waiting);
     /// alone, the yield only costs an `epoll_wait`.
     pub(crate) fn wait_for_company(&self) -> bool {
