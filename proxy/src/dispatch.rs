@@ -441,9 +441,7 @@ mod tests {
             .await;
         assert_eq!(
             next.err(),
-            Some(AcquireError::Busy(
-                "no replica became free within the queue timeout"
-            ))
+            Some(AcquireError::Busy(crate::pool::QUEUE_TIMED_OUT))
         );
         assert_eq!(
             Arc::strong_count(&pool),

@@ -69,6 +69,9 @@ impl Default for Batching {
     }
 }
 
+/// Why a request left the queue without a replica when its queue timeout passed.
+pub(crate) const QUEUE_TIMED_OUT: &str = "no replica became free within the queue timeout";
+
 /// Requests larger than this are written alone, and a batch stops growing past this many bytes:
 /// small requests are copied into one buffer to go out in one write.
 pub const BATCH_BYTES: usize = 64 * 1024;
@@ -131,6 +134,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Wakes it for the queue (it was just taken off the idle list).
+    fn start(&self) {
+        self.wake.notify_one();
+    }
+
     fn stop(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.wake.notify_one();
@@ -171,6 +179,14 @@ struct State {
 }
 
 impl State {
+    /// Slots with a ready process.
+    fn ready(&self) -> usize {
+        self.health
+            .iter()
+            .filter(|h| **h == SlotHealth::Ready)
+            .count()
+    }
+
     fn available(&self) -> bool {
         self.health
             .iter()
@@ -219,10 +235,6 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start(d: Arc<Dispatcher>) {
-        d.wake.notify_one();
-    }
-
     /// Queues `request` and waits for its answer. The queue is FIFO; a request still queued
     /// after `queue_timeout` leaves it with [`AcquireError::Busy`]. Once written to a replica,
     /// the dispatcher answers it (past `request_timeout` with a timeout), or puts it back in the
@@ -269,7 +281,7 @@ impl Pool {
         };
         drop(abandoned);
         if let Some(d) = start {
-            Self::start(d);
+            d.start();
         }
         let mut rx = rx;
         match tokio::time::timeout_at(queue_deadline, &mut rx).await {
@@ -283,9 +295,7 @@ impl Pool {
                     removed
                 };
                 if removed.is_some() {
-                    return Err(AcquireError::Busy(
-                        "no replica became free within the queue timeout",
-                    ));
+                    return Err(AcquireError::Busy(QUEUE_TIMED_OUT));
                 }
                 // Written to a replica: the dispatcher answers it, or, if the replica ends
                 // before running it, `requeue` refuses it (its queue deadline has passed).
@@ -309,7 +319,7 @@ impl Pool {
             st.idle_for_waiting()
         };
         if let Some(d) = start {
-            Self::start(d);
+            d.start();
         }
         d
     }
@@ -384,11 +394,7 @@ impl Pool {
     }
 
     fn batch_limit(&self, st: &State) -> usize {
-        let ready = st
-            .health
-            .iter()
-            .filter(|h| **h == SlotHealth::Ready)
-            .count();
+        let ready = st.ready();
         // Shared among the replicas not already serving a batch (this one included).
         let free = ready.saturating_sub(st.serving).max(1);
         let share = st.waiters.len().div_ceil(free);
@@ -433,15 +439,13 @@ impl Pool {
             }
         };
         for w in late {
-            let _ = w.tx.send(Err(AcquireError::Busy(
-                "no replica became free within the queue timeout",
-            )));
+            let _ = w.tx.send(Err(AcquireError::Busy(QUEUE_TIMED_OUT)));
         }
         for w in refused {
             let _ = w.tx.send(Err(AcquireError::Unavailable));
         }
         for d in start {
-            Self::start(d);
+            d.start();
         }
     }
 
@@ -484,11 +488,7 @@ impl Pool {
 
     /// Number of slots with a ready process.
     pub fn ready_count(&self) -> usize {
-        self.lock()
-            .health
-            .iter()
-            .filter(|h| **h == SlotHealth::Ready)
-            .count()
+        self.lock().ready()
     }
 
     /// True when any slot has failed to load or is crash-looping.
@@ -499,12 +499,7 @@ impl Pool {
     /// True when nobody waits and every ready replica is back in the idle set: nothing in flight.
     pub fn drained(&self) -> bool {
         let st = self.lock();
-        let ready = st
-            .health
-            .iter()
-            .filter(|h| **h == SlotHealth::Ready)
-            .count();
-        st.waiters.iter().all(|w| w.tx.is_closed()) && st.idle.len() >= ready
+        st.waiters.iter().all(|w| w.tx.is_closed()) && st.idle.len() >= st.ready()
     }
 
     pub fn health(&self) -> Vec<SlotHealth> {

@@ -550,7 +550,9 @@ impl ReplicaConn {
         Ok(())
     }
 
-    /// Sends one request (its JSON text in `parts`) and waits for its terminal answer.
+    /// Sends one request (its JSON text in `parts`) and waits for its terminal answer. The
+    /// dispatcher uses [`Self::send`] and [`Self::finish_call`]; this is their pairing for tests.
+    #[cfg(test)]
     pub async fn call(&mut self, parts: &[Bytes]) -> Result<Reply, CallError> {
         self.send(std::iter::once(parts)).await?;
         self.finish_call().await
