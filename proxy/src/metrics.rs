@@ -3,6 +3,15 @@
 //! Labels are bounded: model names and replica slot ids come from configuration, codes from the
 //! fixed set in `error`. Replica CPU and memory are read from `/proc` at scrape time, so an idle
 //! proxy does no periodic work for them.
+//!
+//! The recorder keeps every histogram sample until it is drained into the buckets, by a scrape or
+//! by upkeep. Nothing scraping must not mean memory growing with traffic (it did: about 3.5 MB a
+//! second at 47,000 requests a second), so upkeep runs on a thread of its own, woken after every
+//! [`UPKEEP_EVERY`] requests: the samples waiting stay under a few hundred kilobytes, and an idle
+//! proxy still does no periodic work.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -32,13 +41,48 @@ const SIZE_BUCKETS: &[f64] = &[
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
 ];
 
-/// Installs the global recorder; returns the handle that renders `/metrics`.
+/// Requests between two drains of the histogram samples (each request records four or five).
+pub const UPKEEP_EVERY: u64 = 4096;
+
+/// The recorder is global, and so is its upkeep.
+struct Upkeep {
+    requests: AtomicU64,
+    thread: std::thread::Thread,
+}
+
+static UPKEEP: OnceLock<Upkeep> = OnceLock::new();
+
+/// Called once per prediction that recorded its histograms: wakes the upkeep thread after every
+/// [`UPKEEP_EVERY`].
+pub fn request_recorded() {
+    if let Some(upkeep) = UPKEEP.get() {
+        if upkeep.requests.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
+            upkeep.thread.unpark();
+        }
+    }
+}
+
+/// Installs the global recorder and its upkeep thread; returns the handle that renders
+/// `/metrics`.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
         .install_recorder()?;
+    let drains = handle.clone();
+    let thread = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            // A spurious wake-up only drains early.
+            std::thread::park();
+            drains.run_upkeep();
+        })
+        .expect("spawning the metrics upkeep thread");
+    let _ = UPKEEP.set(Upkeep {
+        requests: AtomicU64::new(0),
+        thread: thread.thread().clone(),
+    });
     describe_counter!(
         REQUESTS,
         "Prediction requests answered, by model, replica and result code"

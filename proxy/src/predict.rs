@@ -84,10 +84,7 @@ pub fn handle<'a>(
         match predict(routes, auth, limits, head, body, started, &mut reached).await {
             Ok(resp) => {
                 if let Some(route) = &reached.route {
-                    route
-                        .metrics
-                        .duration
-                        .record(started.elapsed().as_secs_f64());
+                    route.metrics.finished(started);
                     if let Some(i) = reached.slot_index {
                         route.metrics.ok_by_slot[i].increment(1);
                     }
@@ -105,10 +102,7 @@ pub fn handle<'a>(
 fn failed(err: ApiError, reached: &Reached, started: Instant) -> Response<Body> {
     let (model, replica) = match &reached.route {
         Some(route) => {
-            route
-                .metrics
-                .duration
-                .record(started.elapsed().as_secs_f64());
+            route.metrics.finished(started);
             let replica = reached
                 .slot_index
                 .map(|i| route.slots[i].id.to_string())

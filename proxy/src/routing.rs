@@ -34,6 +34,13 @@ pub struct ModelMetrics {
 }
 
 impl ModelMetrics {
+    /// Records a prediction's duration, `started` being when its head arrived; once per
+    /// prediction that reached this model, whatever its outcome.
+    pub fn finished(&self, started: tokio::time::Instant) {
+        self.duration.record(started.elapsed().as_secs_f64());
+        crate::metrics::request_recorded();
+    }
+
     pub fn new(model: &str, slots: &[Arc<Slot>]) -> ModelMetrics {
         use crate::metrics as m;
         let label = || [("model", model.to_owned())];
