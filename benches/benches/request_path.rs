@@ -78,7 +78,7 @@ fn route(model: usize) -> Arc<ModelRoute> {
     let name: Arc<str> = format!("model-{model}").into();
     let slots = vec![Arc::new(Slot::new(name.clone(), 0))];
     Arc::new(ModelRoute {
-        pool: Arc::new(Pool::new(name.clone(), 1, 16, Default::default())),
+        pool: Arc::new(Pool::new(name.clone(), 1, Default::default())),
         metrics: ModelMetrics::new(&name, &slots),
         slots,
         expected_ready: true,
@@ -192,7 +192,7 @@ fn pool(c: &mut Criterion) {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let pool = Arc::new(Pool::new("m".into(), 1, 16, Default::default()));
+    let pool = Arc::new(Pool::new("m".into(), 1, Default::default()));
     let slot = Arc::new(Slot::new("m".into(), 0));
     let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
     rt.spawn(async move {
@@ -213,11 +213,7 @@ fn pool(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let served = pool
-                    .call(
-                        request.clone(),
-                        Duration::from_secs(1),
-                        Duration::from_secs(1),
-                    )
+                    .call(request.clone(), Duration::from_secs(1))
                     .await
                     .unwrap();
                 assert!(served.result.is_ok());

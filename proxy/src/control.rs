@@ -26,9 +26,8 @@ use crate::supervisor::{self, ModelReplicas, ModelSpec, ReplicaSettings};
 /// Deployment settings that come from the server configuration.
 #[derive(Debug, Clone)]
 pub struct DeploySettings {
-    pub max_queue: usize,
-    /// How many waiting requests a replica is sent at once.
-    pub batching: crate::pool::Batching,
+    /// Queue limits and batching of every model's pool.
+    pub queueing: crate::pool::Queueing,
     pub max_replicas: u32,
     /// How long new replicas get to become ready before the deployment fails.
     pub start_timeout: Duration,
@@ -375,8 +374,7 @@ impl ControlPlane {
         let pool = Arc::new(Pool::new(
             spec.name.clone(),
             spec.replicas,
-            self.deploy.max_queue,
-            self.deploy.batching,
+            self.deploy.queueing,
         ));
         let replicas =
             supervisor::start_model(spec.clone(), pool.clone(), self.replicas.clone(), stop_rx);
@@ -515,7 +513,7 @@ async fn drain_and_stop(old: Running, bound: Duration) {
 fn idle_route(name: &str, expected_ready: bool) -> Arc<ModelRoute> {
     let name: Arc<str> = name.into();
     Arc::new(ModelRoute {
-        pool: Arc::new(Pool::new(name.clone(), 0, 1, Default::default())),
+        pool: Arc::new(Pool::new(name.clone(), 0, Default::default())),
         metrics: ModelMetrics::new(&name, &[]),
         slots: Vec::new(),
         expected_ready,

@@ -47,6 +47,7 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatch
     loop {
         me.wake.notified().await;
         if me.stop.load(Ordering::SeqCst) {
+            pool.stopped_before_serving(&me);
             return;
         }
         busy(&conn, 1.0);
@@ -271,7 +272,7 @@ fn ended_badly(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{AcquireError, Batching, SlotHealth};
+    use crate::pool::{AcquireError, Batching, Queueing, SlotHealth};
     use crate::replica::Slot;
     use bytes::Bytes;
     use modelgate_protocol::{self as protocol, Kind};
@@ -293,10 +294,13 @@ mod tests {
         let pool = Arc::new(Pool::new(
             "m".into(),
             1,
-            16,
-            Batching {
-                max: 16,
-                budget: Duration::from_secs(1000),
+            Queueing {
+                max_queue: 16,
+                timeout: Duration::from_millis(800),
+                batching: Batching {
+                    max: 16,
+                    budget: Duration::from_secs(1000),
+                },
             },
         ));
         let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
@@ -324,11 +328,7 @@ mod tests {
         let slot = Arc::new(Slot::new("m".into(), 0));
         pool.release(ReplicaConn::new(slot, 1, ours).unwrap());
         let first = pool
-            .call(
-                vec![Bytes::from_static(b"{}")],
-                Duration::from_secs(1),
-                Duration::from_secs(1),
-            )
+            .call(vec![Bytes::from_static(b"{}")], Duration::from_secs(1))
             .await
             .unwrap();
         assert!(matches!(first.result, Ok(Reply::Ok(ref p)) if &p[..] == b"0"));
@@ -337,12 +337,7 @@ mod tests {
                 let pool = pool.clone();
                 tokio::spawn(async move {
                     let request = vec![Bytes::from(format!("{{\"i\":{i}}}"))];
-                    pool.call(
-                        request,
-                        Duration::from_millis(800),
-                        Duration::from_millis(100),
-                    )
-                    .await
+                    pool.call(request, Duration::from_millis(100)).await
                 })
             })
             .collect();
@@ -405,7 +400,14 @@ mod tests {
     /// it), and lets go of the pool.
     #[tokio::test]
     async fn a_dispatcher_whose_process_ended_mid_batch_ends_after_it() {
-        let pool = Arc::new(Pool::new("m".into(), 1, 16, Batching::default()));
+        let pool = Arc::new(Pool::new(
+            "m".into(),
+            1,
+            Queueing {
+                timeout: Duration::from_millis(500),
+                ..Queueing::default()
+            },
+        ));
         let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
         let replica = fake_replica(theirs, 1, Duration::from_millis(200), b"1");
         pool.set_health(0, SlotHealth::Ready);
@@ -414,12 +416,8 @@ mod tests {
         let call = {
             let pool = pool.clone();
             tokio::spawn(async move {
-                pool.call(
-                    vec![Bytes::from_static(b"{}")],
-                    Duration::from_secs(1),
-                    Duration::from_secs(1),
-                )
-                .await
+                pool.call(vec![Bytes::from_static(b"{}")], Duration::from_secs(1))
+                    .await
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -433,11 +431,7 @@ mod tests {
         );
         // No dispatcher is left: the next request waits for one until its queue timeout.
         let next = pool
-            .call(
-                vec![Bytes::from_static(b"{}")],
-                Duration::from_millis(100),
-                Duration::from_secs(1),
-            )
+            .call(vec![Bytes::from_static(b"{}")], Duration::from_secs(1))
             .await;
         assert_eq!(
             next.err(),

@@ -121,10 +121,13 @@ pub async fn run(
             max_project_bytes: config.builds.max_project_bytes,
         },
         DeploySettings {
-            max_queue: server.max_queue,
-            batching: pool::Batching {
-                max: server.max_batch,
-                budget: std::time::Duration::from_micros(server.batch_budget_us),
+            queueing: pool::Queueing {
+                max_queue: server.max_queue,
+                timeout: server.queue_timeout(),
+                batching: pool::Batching {
+                    max: server.max_batch,
+                    budget: std::time::Duration::from_micros(server.batch_budget_us),
+                },
             },
             max_replicas: server.max_replicas,
             start_timeout: server.replica_start_timeout(),
@@ -208,7 +211,6 @@ pub async fn run(
         limits: PredictLimits {
             max_request_bytes: server.max_request_bytes,
             request_timeout: server.request_timeout(),
-            queue_timeout: server.queue_timeout(),
             body_timeout: server.body_read_timeout(),
         },
         metrics,

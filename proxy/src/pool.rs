@@ -7,14 +7,20 @@
 //! written, so requests are served in arrival order. An idle dispatcher waits in the pool's idle
 //! list; a request that finds one wakes it. The idle list is a FIFO too, which spreads load over
 //! all replicas. The lock is a plain mutex held for a few pointer moves, never across an await.
+//!
+//! The queue timeout is one timer for the whole queue, not one per request: every request of a
+//! pool waits at most the same [`Queueing::timeout`], so queue deadlines come in queue order and
+//! a sweeper task ([`sweep`]) sleeps until the front's. A request that wakes an idle dispatcher
+//! does not arm it at all: the dispatcher takes it at once (or, should its process end first,
+//! arms it on its way out).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -69,6 +75,26 @@ impl Default for Batching {
     }
 }
 
+/// How a model's requests wait for its replicas; fixed for the pool's life.
+#[derive(Debug, Clone, Copy)]
+pub struct Queueing {
+    /// Requests that may wait at once; past it, 429.
+    pub max_queue: usize,
+    /// How long a request may wait for a replica; past it, 429.
+    pub timeout: Duration,
+    pub batching: Batching,
+}
+
+impl Default for Queueing {
+    fn default() -> Self {
+        Queueing {
+            max_queue: 1024,
+            timeout: Duration::from_secs(30),
+            batching: Batching::default(),
+        }
+    }
+}
+
 /// Why a request left the queue without a replica when its queue timeout passed.
 pub(crate) const QUEUE_TIMED_OUT: &str = "no replica became free within the queue timeout";
 
@@ -78,7 +104,6 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 
 /// A request in the queue, or in a batch on its way to a replica.
 pub struct Pending {
-    id: u64,
     /// The request's JSON text, as slices of the body.
     pub request: Vec<Bytes>,
     enqueued: Instant,
@@ -119,7 +144,10 @@ pub struct Pool {
     pub model: Arc<str>,
     state: Mutex<State>,
     max_queue: usize,
+    queue_timeout: Duration,
     batching: Batching,
+    /// Wakes the sweeper for an earlier deadline (or, once the pool is dropped, to end).
+    sweeper_wake: Arc<Notify>,
     queue_depth: Gauge,
     pub(crate) batch_size: Histogram,
     pub(crate) requeued: Counter,
@@ -131,6 +159,9 @@ pub struct Dispatcher {
     /// Set (under the pool's lock, then `wake`) when its process has ended or no replica of the
     /// model is worth waiting for: an idle dispatcher ends at once, a busy one after its batch.
     pub(crate) stop: std::sync::atomic::AtomicBool,
+    /// Taken off the idle list for the queue and not yet at its first batch (counted in
+    /// `State::starting`). Changed under the pool's lock only.
+    woken: std::sync::atomic::AtomicBool,
 }
 
 impl Dispatcher {
@@ -164,7 +195,6 @@ struct State {
     idle: VecDeque<Arc<Dispatcher>>,
     waiters: VecDeque<Pending>,
     health: Vec<SlotHealth>,
-    next_id: u64,
     /// The replicas' recent time per request, for the batch size: it rises at once with a slower
     /// batch and falls back over about eight.
     per_request: Duration,
@@ -176,6 +206,12 @@ struct State {
     /// Whether a woken dispatcher's yield, which lets the requests of connections woken with the
     /// one that woke it join the first batch, has been finding any.
     company: Speculation,
+    /// When the sweeper next looks for requests past their queue deadline; `None` while it
+    /// waits to be woken. Every waiter's deadline is at or after it, except those of requests an
+    /// idle dispatcher woken for them is about to take.
+    sweep_at: Option<Instant>,
+    /// Whether the sweeper task has been started (by the first request that had to wait).
+    sweeper: bool,
 }
 
 impl State {
@@ -200,12 +236,66 @@ impl State {
         }
         let d = self.idle.pop_front()?;
         self.starting += 1;
+        d.woken.store(true, std::sync::atomic::Ordering::Relaxed);
         Some(d)
+    }
+
+    /// Dispatcher `me` reached its first batch, or ended before it; true if it had been woken
+    /// for the queue (rather than only told to stop).
+    fn left_starting(&mut self, me: &Dispatcher) -> bool {
+        let woken = me.woken.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if woken {
+            self.starting -= 1;
+        }
+        woken
+    }
+
+    /// Dispatcher `me` ends: the requests it may have been woken for go to another idle
+    /// dispatcher, and are the sweeper's until one takes them.
+    fn ending(&mut self, me: &Dispatcher) -> (Option<Arc<Dispatcher>>, Sweeper) {
+        self.left_starting(me);
+        (self.idle_for_waiting(), self.arm_front())
+    }
+
+    /// Makes sure the sweeper looks at the queue by `deadline`. Returns what to do about the
+    /// sweeper once the lock is released.
+    fn arm(&mut self, deadline: Instant) -> Sweeper {
+        if self.sweep_at.is_some_and(|at| at <= deadline) {
+            return Sweeper::Leave;
+        }
+        self.sweep_at = Some(deadline);
+        if std::mem::replace(&mut self.sweeper, true) {
+            Sweeper::Wake
+        } else {
+            Sweeper::Start
+        }
+    }
+
+    /// [`State::arm`] for the front of the queue, if anyone waits.
+    fn arm_front(&mut self) -> Sweeper {
+        match self.waiters.front() {
+            Some(w) => {
+                let deadline = w.queue_deadline;
+                self.arm(deadline)
+            }
+            None => Sweeper::Leave,
+        }
     }
 }
 
+/// What [`State::arm`] asks of the sweeper.
+#[must_use]
+enum Sweeper {
+    /// It already looks in time.
+    Leave,
+    /// It sleeps past the new deadline, or waits to be woken.
+    Wake,
+    /// It has not been started.
+    Start,
+}
+
 impl Pool {
-    pub fn new(model: Arc<str>, slots: usize, max_queue: usize, batching: Batching) -> Pool {
+    pub fn new(model: Arc<str>, slots: usize, queueing: Queueing) -> Pool {
         let label = || [("model", model.to_string())];
         let queue_depth = metrics::gauge!(crate::metrics::QUEUE_DEPTH, &label());
         queue_depth.set(0.0);
@@ -214,14 +304,17 @@ impl Pool {
                 idle: VecDeque::with_capacity(slots),
                 waiters: VecDeque::new(),
                 health: vec![SlotHealth::Starting; slots],
-                next_id: 0,
                 per_request: Duration::ZERO,
                 starting: 0,
                 serving: 0,
                 company: Speculation::default(),
+                sweep_at: None,
+                sweeper: false,
             }),
-            max_queue,
-            batching,
+            max_queue: queueing.max_queue,
+            queue_timeout: queueing.timeout,
+            batching: queueing.batching,
+            sweeper_wake: Arc::new(Notify::new()),
             queue_depth,
             batch_size: metrics::histogram!(crate::metrics::BATCH_SIZE, &label()),
             requeued: metrics::counter!(crate::metrics::REQUEUED, &label()),
@@ -235,21 +328,25 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waiters time out of the queue after this.
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
+    }
+
     /// Queues `request` and waits for its answer. The queue is FIFO; a request still queued
-    /// after `queue_timeout` leaves it with [`AcquireError::Busy`]. Once written to a replica,
+    /// after the queue timeout leaves it with [`AcquireError::Busy`]. Once written to a replica,
     /// the dispatcher answers it (past `request_timeout` with a timeout), or puts it back in the
     /// queue if its replica ended before running it.
     pub async fn call(
         self: &Arc<Self>,
         request: Vec<Bytes>,
-        queue_timeout: Duration,
         request_timeout: Duration,
     ) -> Result<Served, AcquireError> {
         let enqueued = Instant::now();
-        let queue_deadline = enqueued + queue_timeout;
+        let queue_deadline = enqueued + self.queue_timeout;
         // Requests of clients that went away, dropped (with their bodies) after the lock.
         let mut abandoned = VecDeque::new();
-        let (id, rx, start) = {
+        let (rx, start, sweeper) = {
             let mut st = self.lock();
             if !st.available() {
                 return Err(AcquireError::Unavailable);
@@ -266,10 +363,7 @@ impl Pool {
                 }
             }
             let (tx, rx) = oneshot::channel();
-            let id = st.next_id;
-            st.next_id += 1;
             st.waiters.push_back(Pending {
-                id,
                 request,
                 enqueued,
                 queue_deadline,
@@ -277,31 +371,60 @@ impl Pool {
                 tx,
             });
             self.queue_depth.set(st.waiters.len() as f64);
-            (id, rx, st.idle_for_waiting())
+            let start = st.idle_for_waiting();
+            // A dispatcher woken for it takes it at once: no timer needed.
+            let sweeper = match start {
+                Some(_) => Sweeper::Leave,
+                None => st.arm(queue_deadline),
+            };
+            (rx, start, sweeper)
         };
         drop(abandoned);
         if let Some(d) = start {
             d.start();
         }
-        let mut rx = rx;
-        match tokio::time::timeout_at(queue_deadline, &mut rx).await {
-            Ok(outcome) => outcome.unwrap_or(Err(AcquireError::Dropped)),
-            Err(_elapsed) => {
-                let removed = {
-                    let mut st = self.lock();
-                    let at = st.waiters.iter().position(|w| w.id == id);
-                    let removed = at.and_then(|at| st.waiters.remove(at));
-                    self.queue_depth.set(st.waiters.len() as f64);
-                    removed
-                };
-                if removed.is_some() {
-                    return Err(AcquireError::Busy(QUEUE_TIMED_OUT));
-                }
-                // Written to a replica: the dispatcher answers it, or, if the replica ends
-                // before running it, `requeue` refuses it (its queue deadline has passed).
-                rx.await.unwrap_or(Err(AcquireError::Dropped))
+        self.sweeper(sweeper);
+        // The dispatcher answers it, or the sweeper when its queue deadline passes first; once
+        // written to a replica that ends before running it, `requeue` refuses it if late.
+        rx.await.unwrap_or(Err(AcquireError::Dropped))
+    }
+
+    fn sweeper(self: &Arc<Self>, what: Sweeper) {
+        match what {
+            Sweeper::Leave => {}
+            Sweeper::Wake => self.sweeper_wake.notify_one(),
+            Sweeper::Start => {
+                tokio::spawn(sweep(Arc::downgrade(self), self.sweeper_wake.clone()));
             }
         }
+    }
+
+    /// For the sweeper: answers the waiters past their queue deadline (and drops those whose
+    /// callers went away) from the front of the queue; returns when to look next.
+    fn sweep_expired(&self) -> Option<Instant> {
+        let mut late = Vec::new();
+        let mut abandoned = Vec::new();
+        let next = {
+            let mut st = self.lock();
+            let now = Instant::now();
+            while let Some(front) = st.waiters.front() {
+                if front.tx.is_closed() {
+                    abandoned.extend(st.waiters.pop_front());
+                } else if front.queue_deadline <= now {
+                    late.extend(st.waiters.pop_front());
+                } else {
+                    break;
+                }
+            }
+            self.queue_depth.set(st.waiters.len() as f64);
+            st.sweep_at = st.waiters.front().map(|w| w.queue_deadline);
+            st.sweep_at
+        };
+        for w in late {
+            let _ = w.tx.send(Err(AcquireError::Busy(QUEUE_TIMED_OUT)));
+        }
+        drop(abandoned);
+        next
     }
 
     /// A replica whose process has just become ready: its dispatcher starts on the queue, or
@@ -311,6 +434,7 @@ impl Pool {
         let d = Arc::new(Dispatcher {
             wake: tokio::sync::Notify::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
+            woken: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(crate::dispatch::run(self.clone(), conn, d.clone()));
         let start = {
@@ -336,7 +460,7 @@ impl Pool {
     /// must be empty). `served` is the time per request of the batch just served (`None` on the
     /// first call after a wake-up, when `yielded` says whether it yielded first).
     pub(crate) fn next_batch(
-        &self,
+        self: &Arc<Self>,
         me: &Arc<Dispatcher>,
         batch: &mut Vec<Pending>,
         served: Option<Duration>,
@@ -351,14 +475,19 @@ impl Pool {
                 st.per_request = t.max((st.per_request * 7 + t) / 8);
             }
             None => {
-                st.starting -= 1;
-                if yielded {
+                if st.left_starting(me) && yielded {
                     let company = st.waiters.len() > 1;
                     st.company.record(company);
                 }
             }
         }
         if me.stopped() {
+            let (next, sweeper) = st.ending(me);
+            drop(st);
+            if let Some(d) = next {
+                d.start();
+            }
+            self.sweeper(sweeper);
             return Next::Stop;
         }
         let most = self.batch_limit(&st);
@@ -381,7 +510,20 @@ impl Pool {
             return Next::Park;
         }
         st.serving += 1;
+        // Those left may include requests that woke a dispatcher this batch was taken for.
+        let sweeper = st.arm_front();
+        drop(st);
+        self.sweeper(sweeper);
         Next::Serve
+    }
+
+    /// For dispatcher `me`, woken and found stopped before it took anything.
+    pub(crate) fn stopped_before_serving(self: &Arc<Self>, me: &Dispatcher) {
+        let (next, sweeper) = self.lock().ending(me);
+        if let Some(d) = next {
+            d.start();
+        }
+        self.sweeper(sweeper);
     }
 
     /// For a dispatcher whose replica was written off in the middle of a batch, `spent` into it:
@@ -415,6 +557,7 @@ impl Pool {
         }
         let late;
         let mut refused = Vec::new();
+        let mut sweeper = Sweeper::Leave;
         let start = {
             let mut st = self.lock();
             // Read under the lock: a caller whose queue timer fires from now on finds its
@@ -430,6 +573,7 @@ impl Pool {
                     st.waiters.push_front(w);
                 }
                 self.queue_depth.set(st.waiters.len() as f64);
+                sweeper = st.arm_front();
                 (0..n)
                     .map_while(|_| st.idle_for_waiting())
                     .collect::<Vec<_>>()
@@ -447,6 +591,7 @@ impl Pool {
         for d in start {
             d.start();
         }
+        self.sweeper(sweeper);
     }
 
     /// The process behind dispatcher `d` has ended (or is being stopped): `d` ends, at once if
@@ -504,5 +649,148 @@ impl Pool {
 
     pub fn health(&self) -> Vec<SlotHealth> {
         self.lock().health.clone()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The sweeper holds the pool weakly; woken, it finds it gone and ends.
+        self.sweeper_wake.notify_one();
+    }
+}
+
+/// The queue timeout's one timer: sleeps until the front of the queue's deadline (or until woken
+/// for an earlier one), answers the waiters past theirs with 429, and goes on until the pool is
+/// dropped.
+async fn sweep(pool: Weak<Pool>, wake: Arc<Notify>) {
+    loop {
+        let next = match pool.upgrade() {
+            Some(pool) => pool.sweep_expired(),
+            None => return,
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Poll;
+
+    use super::*;
+
+    fn pool(queue_timeout: Duration) -> Arc<Pool> {
+        Arc::new(Pool::new(
+            "m".into(),
+            1,
+            Queueing {
+                timeout: queue_timeout,
+                ..Queueing::default()
+            },
+        ))
+    }
+
+    fn request() -> Vec<Bytes> {
+        vec![Bytes::from_static(b"{}")]
+    }
+
+    /// Requests waiting for a replica that never comes leave the queue one by one, each at its
+    /// own queue deadline: the one timer re-arms for the next.
+    #[tokio::test]
+    async fn waiters_time_out_each_at_its_own_deadline() {
+        let pool = pool(Duration::from_millis(300));
+        // The slot stays `Starting`: worth waiting for, never ready.
+        let calls: Vec<_> = (0..3)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100 * i)).await;
+                    let joined = Instant::now();
+                    let outcome = pool.call(request(), Duration::from_secs(1)).await;
+                    (outcome.err(), joined.elapsed())
+                })
+            })
+            .collect();
+        for call in calls {
+            let (err, waited) = tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("every waiter times out")
+                .unwrap();
+            assert_eq!(err, Some(AcquireError::Busy(QUEUE_TIMED_OUT)));
+            assert!(
+                waited >= Duration::from_millis(300),
+                "not early: {waited:?}"
+            );
+            assert!(waited < Duration::from_millis(1300), "not late: {waited:?}");
+        }
+        assert_eq!(pool.lock().waiters.len(), 0);
+    }
+
+    /// A request that wakes an idle dispatcher is not timed: the dispatcher takes it at once.
+    /// When the dispatcher's process ends before it does, the request is handed to the sweeper
+    /// and still leaves the queue at its queue timeout, and the dispatcher stops counting as
+    /// about to take requests (which would raise `max_queue`).
+    #[tokio::test]
+    async fn a_request_whose_woken_dispatcher_ended_first_still_times_out() {
+        let pool = pool(Duration::from_millis(200));
+        pool.set_health(0, SlotHealth::Ready);
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let slot = Arc::new(Slot::new("m".into(), 0));
+        let d = pool.release(ReplicaConn::new(slot, 1, ours).unwrap());
+        let call = pool.call(request(), Duration::from_secs(1));
+        tokio::pin!(call);
+        // One poll, without yielding: the request joins the queue and wakes the dispatcher,
+        // which has not run yet.
+        std::future::poll_fn(|cx| {
+            assert!(call.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(pool.lock().starting, 1);
+        assert!(pool.lock().sweep_at.is_none(), "not timed");
+        assert!(!pool.process_ended(&d), "woken, so no longer idle");
+        let joined = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the queue timeout still fires");
+        assert_eq!(outcome.err(), Some(AcquireError::Busy(QUEUE_TIMED_OUT)));
+        assert!(joined.elapsed() >= Duration::from_millis(150));
+        assert_eq!(pool.lock().starting, 0);
+    }
+
+    /// The sweeper holds its pool weakly and ends when the pool goes (a redeploy replaces
+    /// pools).
+    #[tokio::test]
+    async fn the_sweeper_ends_with_its_pool() {
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let pool = pool(Duration::from_millis(50));
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.call(request(), Duration::from_secs(1)),
+        )
+        .await
+        .expect("the queue timeout fires");
+        assert_eq!(outcome.err(), Some(AcquireError::Busy(QUEUE_TIMED_OUT)));
+        assert_eq!(tasks(), 1, "the sweeper");
+        drop(pool);
+        for _ in 0..100 {
+            if tasks() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(tasks(), 0, "the sweeper ended");
     }
 }

@@ -6,7 +6,7 @@
 //!    of a request spread over many frames are copied together).
 //! 2. **Route** by access key through the routing snapshot (no store access), and when the model
 //!    has authentication enabled, check the caller's API key against the in-memory auth index.
-//! 3. **Queue** in the model's FIFO for a replica, up to `queue_timeout`.
+//! 3. **Queue** in the model's FIFO for a replica, up to the queue timeout.
 //! 4. **Call**: the replica's dispatcher ([`crate::dispatch`]) writes the request, with others
 //!    waiting behind it, and reads its answer, up to `request_timeout`; past it the replica's
 //!    process group is killed.
@@ -38,7 +38,6 @@ const SPLICE_COPY_LIMIT: usize = 64 * 1024;
 pub struct PredictLimits {
     pub max_request_bytes: u64,
     pub request_timeout: Duration,
-    pub queue_timeout: Duration,
     /// How long the client may take to send the whole body.
     pub body_timeout: Duration,
 }
@@ -151,13 +150,9 @@ async fn predict(
     // Phases 3 and 4: queue, then the call, both driven by the model's pool.
     let served = route
         .pool
-        .call(
-            envelope.request,
-            limits.queue_timeout,
-            limits.request_timeout,
-        )
+        .call(envelope.request, limits.request_timeout)
         .await
-        .map_err(|e| not_acquired(e, &route.name, limits.queue_timeout))?;
+        .map_err(|e| not_acquired(e, &route.name, route.pool.queue_timeout()))?;
     route
         .metrics
         .queue_wait
