@@ -7,8 +7,9 @@
 //! The recorder keeps every histogram sample until it is drained into the buckets, by a scrape or
 //! by upkeep. Nothing scraping must not mean memory growing with traffic (it did: about 3.5 MB a
 //! second at 47,000 requests a second), so upkeep runs on a thread of its own, woken after every
-//! [`UPKEEP_EVERY`] requests: the samples waiting stay under a few hundred kilobytes, and an idle
-//! proxy still does no periodic work.
+//! [`UPKEEP_EVERY`] predictions that reached a model (each records at most five samples): the
+//! samples waiting stay under a few hundred kilobytes, and an idle proxy still does no periodic
+//! work.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -52,7 +53,8 @@ struct Upkeep {
 
 static UPKEEP: OnceLock<Upkeep> = OnceLock::new();
 
-/// Called once per prediction that recorded its histograms: wakes the upkeep thread after every
+/// Called once per prediction that reached a model, as it does (it records histogram samples
+/// from then on, whether it finishes or is cancelled): wakes the upkeep thread after every
 /// [`UPKEEP_EVERY`].
 pub fn request_recorded() {
     if let Some(upkeep) = UPKEEP.get() {

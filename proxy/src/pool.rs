@@ -342,8 +342,6 @@ impl Pool {
         request: Vec<Bytes>,
         request_timeout: Duration,
     ) -> Result<Served, AcquireError> {
-        let enqueued = Instant::now();
-        let queue_deadline = enqueued + self.queue_timeout;
         // Requests of clients that went away, dropped (with their bodies) after the lock.
         let mut abandoned = VecDeque::new();
         let (rx, start, sweeper) = {
@@ -363,6 +361,9 @@ impl Pool {
                 }
             }
             let (tx, rx) = oneshot::channel();
+            // Read under the lock, so that deadlines come in queue order.
+            let enqueued = Instant::now();
+            let queue_deadline = enqueued + self.queue_timeout;
             st.waiters.push_back(Pending {
                 request,
                 enqueued,
@@ -549,7 +550,7 @@ impl Pool {
     }
 
     /// Puts requests that were written to a replica but never ran (it died, or was killed for
-    /// an earlier request in the same batch) back at the front of the queue, in order. Those past
+    /// an earlier request in the same batch) back at the front of the queue, in arrival order. Those past
     /// their queue deadline get 429 instead, and all get 503 if no replica is left to wait for.
     pub(crate) fn requeue(self: &Arc<Self>, rest: Vec<Pending>) {
         if rest.is_empty() {
@@ -560,8 +561,8 @@ impl Pool {
         let mut sweeper = Sweeper::Leave;
         let start = {
             let mut st = self.lock();
-            // Read under the lock: a caller whose queue timer fires from now on finds its
-            // request back in the queue, or already refused.
+            // Read under the lock: the sweeper, from now on, finds a request back in the queue
+            // or already refused.
             let now = Instant::now();
             let (back, gone): (Vec<Pending>, Vec<Pending>) =
                 rest.into_iter().partition(|w| w.queue_deadline > now);
@@ -569,8 +570,16 @@ impl Pool {
             if st.available() {
                 self.requeued.increment(back.len() as u64);
                 let n = back.len();
-                for w in back.into_iter().rev() {
-                    st.waiters.push_front(w);
+                // Each goes back to its place in arrival order, which keeps deadlines in queue
+                // order: in front of everything but requests put back earlier from another
+                // replica's batch that arrived before it.
+                let mut at = 0;
+                for w in back {
+                    while st.waiters.get(at).is_some_and(|x| x.enqueued < w.enqueued) {
+                        at += 1;
+                    }
+                    st.waiters.insert(at, w);
+                    at += 1;
                 }
                 self.queue_depth.set(st.waiters.len() as f64);
                 sweeper = st.arm_front();
@@ -764,6 +773,45 @@ mod tests {
         assert_eq!(outcome.err(), Some(AcquireError::Busy(QUEUE_TIMED_OUT)));
         assert!(joined.elapsed() >= Duration::from_millis(150));
         assert_eq!(pool.lock().starting, 0);
+    }
+
+    /// Requests put back from two replicas' batches end up in arrival order, whichever replica
+    /// ended first, so the front keeps the earliest queue deadline.
+    #[tokio::test]
+    async fn requests_put_back_keep_arrival_order() {
+        let pool = pool(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let mut answers = Vec::new();
+        let mut pending = |name: &'static str, ms: u64| {
+            let (tx, rx) = oneshot::channel();
+            answers.push(rx);
+            let enqueued = t0 + Duration::from_millis(ms);
+            Pending {
+                request: vec![Bytes::from_static(name.as_bytes())],
+                enqueued,
+                queue_deadline: enqueued + Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+                tx,
+            }
+        };
+        // One replica took [a, b], another then [c, d]; each ran its first request and died.
+        let (a, b, c, d) = (
+            pending("a", 0),
+            pending("b", 1),
+            pending("c", 2),
+            pending("d", 3),
+        );
+        drop(a);
+        drop(c);
+        pool.requeue(vec![b]);
+        pool.requeue(vec![d]);
+        let st = pool.lock();
+        let order: Vec<&[u8]> = st.waiters.iter().map(|w| &w.request[0][..]).collect();
+        assert_eq!(order, [&b"b"[..], b"d"]);
+        assert_eq!(
+            st.sweep_at,
+            Some(t0 + Duration::from_millis(1) + Duration::from_secs(10))
+        );
     }
 
     /// The sweeper holds its pool weakly and ends when the pool goes (a redeploy replaces

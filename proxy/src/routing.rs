@@ -38,7 +38,6 @@ impl ModelMetrics {
     /// prediction that reached this model, whatever its outcome.
     pub fn finished(&self, started: tokio::time::Instant) {
         self.duration.record(started.elapsed().as_secs_f64());
-        crate::metrics::request_recorded();
     }
 
     pub fn new(model: &str, slots: &[Arc<Slot>]) -> ModelMetrics {
