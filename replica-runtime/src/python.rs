@@ -4,6 +4,13 @@
 //! once at load): it keeps integers of any size
 //! exact and, with `allow_nan=False`, refuses NaN and infinities, so whatever it returns is valid
 //! JSON that the proxy can splice into its response without parsing.
+//!
+//! The calls go straight to the module's C parts, built once, rather than through
+//! `JSONDecoder.decode` and `JSONEncoder.encode`: those are Python methods that, on every call,
+//! run two regular expressions (the decoder) or build a new C encoder, a closure and a dict (the
+//! encoder), which cost more than the conversion of a small request. The results and errors are
+//! the same: a request the scanner does not take whole goes through `decode`, and the C encoder
+//! is the one `encode` builds, with the same settings.
 
 use std::path::PathBuf;
 
@@ -15,9 +22,22 @@ pub struct Model {
     function: Py<PyAny>,
     /// `json.JSONDecoder().decode`: takes the request as a `str`.
     decode: Py<PyAny>,
+    /// The same decoder's `scan_once`: `(value, end)` for the JSON value at an index of a `str`.
+    scan_once: Py<PyAny>,
     /// `json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode`,
     /// built once so a call passes no keyword arguments.
     encode: Py<PyAny>,
+    /// The C encoder `encode` would build on each call, built once; `None` without the C
+    /// accelerator.
+    c_encoder: Option<CEncoder>,
+}
+
+/// `json.encoder.c_make_encoder(markers, ...)` and its `markers` dict (the containers being
+/// encoded, by id, for circular references). The encoder empties `markers` when it succeeds; after
+/// an error it leaves them there, alive, so they are cleared.
+struct CEncoder {
+    encoder: Py<PyAny>,
+    markers: Py<PyDict>,
 }
 
 impl Model {
@@ -84,7 +104,10 @@ impl Model {
         Ok(Model {
             function: func.unbind(),
             decode: decoder.getattr("decode")?.unbind(),
+            scan_once: decoder.getattr("scan_once")?.unbind(),
             encode: encoder.getattr("encode")?.unbind(),
+            // Only a shortcut: without it, `encode` does the same.
+            c_encoder: c_encoder(py, &encoder).unwrap_or(None),
         })
     }
 
@@ -105,10 +128,15 @@ impl Model {
                 exception: "UnicodeDecodeError".into(),
                 message: e.to_string(),
             })?;
-            let args = self
-                .decode
-                .call1(py, (PyString::new(py, text),))
-                .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err))?;
+            let text = PyString::new(py, text);
+            let args = match self.scan_whole(&text) {
+                Some(args) => args,
+                None => self
+                    .decode
+                    .bind(py)
+                    .call1((text,))
+                    .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err))?,
+            };
             let result = self.function.call1(py, (args,)).map_err(|err| {
                 err.display(py);
                 let kind = if err.is_instance_of::<pyo3::exceptions::PyMemoryError>(py) {
@@ -118,22 +146,143 @@ impl Model {
                 };
                 model_error(py, kind, &err)
             })?;
+            self.encode_into_utf8(result.bind(py))
+        })
+    }
+
+    /// The request as `decode` would return it, when it is one JSON value with nothing around it
+    /// (what the proxy sends); `None` for anything else, which `decode` then answers or refuses.
+    fn scan_whole<'py>(&self, text: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
+        let py = text.py();
+        let (value, end): (Bound<'py, PyAny>, usize) = self
+            .scan_once
+            .bind(py)
+            .call1((text, 0))
+            .ok()?
+            .extract()
+            .ok()?;
+        (end == text.len().ok()?).then_some(value)
+    }
+
+    /// `encode(result)`, as UTF-8.
+    fn encode_into_utf8(&self, result: &Bound<'_, PyAny>) -> Result<Vec<u8>, ModelError> {
+        let py = result.py();
+        let not_serializable = |err: PyErr| {
+            let mut e = model_error(py, ModelErrorKind::NotSerializable, &err);
+            e.message = format!("return value is not JSON-serializable: {}", e.message);
+            e
+        };
+        let not_a_string = || ModelError {
+            kind: ModelErrorKind::NotSerializable,
+            exception: "TypeError".into(),
+            message: "json.dumps did not return a string".into(),
+        };
+        let utf8 = |s: &Bound<'_, PyString>, out: &mut Vec<u8>| {
+            s.to_str()
+                .map(|s| out.extend_from_slice(s.as_bytes()))
+                .map_err(|err| model_error(py, ModelErrorKind::NotSerializable, &err))
+        };
+        let mut out = Vec::new();
+        let Some(c) = &self.c_encoder else {
+            let encoded = self
+                .encode
+                .bind(py)
+                .call1((result,))
+                .map_err(not_serializable)?;
+            let encoded = encoded
+                .cast_into::<PyString>()
+                .map_err(|_| not_a_string())?;
+            utf8(&encoded, &mut out)?;
+            return Ok(out);
+        };
+        // What `encode` does with it: the chunks, joined.
+        let chunks = match c.encoder.bind(py).call1((result, 0)) {
+            Ok(chunks) => chunks,
+            Err(err) => {
+                c.markers.bind(py).clear();
+                return Err(not_serializable(err));
+            }
+        };
+        let chunks = chunks
+            .try_iter()
+            .map_err(|_| not_a_string())?
+            .map(|chunk| chunk.ok()?.cast_into::<PyString>().ok())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(not_a_string)?;
+        let texts = chunks
+            .iter()
+            .map(|chunk| chunk.to_str())
+            .collect::<PyResult<Vec<&str>>>()
+            .map_err(|err| model_error(py, ModelErrorKind::NotSerializable, &err))?;
+        out.reserve_exact(texts.iter().map(|t| t.len()).sum());
+        for text in texts {
+            out.extend_from_slice(text.as_bytes());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+impl Model {
+    /// `predict` through `JSONDecoder.decode` and `JSONEncoder.encode` only: what the direct
+    /// calls must match.
+    fn predict_through_methods(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
+        Python::attach(|py| {
+            let text = std::str::from_utf8(request).expect("UTF-8");
+            let args = self
+                .decode
+                .call1(py, (PyString::new(py, text),))
+                .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err))?;
+            let result = self
+                .function
+                .call1(py, (args,))
+                .map_err(|err| model_error(py, ModelErrorKind::Exception, &err))?;
             let encoded = self.encode.bind(py).call1((result,)).map_err(|err| {
                 let mut e = model_error(py, ModelErrorKind::NotSerializable, &err);
                 e.message = format!("return value is not JSON-serializable: {}", e.message);
                 e
             })?;
-            let encoded = encoded.cast_into::<PyString>().map_err(|_| ModelError {
-                kind: ModelErrorKind::NotSerializable,
-                exception: "TypeError".into(),
-                message: "json.dumps did not return a string".into(),
-            })?;
+            let encoded = encoded.cast_into::<PyString>().expect("a str");
             encoded
                 .to_str()
                 .map(|s| s.as_bytes().to_vec())
                 .map_err(|err| model_error(py, ModelErrorKind::NotSerializable, &err))
         })
     }
+}
+
+/// The C encoder `encoder.encode` builds on every call (`JSONEncoder.iterencode` with
+/// `_one_shot`), built once from the encoder's own settings.
+fn c_encoder(py: Python<'_>, encoder: &Bound<'_, PyAny>) -> PyResult<Option<CEncoder>> {
+    let module = py.import("json.encoder")?;
+    let make = module.getattr("c_make_encoder")?;
+    if make.is_none()
+        || !encoder.getattr("indent")?.is_none()
+        || !encoder.getattr("check_circular")?.is_truthy()?
+    {
+        return Ok(None);
+    }
+    let markers = PyDict::new(py);
+    let escape = if encoder.getattr("ensure_ascii")?.is_truthy()? {
+        module.getattr("encode_basestring_ascii")?
+    } else {
+        module.getattr("encode_basestring")?
+    };
+    let built = make.call1((
+        &markers,
+        encoder.getattr("default")?,
+        escape,
+        encoder.getattr("indent")?,
+        encoder.getattr("key_separator")?,
+        encoder.getattr("item_separator")?,
+        encoder.getattr("sort_keys")?,
+        encoder.getattr("skipkeys")?,
+        encoder.getattr("allow_nan")?,
+    ))?;
+    Ok(Some(CEncoder {
+        encoder: built.unbind(),
+        markers: markers.unbind(),
+    }))
 }
 
 fn model_error(py: Python<'_>, kind: ModelErrorKind, err: &PyErr) -> ModelError {
@@ -151,5 +300,134 @@ fn model_error(py: Python<'_>, kind: ModelErrorKind, err: &PyErr) -> ModelError 
         kind,
         exception,
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FUNCTIONS: &str = r#"
+import math
+
+def echo(args):
+    return args
+
+class Thing:
+    pass
+
+def returns(args):
+    what = args["what"]
+    if what == "nan":
+        return {"x": [1, math.nan]}
+    if what == "circular":
+        loop = []
+        loop.append(loop)
+        return {"x": loop}
+    if what == "set":
+        return {"x": {1, 2}}
+    if what == "object":
+        return [Thing()]
+    if what == "surrogate":
+        return "\ud800"
+    if what == "str":
+        return "caf\u00e9 \"quoted\"\n"
+    if what == "keys":
+        return {1: "int", 2.5: "float", True: "bool", None: "none"}
+    if what == "tuple":
+        return (1, [2, (3,)])
+    if what == "big":
+        return 10 ** 40
+    if what == "float":
+        return [0.1, 1e300, -0.0]
+    if what == "deep":
+        x = []
+        for _ in range(100000):
+            x = [x]
+        return x
+    return args
+"#;
+
+    fn model(function: &str) -> Model {
+        let dir = std::env::temp_dir().join(format!(
+            "modelgate-json-paths-{}-{function}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("funcs.py"), FUNCTIONS).unwrap();
+        Model::load(std::slice::from_ref(&dir), "funcs.py", function).unwrap()
+    }
+
+    /// The C scanner and the C encoder, called directly, answer exactly what `decode` and
+    /// `encode` answer, errors included, and an error leaves nothing behind for the next call.
+    #[test]
+    fn direct_json_calls_answer_what_the_methods_answer() {
+        let echo = model("echo");
+        let requests: Vec<&[u8]> = vec![
+            br#"{"a":3,"b":5}"#,
+            br#"  {"a":1}  "#,
+            br#"{"a":1} x"#,
+            br#"{"a":1}{"b":2}"#,
+            br#"{"a":"\u00e9\ud83d\ude00","b":[1,2.5,-3e4,true,false,null]}"#,
+            br#"{"a":NaN,"b":Infinity}"#,
+            br#"{"a":123456789012345678901234567890}"#,
+            br#"{"a":"#,
+            br#""#,
+            br#"[1,2]"#,
+            br#""text""#,
+            br#"{"a":"\ud800"}"#,
+            br#"{"a" : 1 , "a" : 2}"#,
+        ];
+        for request in &requests {
+            assert_eq!(
+                echo.predict(request),
+                echo.predict_through_methods(request),
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        let corpus =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/json_python");
+        let mut n = 0;
+        for entry in std::fs::read_dir(corpus).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            if std::str::from_utf8(&data).is_ok() {
+                assert_eq!(echo.predict(&data), echo.predict_through_methods(&data));
+                n += 1;
+            }
+        }
+        assert!(n > 50, "{n} corpus entries");
+        let returns = model("returns");
+        for what in [
+            "nan",
+            "circular",
+            "set",
+            "object",
+            "surrogate",
+            "str",
+            "keys",
+            "tuple",
+            "big",
+            "float",
+            "deep",
+            "none",
+        ] {
+            let request = format!(r#"{{"what":"{what}"}}"#);
+            let direct = returns.predict(request.as_bytes());
+            assert_eq!(
+                direct,
+                returns.predict_through_methods(request.as_bytes()),
+                "{what}"
+            );
+            // A failure leaves no containers in `markers` (which would keep them alive, and
+            // could take the next ones for circular references).
+            let c = returns.c_encoder.as_ref().expect("CPython's C accelerator");
+            Python::attach(|py| assert_eq!(c.markers.bind(py).len(), 0, "after {what}"));
+            assert_eq!(
+                returns.predict(br#"{"what":"tuple"}"#).unwrap(),
+                b"[1,[2,[3]]]",
+                "after {what}: {direct:?}"
+            );
+        }
     }
 }
