@@ -38,6 +38,8 @@ const SETTLE: Duration = Duration::from_secs(2);
 /// off.
 pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatcher>) {
     let mut batch = Vec::new();
+    // The one timer for the requests' timeouts (see `serve`): far off until the first request.
+    let mut deadline = std::pin::pin!(tokio::time::sleep_until(Instant::now() + FAR));
     // The slot's next process may be serving already when this one's dispatcher stops.
     let busy = |conn: &ReplicaConn, v: f64| {
         if conn.slot.is_current(conn.generation) {
@@ -70,7 +72,7 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatch
                 }
             }
             pool.batch_size.record(batch.len() as f64);
-            match serve(&pool, &mut conn, &mut batch).await {
+            match serve(&pool, &mut conn, &mut batch, deadline.as_mut()).await {
                 Ok(per_request) => served = Some(per_request),
                 Err(spent) => {
                     pool.retire(spent);
@@ -83,13 +85,22 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatch
     }
 }
 
+/// Far enough to mean "not armed".
+const FAR: Duration = Duration::from_secs(86_400 * 365);
+
 /// Writes `batch` and hands out the answers. Returns the time per request; or, when the
 /// replica was written off (every request of the batch has been answered or requeued), the time
 /// spent on the batch.
+///
+/// The requests' timeouts share one timer, `deadline`, which is only moved earlier: a request's
+/// own deadline is rarely earlier than the one before it (they count from the answer before), so
+/// the timer is re-armed about once per request timeout rather than once per request. When it
+/// fires before the current request's deadline, it is re-armed for it.
 async fn serve(
     pool: &Arc<Pool>,
     conn: &mut ReplicaConn,
     batch: &mut Vec<Pending>,
+    mut deadline: std::pin::Pin<&mut tokio::time::Sleep>,
 ) -> Result<Duration, Duration> {
     let taken_at = Instant::now();
     let n = batch.len();
@@ -112,7 +123,25 @@ async fn serve(
     }
     let mut start = taken_at;
     while let Some(p) = rest.next() {
-        let result = tokio::time::timeout_at(start + p.timeout, conn.finish_call()).await;
+        let due = start + p.timeout;
+        if deadline.deadline() > due {
+            deadline.as_mut().reset(due);
+        }
+        let result = {
+            let mut call = std::pin::pin!(conn.finish_call());
+            loop {
+                tokio::select! {
+                    biased;
+                    result = &mut call => break Ok(result),
+                    () = deadline.as_mut() => {
+                        if Instant::now() >= due {
+                            break Err(());
+                        }
+                        deadline.as_mut().reset(due);
+                    }
+                }
+            }
+        };
         match result {
             Ok(Ok(reply)) if !is_out_of_memory(&reply) => {
                 start = Instant::now();
@@ -136,7 +165,7 @@ async fn serve(
                 }
                 return Err(taken_at.elapsed());
             }
-            Err(_elapsed) => {
+            Err(()) => {
                 Box::pin(timed_out(
                     pool,
                     conn,
