@@ -21,7 +21,7 @@ RATE=${RATE:-14000}
 KEY=compare-builds-key-0123456789
 work=$(mktemp -d)
 server=
-trap '[ -z "$server" ] || { kill -INT $server; wait $server; } 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -z "$server" ] || { kill -INT $server; wait $server; } 2>/dev/null || true; rm -rf "$work"' EXIT
 for round in $(seq 1 "$ROUNDS"); do
   for build in A B; do
     read -r mg rr <<<"${!build}"

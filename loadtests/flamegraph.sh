@@ -22,7 +22,9 @@ WARM=${WARM:-2}
 KEY=flamegraph-key-0123456789
 work=$(mktemp -d)
 server=
-trap '[ -z "$server" ] || { kill -TERM $server; wait $server; } 2>/dev/null; rm -rf "$work"' EXIT
+load=
+# Each step may fail (a server that already ended): none may skip the removal.
+trap 'for p in $load $server; do kill -TERM $p 2>/dev/null || true; wait $p 2>/dev/null || true; done; rm -rf "$work"' EXIT
 add_config "$work/c.toml" 18680 "$work/data" "$KEY" "$PWD/target/release/replica-runtime"
 taskset -c 0 "$MG" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
@@ -32,8 +34,9 @@ taskset -c 1 ./target/release/loadgen --url http://127.0.0.1:18680/model --acces
   --timeout 30 --json >"$work/load" &
 load=$!
 sleep "$WARM"
-perf record -q -C 0 -F 499 --call-graph dwarf,16384 -o "$work/perf.data" -- sleep "$SAMPLE" 2>/dev/null
-wait $load
+perf record -q -C 0 -F 499 --call-graph dwarf,16384 -o "$work/perf.data" -- sleep "$SAMPLE" \
+  2>"$work/perf.log" || { cat "$work/perf.log" >&2; exit 1; }
+wait $load; load=
 echo "load during the sample: $(python3 -c "import json; r = json.load(open('$work/load')); print(f\"{r['achieved_rps']:,.0f} req/s, {r['error_total']} errors\")")"
 kill -TERM $server; wait $server 2>/dev/null || true; server=
 echo

@@ -22,7 +22,7 @@ D=${DURATION:-3}
 KEY=hop-floor-key-0123456789
 work=$(mktemp -d)
 server=
-trap '[ -z "$server" ] || { kill -TERM $server; wait $server; } 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -z "$server" ] || { kill -TERM $server; wait $server; } 2>/dev/null || true; rm -rf "$work"' EXIT
 add_config "$work/c.toml" 18670 "$work/data" "$KEY"
 start() { # name
   case $1 in
