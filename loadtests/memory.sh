@@ -4,12 +4,15 @@
 #   2. its RSS with 1,000 models in the routing state (created through the API, no replicas);
 #   3. the RSS of a replica of the add model against a bare python3 that imported the same module;
 #   4. what an idle keep-alive connection costs: modelgate's RSS before and after CONNS (default
-#      1,000) connections that each made one prediction and stay open.
+#      1,000) connections that each made one prediction and stay open;
+#   5. modelgate's RSS before and after LOAD_SECONDS (default 10) of predictions at c=16 with
+#      nobody scraping /metrics (its histograms must be drained by the proxy itself).
 # MG (default this tree's release build) is the modelgate binary measured.
-# Bounded: one server, 1,000 API calls, one replica, CONNS connections and predictions.
+# Bounded: one server, 1,000 API calls, one replica, CONNS connections and predictions, one
+# loadgen run of 1 + LOAD_SECONDS s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q --release -p modelgate -p replica-runtime
+cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 MG=${MG:-./target/release/modelgate}
 CONNS=${CONNS:-1000}
 # The connections and modelgate's own descriptors must fit its open-file limit (it inherits ours).
@@ -117,3 +120,9 @@ for s in conns:
 print(f"{n} idle keep-alive connections: RSS {before} -> {after} kB, "
       f"{(after - before) * 1024 / n:,.0f} bytes per connection")
 PY
+
+# Sustained load with nobody scraping /metrics.
+before=$(rss $server)
+./target/release/loadgen --url http://127.0.0.1:18641/model --access-key memory-key-0123456789 \
+  --expect 8 --concurrency 16 --warmup 1 --duration "${LOAD_SECONDS:-10}" --timeout 30 --json >"$work/load"
+echo "$(python3 -c "import json; print(f\"{json.load(open('$work/load'))['ok']:,}\")") predictions at c=16, nobody scraping: RSS $before -> $(rss $server) kB"
