@@ -49,7 +49,7 @@ pub(crate) async fn run(pool: Arc<Pool>, mut conn: ReplicaConn, me: Arc<Dispatch
     loop {
         me.wake.notified().await;
         if me.stop.load(Ordering::SeqCst) {
-            pool.stopped_before_serving(&me);
+            pool.ended(&me);
             return;
         }
         busy(&conn, 1.0);

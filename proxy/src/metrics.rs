@@ -4,18 +4,23 @@
 //! fixed set in `error`. Replica CPU and memory are read from `/proc` at scrape time, so an idle
 //! proxy does no periodic work for them.
 //!
-//! The recorder keeps every histogram sample until it is drained into the buckets, by a scrape or
-//! by upkeep. Nothing scraping must not mean memory growing with traffic (it did: about 3.5 MB a
-//! second at 47,000 requests a second), so upkeep runs on a thread of its own, woken after every
-//! [`UPKEEP_EVERY`] predictions that reached a model (each records at most five samples): the
-//! samples waiting stay under a few hundred kilobytes, and an idle proxy still does no periodic
-//! work.
+//! The Prometheus recorder keeps every histogram sample until it is drained into the buckets, by
+//! a scrape or by upkeep. Nothing scraping must not mean memory growing with traffic (it did:
+//! about 3.5 MB a second at 47,000 requests a second), so the global recorder is the Prometheus
+//! one wrapped to count histogram samples, and upkeep runs on a thread of its own, woken after
+//! every [`UPKEEP_EVERY`] samples, wherever they were recorded: the samples waiting stay under a
+//! few hundred kilobytes, and an idle proxy still does no periodic work.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, HistogramFn,
+    Key, KeyName, Metadata, SharedString, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 use crate::replica::Slot;
 
@@ -42,36 +47,79 @@ const SIZE_BUCKETS: &[f64] = &[
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
 ];
 
-/// Requests between two drains of the histogram samples (each request records four or five).
-pub const UPKEEP_EVERY: u64 = 4096;
+/// Histogram samples between two drains (a prediction records four or five).
+pub const UPKEEP_EVERY: u64 = 16_384;
 
-/// The recorder is global, and so is its upkeep.
+/// Counts histogram samples and wakes the upkeep thread after every [`UPKEEP_EVERY`].
 struct Upkeep {
-    requests: AtomicU64,
+    samples: AtomicU64,
     thread: std::thread::Thread,
 }
 
-static UPKEEP: OnceLock<Upkeep> = OnceLock::new();
-
-/// Called once per prediction that reached a model, as it does (it records histogram samples
-/// from then on, whether it finishes or is cancelled): wakes the upkeep thread after every
-/// [`UPKEEP_EVERY`].
-pub fn request_recorded() {
-    if let Some(upkeep) = UPKEEP.get() {
-        if upkeep.requests.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
-            upkeep.thread.unpark();
+impl Upkeep {
+    fn sampled(&self) {
+        if self.samples.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
+            self.thread.unpark();
         }
+    }
+}
+
+/// The Prometheus recorder, its histograms counted for [`Upkeep`].
+struct Recorder {
+    prometheus: PrometheusRecorder,
+    upkeep: Arc<Upkeep>,
+}
+
+struct CountedHistogram {
+    histogram: Histogram,
+    upkeep: Arc<Upkeep>,
+}
+
+impl HistogramFn for CountedHistogram {
+    fn record(&self, value: f64) {
+        self.histogram.record(value);
+        self.upkeep.sampled();
+    }
+}
+
+impl metrics::Recorder for Recorder {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_counter(key, unit, description)
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_gauge(key, unit, description)
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.prometheus.describe_histogram(key, unit, description)
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.prometheus.register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.prometheus.register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(Arc::new(CountedHistogram {
+            histogram: self.prometheus.register_histogram(key, metadata),
+            upkeep: self.upkeep.clone(),
+        }))
     }
 }
 
 /// Installs the global recorder and its upkeep thread; returns the handle that renders
 /// `/metrics`.
-pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = PrometheusBuilder::new()
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_bytes".into()), SIZE_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
-        .install_recorder()?;
+        .build_recorder();
+    let handle = prometheus.handle();
     let drains = handle.clone();
     let thread = std::thread::Builder::new()
         .name("metrics-upkeep".into())
@@ -81,10 +129,12 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
             drains.run_upkeep();
         })
         .expect("spawning the metrics upkeep thread");
-    let _ = UPKEEP.set(Upkeep {
-        requests: AtomicU64::new(0),
+    let upkeep = Arc::new(Upkeep {
+        samples: AtomicU64::new(0),
         thread: thread.thread().clone(),
     });
+    metrics::set_global_recorder(Recorder { prometheus, upkeep })
+        .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
     describe_counter!(
         REQUESTS,
         "Prediction requests answered, by model, replica and result code"

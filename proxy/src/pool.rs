@@ -250,8 +250,7 @@ impl State {
         woken
     }
 
-    /// Dispatcher `me` ends: the requests it may have been woken for go to another idle
-    /// dispatcher, and are the sweeper's until one takes them.
+    /// [`Pool::ended`] under the lock.
     fn ending(&mut self, me: &Dispatcher) -> (Option<Arc<Dispatcher>>, Sweeper) {
         self.left_starting(me);
         (self.idle_for_waiting(), self.arm_front())
@@ -483,12 +482,8 @@ impl Pool {
             }
         }
         if me.stopped() {
-            let (next, sweeper) = st.ending(me);
             drop(st);
-            if let Some(d) = next {
-                d.start();
-            }
-            self.sweeper(sweeper);
+            self.ended(me);
             return Next::Stop;
         }
         let most = self.batch_limit(&st);
@@ -518,8 +513,9 @@ impl Pool {
         Next::Serve
     }
 
-    /// For dispatcher `me`, woken and found stopped before it took anything.
-    pub(crate) fn stopped_before_serving(self: &Arc<Self>, me: &Dispatcher) {
+    /// Dispatcher `me` found itself stopped and ends: the requests it may have been woken for go
+    /// to another idle dispatcher, and are the sweeper's until one takes them.
+    pub(crate) fn ended(self: &Arc<Self>, me: &Dispatcher) {
         let (next, sweeper) = self.lock().ending(me);
         if let Some(d) = next {
             d.start();

@@ -141,8 +141,6 @@ async fn predict(
         .ok_or(ApiError::InvalidAccessKey)?;
     let route = entry.route;
     reached.route = Some(route.clone());
-    // From here on the request records histogram samples, even if it is cancelled.
-    crate::metrics::request_recorded();
     if entry.authenticate {
         check_api_key(auth, &head, entry.project_id, &route.name)?;
     }
