@@ -477,6 +477,9 @@ impl ControlPlane {
         }
         for dep in newest.into_values() {
             tracing::info!(deployment = dep.id, "restoring deployment");
+            // Before the API answers: a restored deployment has no replica yet, so it must not
+            // read "deployed" until they are ready again.
+            self.set_status(dep.id, ds::DEPLOYING).await;
             let cp = self.clone();
             tokio::spawn(async move { cp.run_deployment(dep).await });
         }
