@@ -4,7 +4,8 @@
 
 /// The prediction envelope parser, [`crate::envelope::Scanner`], checked against `serde_json`
 /// parsing the same envelope ([`reference_envelope`]) and against itself fed the input in other
-/// framings: whole, in thirds, and a byte per frame.
+/// framings: whole, in thirds, and a byte per frame; and the one-pass parse of plain bodies,
+/// [`crate::envelope::parse_plain`], against the scanner.
 pub fn envelope(data: &[u8]) {
     use crate::envelope::{Envelope, EnvelopeError, Scanner};
     use bytes::Bytes;
@@ -26,6 +27,12 @@ pub fn envelope(data: &[u8]) {
         outcome(scanner.finish())
     }
     let ours = framed(&[data]);
+    // The one-pass parse of plain bodies never decides: what it takes, the scanner takes alike.
+    if let Some(plain) = crate::envelope::parse_plain(&Bytes::copy_from_slice(data)) {
+        assert_eq!(plain.request.len(), 1);
+        assert_eq!(plain.body_len, data.len());
+        assert_eq!(Some(&outcome(Ok(plain)).unwrap()), ours.as_ref().ok());
+    }
     let (a, b) = (data.len() / 3, 2 * data.len() / 3);
     let thirds = framed(&[&data[..a], &data[a..b], &data[b..]]);
     assert_eq!(ours.as_ref().ok(), thirds.as_ref().ok());

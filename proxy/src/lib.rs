@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod dispatch;
+pub mod drain;
 pub mod envelope;
 pub mod error;
 #[doc(hidden)]

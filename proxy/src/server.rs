@@ -162,7 +162,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.max_concurrent_streams);
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = crate::drain::Drain::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -194,12 +194,13 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(app.route(req, peer).await) }
             }));
         let service = TowerToHyperService::new(service);
+        let entered = drain.enter();
         match &tls {
             None => {
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
-                let conn = graceful.watch(conn);
+                let conn = entered.watch(conn, |c| c.graceful_shutdown());
                 tokio::spawn(async move {
                     if let Err(err) = conn.await {
                         tracing::debug!("connection ended with error: {err}");
@@ -210,7 +211,6 @@ pub async fn serve(
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
-                let watcher = graceful.watcher();
                 let handshake_timeout = settings.header_read_timeout;
                 tokio::spawn(async move {
                     // The handshake gets the same bound as reading a request head.
@@ -233,7 +233,7 @@ pub async fn serve(
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(err) = watcher.watch(conn).await {
+                    if let Err(err) = entered.watch(conn, |c| c.graceful_shutdown()).await {
                         tracing::debug!("connection ended with error: {err}");
                     }
                     drop(permit);
@@ -246,7 +246,7 @@ pub async fn serve(
         "stopped accepting; draining connections for up to {:?}",
         settings.shutdown_grace
     );
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+    if tokio::time::timeout(settings.shutdown_grace, drain.shutdown())
         .await
         .is_err()
     {

@@ -920,17 +920,44 @@ async fn sigterm_drains_in_flight_requests_and_leaves_no_child() {
             )
         }
     });
+    // An idle keep-alive connection, which the drain must close rather than wait for.
+    let mut idle = TcpStream::connect(&server.addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.signal(nix::sys::signal::Signal::SIGTERM);
+    let signalled = Instant::now();
+    let idle_closed = tokio::task::spawn_blocking(move || {
+        idle.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let closed = matches!(idle.read(&mut buf), Ok(0) | Err(_));
+        (closed, signalled.elapsed())
+    });
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "in-flight request finished: {body}");
     assert_eq!(body["response"]["seq"], 5);
+    let (closed, after) = idle_closed.await.unwrap();
+    assert!(closed, "the idle connection was closed");
+    assert!(
+        after < Duration::from_secs(3),
+        "closed {after:?} after SIGTERM"
+    );
     let status = tokio::task::spawn_blocking(move || {
         let s = server.wait_exit(Duration::from_secs(20));
         (s, server)
     })
     .await
     .unwrap();
+    // Well inside shutdown_grace_secs = 10: nothing waited for the idle connections.
+    assert!(
+        signalled.elapsed() < Duration::from_secs(6),
+        "exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
     assert!(status.0.success(), "{:?}", status.0);
     for pid in children {
         assert!(!common::alive(pid), "replica {pid} survived shutdown");
