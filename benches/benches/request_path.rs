@@ -223,9 +223,10 @@ fn pool(c: &mut Criterion) {
 }
 
 /// Recording a request's metrics: a counter registered once (the hot path's cached handle) versus
-/// looked up by labels on every call (the error path).
+/// looked up by labels on every call (the error path), and a histogram sample (a prediction
+/// records five) into modelgate's counted buckets versus the Prometheus exporter's sample queue.
 fn metrics_recording(c: &mut Criterion) {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let (recorder, _handle) = modelgate::metrics::recorder();
     metrics::with_local_recorder(&recorder, || {
         let cached = metrics::counter!("bench_total", "model" => "add", "replica" => "add-0", "code" => "ok");
         c.bench_function("metrics_counter_cached_handle", |b| {
@@ -235,6 +236,29 @@ fn metrics_recording(c: &mut Criterion) {
             b.iter(|| {
                 metrics::counter!("bench_total", "model" => "add", "replica" => "add-0", "code" => "model.error")
                     .increment(1)
+            })
+        });
+        let histogram = metrics::histogram!(modelgate::metrics::REQUEST_DURATION, "model" => "add");
+        c.bench_function("metrics_histogram_record", |b| {
+            b.iter(|| histogram.record(std::hint::black_box(0.000_3)))
+        });
+    });
+    let exporter = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.000_1, 0.001, 0.01, 0.1, 1.0])
+        .expect("buckets")
+        .build_recorder();
+    let handle = exporter.handle();
+    metrics::with_local_recorder(&exporter, || {
+        let histogram = metrics::histogram!(modelgate::metrics::REQUEST_DURATION, "model" => "add");
+        c.bench_function("metrics_histogram_record_exporter_queue", |b| {
+            // Drained every 16,384 samples, as upkeep did before histograms were counted.
+            let mut n = 0u32;
+            b.iter(|| {
+                histogram.record(std::hint::black_box(0.000_3));
+                n += 1;
+                if n.is_multiple_of(16_384) {
+                    handle.run_upkeep();
+                }
             })
         });
     });

@@ -60,7 +60,8 @@ impl Drain {
     }
 
     /// Tells every open connection to finish what it is serving and close, then waits until all
-    /// have closed. Connections opened after it are told on their first poll.
+    /// have closed. A connection entered after the drain started is told on its first poll, and
+    /// waited for if it is still open when this looks.
     pub async fn shutdown(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
         let wakers: Vec<Waker> = self

@@ -689,15 +689,16 @@ pub fn parse(body: &Bytes) -> Result<Envelope, EnvelopeError> {
     scanner.finish()
 }
 
-/// The common body in one pass over one buffer: ASCII, no escape in any string, the two fields
-/// once each, `request` an object, nesting at most [`PLAIN_MAX_DEPTH`] deep. `None` for
+/// The common body in one pass over one buffer: at most [`PLAIN_MAX_LEN`] bytes of ASCII, no
+/// escape in any string, the two fields once each, `request` an object, nesting at most
+/// [`PLAIN_MAX_DEPTH`] deep. `None` for
 /// anything else, valid or not, which [`Scanner`] then parses: so this never decides an error,
 /// and what it accepts the scanner accepts with the same result (`fuzzing::envelope` checks
 /// both on every input). It costs about a third of the scanner's instructions on a small body:
 /// no state per byte, no buffer for the keys, no stack on the heap.
 pub fn parse_plain(body: &Bytes) -> Option<Envelope> {
     let b = &body[..];
-    if !b.is_ascii() {
+    if b.len() > PLAIN_MAX_LEN || !b.is_ascii() {
         return None;
     }
     let mut p = Plain { b, i: 0 };
@@ -741,6 +742,25 @@ pub fn parse_plain(body: &Bytes) -> Option<Envelope> {
     })
 }
 
+/// A mask with the high bit of each byte of `word` (ASCII, little-endian) that is a quote, a
+/// backslash or a control character. Only the lowest set bit is exact: a borrow may set bits
+/// above it, which the caller never reads.
+fn stops_in(word: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let quote = zero_byte(word ^ (ONES * u64::from(b'"')));
+    let backslash = zero_byte(word ^ (ONES * u64::from(b'\\')));
+    // Bytes below 0x20: with no byte at 0x80 or above, subtracting 0x20 from each borrows into
+    // the high bit exactly where it was below.
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    quote | backslash | control
+}
+
+/// The longest body [`parse_plain`] takes: past it, a body it gives up on late (an escape near
+/// the end) would cost a second pass that matters.
+const PLAIN_MAX_LEN: usize = 64 * 1024;
+
 /// Deepest nesting [`parse_plain`] takes (one bit of its stack per level).
 const PLAIN_MAX_DEPTH: u32 = 128;
 
@@ -776,16 +796,29 @@ impl<'a> Plain<'a> {
         self.expect(b'"')?;
         let b: &'a [u8] = self.b;
         let rest = &b[self.i..];
-        // Most strings of a small body are short: a plain loop finds their end before
+        // Most strings of a small body are short: eight bytes at a time finds their end before
         // `plain_run`'s vector search has paid for its setup.
-        let short = rest.len().min(32);
-        let run = match rest[..short]
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-        {
-            Some(run) => run,
-            None => short + plain_run(&rest[short..]),
-        };
+        let mut run = 0;
+        loop {
+            let Some(word) = rest.get(run..run + 8) else {
+                // Fewer than eight bytes left.
+                run += rest[run..]
+                    .iter()
+                    .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+                    .unwrap_or(rest.len() - run);
+                break;
+            };
+            let stops = stops_in(u64::from_le_bytes(word.try_into().ok()?));
+            if stops != 0 {
+                run += stops.trailing_zeros() as usize / 8;
+                break;
+            }
+            run += 8;
+            if run == 32 {
+                run += plain_run(&rest[run..]);
+                break;
+            }
+        }
         if rest.get(run) != Some(&b'"') {
             return None;
         }
@@ -1019,13 +1052,18 @@ mod tests {
             r#"{"a":"#.repeat(PLAIN_MAX_DEPTH as usize + 1) + "1",
             "}".repeat(PLAIN_MAX_DEPTH as usize + 2)
         );
+        let too_long = format!(
+            r#"{{"accessKey":"k","request":{{"t":"{}"}}}}"#,
+            "x".repeat(PLAIN_MAX_LEN)
+        );
         let escaped_late = format!(
             r#"{{"accessKey":"k","request":{{"t":"{}\n"}}}}"#,
             "x".repeat(40)
         );
         for body in [
-            // Valid, but not plain: escapes, non-ASCII, too deep.
+            // Valid, but not plain: escapes, non-ASCII, too deep, too long.
             escaped_late.as_bytes(),
+            too_long.as_bytes(),
             &br#"{"accessKey":"k\u0031","request":{}}"#[..],
             br#"{"accessKey":"k","request":{"a":"x\"y"}}"#,
             br#"{"\u0061ccessKey":"k","request":{}}"#,
@@ -1075,6 +1113,42 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
             assert!(parse_all_ways(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn plain_strings_end_where_a_byte_by_byte_scan_says() {
+        // Neighbours of the stop bytes must not stop it: ! # [ ] space DEL.
+        let fillers = [b'a', b'!', b'#', b'[', b']', b' ', 0x7f];
+        for len in 0..80 {
+            for stop in [
+                None,
+                Some(b'"'),
+                Some(b'\\'),
+                Some(0x01),
+                Some(0x1f),
+                Some(0x00),
+            ] {
+                for at in 0..len.max(1) {
+                    let mut text: Vec<u8> = (0..len).map(|i| fillers[i % fillers.len()]).collect();
+                    if let Some(c) = stop {
+                        if at >= len {
+                            continue;
+                        }
+                        text[at] = c;
+                    }
+                    let mut input = vec![b'"'];
+                    input.extend_from_slice(&text);
+                    input.push(b'"');
+                    let mut p = Plain { b: &input, i: 0 };
+                    let expected = match stop {
+                        None => Some(&text[..]),
+                        Some(b'"') => Some(&text[..at]),
+                        Some(_) => None,
+                    };
+                    assert_eq!(p.string(), expected, "{len} {stop:?} at {at}");
+                }
+            }
         }
     }
 

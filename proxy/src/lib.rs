@@ -72,7 +72,7 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     runtime: PathBuf,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    metrics: crate::metrics::Handle,
     admin_key: Option<String>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,

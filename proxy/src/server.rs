@@ -12,7 +12,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -34,7 +33,7 @@ pub struct App {
     /// tests can prove a panic fails one request and not the process.
     pub panic_failpoint: bool,
     pub limits: PredictLimits,
-    pub metrics: PrometheusHandle,
+    pub metrics: crate::metrics::Handle,
 }
 
 /// Which routes a listener serves: the main one everything (without `/metrics` when a

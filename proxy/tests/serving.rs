@@ -802,9 +802,9 @@ async fn metrics_count_what_was_sent() {
     );
 }
 
-/// The recorder keeps each histogram sample until it is drained into its buckets. With nobody
-/// scraping `/metrics`, upkeep has to drain them, or memory grows with every request (by about
-/// 75 bytes a request before it did).
+/// With nobody scraping `/metrics`, memory must not grow with traffic. The Prometheus exporter's
+/// histograms keep each sample until a scrape or an upkeep drains it (about 75 bytes a request
+/// before upkeep ran); modelgate's histograms now count samples into their buckets as they come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_under_traffic_that_nobody_scrapes() {
     let server = Server::start("", &[model("add", "add", 1)]);
@@ -943,7 +943,7 @@ async fn sigterm_drains_in_flight_requests_and_leaves_no_child() {
     let (closed, after) = idle_closed.await.unwrap();
     assert!(closed, "the idle connection was closed");
     assert!(
-        after < Duration::from_secs(3),
+        after < Duration::from_secs(5),
         "closed {after:?} after SIGTERM"
     );
     let status = tokio::task::spawn_blocking(move || {
@@ -954,7 +954,7 @@ async fn sigterm_drains_in_flight_requests_and_leaves_no_child() {
     .unwrap();
     // Well inside shutdown_grace_secs = 10: nothing waited for the idle connections.
     assert!(
-        signalled.elapsed() < Duration::from_secs(6),
+        signalled.elapsed() < Duration::from_secs(8),
         "exited {:?} after SIGTERM",
         signalled.elapsed()
     );
