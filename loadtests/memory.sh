@@ -6,7 +6,7 @@
 #   4. what an idle keep-alive connection costs: modelgate's RSS before and after CONNS (default
 #      1,000) connections that each made one prediction and stay open;
 #   5. modelgate's RSS before and after LOAD_SECONDS (default 10) of predictions at c=16 with
-#      nobody scraping /metrics (its histograms must be drained by the proxy itself).
+#      nobody scraping /metrics (nothing may pile up between scrapes).
 # MG (default this tree's release build) is the modelgate binary measured.
 # Bounded: one server, 1,000 API calls, one replica, CONNS connections and predictions, one
 # loadgen run of 1 + LOAD_SECONDS s.

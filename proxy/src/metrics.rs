@@ -70,8 +70,8 @@ fn bounds_for(name: &str) -> &'static [f64] {
 
 /// A histogram counted as its samples arrive: one count per bucket (the last for samples above
 /// every bound) and the sum, each an atomic. A scrape reads them while they move, so a sample
-/// recorded meanwhile may be in the counts and not yet in the sum: the exposition is off by at
-/// most the samples in flight, never by more.
+/// recorded meanwhile may be in the counts and not in the sum, or the other way round: the
+/// exposition is off by at most the samples in flight, never by more.
 pub struct Buckets {
     bounds: &'static [f64],
     counts: Box<[AtomicU64]>,
@@ -234,7 +234,8 @@ impl metrics::Recorder for Recorder {
             .help
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.as_str().to_string(), description.to_string());
+            .entry(key.as_str().to_string())
+            .or_insert_with(|| description.to_string());
     }
 
     fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {

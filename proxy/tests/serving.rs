@@ -854,7 +854,7 @@ async fn memory_stays_flat_under_traffic_that_nobody_scrapes() {
         after < before + 1024,
         "RSS grew from {before} kB to {after} kB over 40,000 requests with nobody scraping"
     );
-    // Drained samples are counted, not lost.
+    // Every sample is counted, none lost.
     assert_eq!(
         server
             .metric(r#"modelgate_request_duration_seconds_count{model="add"}"#)
