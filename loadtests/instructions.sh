@@ -4,7 +4,8 @@
 # modelgate (the add model, one replica), hop-floor and the bare hyper floor each run under
 # `valgrind --tool=callgrind` (the replica runs natively: callgrind does not follow children);
 # after WARM requests the counters are zeroed, then N requests at c=CONC (default 1) are counted
-# and dumped.
+# and dumped. The servers run on CPU 0 (`taskset`), as in the timed scripts; before 2026-11-30's
+# sixth session they ran unpinned, so modelgate ran two runtime workers under callgrind.
 # Prints instructions per request for both and modelgate's top functions (self cost). CACHE=1 also
 # simulates the caches (`--cache-sim=yes`, the host's L1 and last-level sizes) and prints L1
 # instruction, data-read and data-write misses per request: how much code and data a request
@@ -34,7 +35,8 @@ poke() { sleep 0.3; curl -s -o /dev/null "http://127.0.0.1:$1/" || true; }
 # count NAME PORT COMMAND...: runs COMMAND under callgrind, loads it, prints "NAME <Ir per request>".
 count() {
   local name=$1 port=$2; shift 2
-  valgrind --tool=callgrind $cache_sim --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
+  # On CPU 0 as in every other measurement, so a server sizes its runtime for one CPU.
+  taskset -c 0 valgrind --tool=callgrind $cache_sim --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
   pid=$!
   for _ in $(seq 1 1200); do
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break

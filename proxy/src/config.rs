@@ -95,7 +95,8 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Environment of every replica; a project's and a deployment's variables take precedence.
     pub env: BTreeMap<String, String>,
-    /// Threads serving HTTP and dispatch. Default: the CPUs this process may run on.
+    /// Threads serving HTTP and dispatch. Default: the CPUs this process may run on. With 1, the
+    /// runtime is tokio's current-thread one.
     pub worker_threads: Option<usize>,
     /// Address of a second listener serving only `/metrics`, `/healthz` and `/readyz` (with TLS
     /// when configured); when set, the main listener no longer serves `/metrics`.

@@ -1600,6 +1600,53 @@ async fn only_the_fatal_one_failed(
 /// to 16): the held call is slow, and the default budget would send them one at a time.
 const BATCH_ALL: &str = "batch_budget_us = 1000000000";
 
+/// One worker thread runs tokio's current-thread scheduler (the multi-thread one otherwise):
+/// concurrent predictions all get their own answers, and waiting ones go to the replica together.
+#[tokio::test]
+async fn one_worker_thread_runs_the_current_thread_runtime_and_batches() {
+    let server = Server::start("worker_threads = 1", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    assert!(
+        server.logs().contains("runtime: current-thread"),
+        "{}",
+        server.logs()
+    );
+    let c = client();
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let (c, url, key) = (c.clone(), server.url("/model"), key_for("add"));
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    let body = c
+                        .post(&url)
+                        .json(&json!({"accessKey": key, "request": {"a": t, "b": i}}))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json::<serde_json::Value>()
+                        .await
+                        .unwrap();
+                    assert_eq!(body["response"], t + i, "{body}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let label = r#"{model="add"}"#;
+    let count = server
+        .metric(&format!("modelgate_dispatch_batch_size_count{label}"))
+        .await
+        .unwrap();
+    let sum = server
+        .metric(&format!("modelgate_dispatch_batch_size_sum{label}"))
+        .await
+        .unwrap();
+    assert_eq!(sum, 800.0);
+    assert!(count < sum, "{count} batches for {sum} requests");
+}
+
 #[tokio::test]
 async fn waiting_requests_are_written_together_and_run_in_arrival_order_each_answer_to_its_caller()
 {

@@ -71,14 +71,20 @@ pub struct Server {
 
 impl Server {
     /// Starts modelgate with `[server]` settings `server` and the given model tables, and waits
-    /// until it listens. Replicas may still be starting.
+    /// until it listens. Replicas may still be starting. With `MODELGATE_TEST_WORKER_THREADS` set
+    /// (CI runs the serving tests again with 1, the single-threaded runtime), that many workers.
     pub fn start(server: &str, models: &[String]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("modelgate.toml");
+        let workers = std::env::var("MODELGATE_TEST_WORKER_THREADS")
+            .ok()
+            .filter(|_| !server.contains("worker_threads"))
+            .map(|n| format!("worker_threads = {n}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{server}\n{}",
+                "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{workers}{server}\n{}",
                 models.join("\n")
             ),
         )
