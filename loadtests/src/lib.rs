@@ -58,3 +58,20 @@ pub fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     s.read_exact(&mut payload)?;
     Ok((header.kind, payload))
 }
+
+/// The runtime a server under test runs on, chosen as modelgate chooses: tokio's current-thread
+/// scheduler when the process may run on one CPU, the multi-thread one with a worker per CPU
+/// otherwise. So a floor pinned beside modelgate schedules its tasks the way modelgate does.
+pub fn server_runtime() -> tokio::runtime::Runtime {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(cpus);
+        b
+    }
+    .enable_all()
+    .build()
+    .expect("tokio runtime")
+}

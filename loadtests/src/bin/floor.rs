@@ -32,8 +32,11 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     Ok(resp)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    modelgate_loadtests::server_runtime().block_on(serve());
+}
+
+async fn serve() {
     let args = Args::parse();
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -371,8 +371,11 @@ async fn answer(
     Ok(resp)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    modelgate_loadtests::server_runtime().block_on(serve());
+}
+
+async fn serve() {
     let args = Args::parse();
     // The replica inherits this process's CPU affinity, as modelgate's replicas do.
     let (mut child, stream) = start_replica(
