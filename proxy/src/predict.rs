@@ -82,10 +82,10 @@ pub fn handle<'a>(
     predict(routes, auth, limits, head, req.into_body())
 }
 
-/// Runs the phases, then counts the prediction. The phases run in an inner block that borrows
-/// what it can: an async function's arguments are stored once more in every future that moves
-/// them on, and this future is allocated for every request (the size of a small allocation keeps
-/// it in the allocator's per-thread cache).
+/// Runs the phases, then counts the prediction. The phases run in an inner async function that
+/// borrows what it can: an async function's arguments are stored once more in every future that
+/// moves them on, and this future is allocated for every request (the size of a small allocation
+/// keeps it in the allocator's per-thread cache).
 async fn predict(
     routes: &Routes,
     auth: &Auth,
