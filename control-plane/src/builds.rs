@@ -128,7 +128,14 @@ async fn run_steps(
     log: &mut BuildLog,
 ) -> Result<String, BuildError> {
     log.line(&format!("snapshotting {}", source.display()));
-    let copied = snapshot(source, &paths.src, settings.max_file_bytes)?;
+    let copied = {
+        let (source, dest, max) = (
+            source.to_path_buf(),
+            paths.src.clone(),
+            settings.max_file_bytes,
+        );
+        off_the_runtime("snapshot", move || snapshot(&source, &dest, max)).await?
+    };
     log.line(&format!("copied {copied} files"));
 
     let requirements = paths.src.join("requirements.txt");
@@ -179,9 +186,23 @@ async fn run_steps(
         .await
         .map_err(|e| BuildError::Failed(format!("model check failed: {e}")))?;
 
-    let digest = seal(&paths.src, &paths.manifest)?;
+    let digest = {
+        let (src, manifest) = (paths.src.clone(), paths.manifest.clone());
+        off_the_runtime("seal", move || seal(&src, &manifest)).await?
+    };
     log.line(&format!("built: sha256 {digest}"));
     Ok(digest)
+}
+
+/// Runs a step that walks or hashes a whole tree on a blocking thread: on the runtime's thread it
+/// would hold up every request while it runs (with one worker, the only thread).
+async fn off_the_runtime<T: Send + 'static>(
+    step: &str,
+    f: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BuildError::Failed(format!("{step} did not finish: {e}")))?
 }
 
 /// Installs requirements into the cache directory for their hash, unless it is already there.

@@ -228,8 +228,8 @@ fn serve(
     // bounce requests between workers that share one core), unless configured. One worker runs
     // tokio's current-thread scheduler: it runs woken tasks in order, where the multi-thread one
     // runs the task just woken first, so the connections woken by one `epoll_wait` all queue their
-    // requests before the replica's dispatcher takes a batch (about twice the batch at c=16, and
-    // 1.21x the throughput on one CPU; docs/PERFORMANCE.md).
+    // requests before the replica's dispatcher takes a batch (about twice the batch at c=16 on one
+    // CPU; throughput 0.99-1.21x in four runs of alternating rounds; docs/PERFORMANCE.md).
     let workers = config.server.worker_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -450,8 +450,9 @@ impl Pool {
 
     /// For a dispatcher just woken: whether to yield before its first batch. Under load, the
     /// request that woke it is one of a burst of connections woken together, which a yield lets queue
-    /// (tokio's worker runs a task it just woke next, before the tasks already waiting);
-    /// alone, the yield only costs an `epoll_wait`.
+    /// (the multi-thread runtime runs a task it just woke next, before the tasks already waiting;
+    /// the current-thread one, used with one worker, runs them in order, and its yield waits for
+    /// the queue to empty and one `epoll_wait`); alone, the yield only costs an `epoll_wait`.
     pub(crate) fn wait_for_company(&self) -> bool {
         self.lock().company.should_try()
     }
