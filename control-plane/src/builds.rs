@@ -194,6 +194,12 @@ async fn run_steps(
     Ok(digest)
 }
 
+/// Removes a directory tree, if there is one, on a blocking thread (a failed pip install or an
+/// old upload can hold many thousands of files); errors are ignored, as a leftover is harmless.
+pub async fn remove_tree(path: PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(path)).await;
+}
+
 /// Runs a step that walks or hashes a whole tree on a blocking thread: on the runtime's thread it
 /// would hold up every request while it runs (with one worker, the only thread).
 async fn off_the_runtime<T: Send + 'static>(
@@ -226,7 +232,7 @@ async fn install_requirements(
         "dependency cache miss: {key}; installing requirements.txt"
     ));
     let staging = cache.join(format!("{key}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    remove_tree(staging.clone()).await;
     std::fs::create_dir_all(&staging)?;
     let mut cmd = Command::new(&settings.python);
     cmd.args([
@@ -241,13 +247,13 @@ async fn install_requirements(
     .arg("-r")
     .arg(requirements);
     if let Err(e) = run_logged(cmd, settings.step_timeout, log).await {
-        let _ = std::fs::remove_dir_all(&staging);
+        remove_tree(staging).await;
         return Err(BuildError::Failed(format!("pip install failed: {e}")));
     }
     std::fs::write(staging.join(".complete"), b"")?;
     // A concurrent build may have finished the same install first; either copy is complete.
     if std::fs::rename(&staging, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+        remove_tree(staging).await;
     }
     Ok(dir)
 }

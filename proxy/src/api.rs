@@ -590,7 +590,7 @@ async fn upload_files(
     let old = root.join(format!("old-{}", rand_suffix()));
     let _ = std::fs::rename(&files, &old);
     std::fs::rename(&unpacked, &files).map_err(|_| ApiError::Internal)?;
-    let _ = std::fs::remove_dir_all(&old);
+    modelgate_control::builds::remove_tree(old).await;
     drop(cleanup);
     ok(
         StatusCode::OK,
@@ -602,12 +602,17 @@ fn rand_suffix() -> String {
     crate::keys::generate_access_key()[..12].to_owned()
 }
 
-/// Removes a staging directory however the upload ends.
+/// Removes a staging directory however the upload ends: on a blocking thread when a runtime is
+/// there (a refused archive may have left many files), else at once.
 struct StagingDir(PathBuf);
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let path = std::mem::take(&mut self.0);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || std::fs::remove_dir_all(path))),
+            Err(_) => drop(std::fs::remove_dir_all(path)),
+        }
     }
 }
 
@@ -729,7 +734,8 @@ async fn delete_model(cp: &Arc<ControlPlane>, model: Model) -> Result<Response<B
     .await?;
     cp.publish().await?;
     for b in builds {
-        let _ = std::fs::remove_dir_all(BuildPaths::new(&cp.builds.data_dir, b.id).root);
+        modelgate_control::builds::remove_tree(BuildPaths::new(&cp.builds.data_dir, b.id).root)
+            .await;
     }
     Ok(Response::builder()
         .status(StatusCode::NO_CONTENT)
