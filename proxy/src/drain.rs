@@ -55,7 +55,8 @@ impl Drain {
     }
 
     /// Open connections.
-    pub fn count(&self) -> usize {
+    #[cfg(test)]
+    fn count(&self) -> usize {
         self.shared.conns().len()
     }
 

@@ -88,8 +88,8 @@ impl Buckets {
         }
     }
 
-    /// Cumulative counts per bound (`le`), then the total (`+Inf`), and the sum.
-    fn read(&self) -> (Vec<u64>, u64, f64) {
+    /// Cumulative counts per bound (`le`) and, last, the total (`+Inf`); and the sum.
+    fn read(&self) -> (Vec<u64>, f64) {
         let mut total = 0;
         let cumulative = self
             .counts
@@ -100,7 +100,7 @@ impl Buckets {
             })
             .collect::<Vec<_>>();
         let sum = f64::from_bits(self.sum.load(Ordering::Relaxed));
-        (cumulative[..self.bounds.len()].to_vec(), total, sum)
+        (cumulative, sum)
     }
 }
 
@@ -160,7 +160,8 @@ impl Histograms {
             write_type_line(out, name, None, None, "histogram");
             for (key, buckets) in sets {
                 let labels = LabelSet::from_key_and_global(key, &no_global_labels);
-                let (cumulative, total, sum) = buckets.read();
+                let (cumulative, sum) = buckets.read();
+                let total = cumulative.last().copied().unwrap_or(0);
                 for (le, count) in buckets.bounds.iter().zip(cumulative) {
                     write_metric_line(
                         out,
@@ -432,9 +433,8 @@ mod tests {
         for v in [0.5, 1.0, 1.5, 2.0, 3.0, f64::NAN] {
             b.record(v);
         }
-        let (cumulative, total, sum) = b.read();
-        assert_eq!(cumulative, [2, 4]);
-        assert_eq!(total, 6);
+        let (cumulative, sum) = b.read();
+        assert_eq!(cumulative, [2, 4, 6]);
         assert!(sum.is_nan());
     }
 }
