@@ -9,9 +9,8 @@
 # Servers (and their replicas) on CPU 0, loadgen on CPU 1, 127.0.0.1 only. Each round measures
 # every server at c=1, c=16, and open loop at 80 % of the rate it reached at c=16 in that round.
 # Prints medians over ROUNDS (default 5) and, per round, modelgate / hop and modelgate / floor.
-# SPIN=1 makes the closed-loop client poll instead of sleeping between answers (loadgen --spin),
-# and leaves out the open loop (which never polls, so 80 % of a polling client's maximum is no
-# fair rate for it).
+# SPIN=1 makes the client poll instead of sleeping between answers (loadgen --spin), in the open
+# loop too, whose rate is then 80 % of what the polling client reached.
 # Bounded: ROUNDS x 4 servers x 3 runs of 0.5 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,12 +41,8 @@ for round in $(seq 1 "$ROUNDS"); do
     run() { bench_load --url http://127.0.0.1:18670/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" "$@"; }
     printf '%s\t%s\tc1\t' "$round" $s; run --concurrency 1 ${SPIN:+--spin}
     printf '%s\t%s\tc16\t' "$round" $s; run --concurrency 16 ${SPIN:+--spin} | tee "$work/c16"
-    # The open loop never polls, so 80 % of a polling client's maximum would overload the
-    # server from the start: with SPIN=1 there is no open-loop run.
-    if [ -z "${SPIN:-}" ]; then
-      rate=$(python3 -c "import json; print(int(0.8 * json.load(open('$work/c16'))['achieved_rps']))")
-      printf '%s\t%s\topen80\t' "$round" $s; run --mode open --rate "$rate" --connections 32
-    fi
+    rate=$(python3 -c "import json; print(int(0.8 * json.load(open('$work/c16'))['achieved_rps']))")
+    printf '%s\t%s\topen80\t' "$round" $s; run --mode open --rate "$rate" --connections 32 ${SPIN:+--spin}
     kill -TERM "$server"; wait "$server" || true; server=
   done
 done | tee "$work/runs" >&2

@@ -10,7 +10,7 @@
 # Every server is pinned to CPU 0 and the load generator to CPU 1. Each run is bounded
 # (1 s warm-up + DURATION s) and targets 127.0.0.1 only. The peer's packages go into a
 # throwaway virtualenv. Prints a table and the ratios. SPIN=1 makes the clients (loadgen and
-# replica-direct) poll instead of sleeping between answers in the closed-loop runs (see
+# replica-direct) poll instead of sleeping between answers, in the open loop too (see
 # docs/PERFORMANCE.md). ROUNDS=N (default 1) measures every server N times, round by round, and
 # prints medians and each round's ratios: this machine's run-to-run noise is larger than some of
 # the differences the targets ask about. All four servers run for the whole run; each sits idle
@@ -28,19 +28,12 @@ trap cleanup EXIT
 wait_up() { for _ in $(seq 1 600); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "$1 did not come up" >&2; exit 1; }
 load() { # name url conc [extra...]
   local name=$1 url=$2 c=$3; shift 3
-  local spin=${SPIN:+--spin}
-  [[ " $* " != *" --mode open "* ]] || spin=  # the open loop's pacer needs the CPU
   taskset -c 1 ./target/release/loadgen --url "$url" --access-key "$KEY" --expect 8 \
-    --concurrency "$c" --warmup 1 --duration "$DURATION" --json $spin "$@" >"$out/$name.json"
+    --concurrency "$c" --warmup 1 --duration "$DURATION" --json ${SPIN:+--spin} "$@" >"$out/$name.json"
 }
 field() { python3 -c "import json; r=json.load(open('$out/$1.json')); print(r$2)"; }
-# open_rate NAME URL: 80 % of NAME's c=16 maximum with a client that sleeps, the open loop's kind
-# (with SPIN=1 that takes one more c=16 run: a polling client's maximum would overload it).
-open_rate() { # NAME URL ROUND
-  local of=$1-c16-r$3
-  [ -z "${SPIN:-}" ] || { of=$1-c16-sleeping-r$3; SPIN='' load "$of" "$2" 16; }
-  python3 -c "print(int(0.8 * $(field "$of" "['achieved_rps']")))"
-}
+# open_rate NAME ROUND: 80 % of NAME's c=16 maximum in that round, with the same kind of client.
+open_rate() { python3 -c "print(int(0.8 * $(field "$1-c16-r$2" "['achieved_rps']")))"; }
 
 echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
@@ -65,7 +58,7 @@ for round in $(seq 1 "$ROUNDS"); do
     name=${s%:*} url=http://127.0.0.1:${s#*:}/model
     load "$name-c1-r$round" "$url" 1
     load "$name-c16-r$round" "$url" 16
-    rate=$(open_rate "$name" "$url" "$round")
+    rate=$(open_rate "$name" "$round")
     load "$name-open80-r$round" "$url" 1 --mode open --rate "$rate" --connections 32
   done
   taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
@@ -97,7 +90,7 @@ for name, a, b in rows:
     print(f"{name:28} {med(a, rps):>10.0f} {med(a, q('p50')):>6.0f}us {med(a, q('p99')):>6.0f}us {c16}")
 print()
 for name, key in [("modelgate", "mg-open80"), ("hop-floor", "hop-open80")]:
-    print(f"{name} open loop at 80% of its c=16 maximum (client sleeping), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
+    print(f"{name} open loop at 80% of its c=16 maximum (client {'polling' if os.environ.get('SPIN') else 'sleeping'}), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
           f"p50 {med(key, q('p50')):.0f}us p99 {med(key, q('p99')):.0f}us p99.9 {med(key, q('p99_9')):.0f}us")
 def ratio(a, b, f=rps):
     per = [f(runs[a][i]) / f(runs[b][i]) for i in rounds]

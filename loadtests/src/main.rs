@@ -91,7 +91,8 @@ struct Args {
     /// I/O, so the server's send of an answer never has to wake this process. Over loopback
     /// that wake-up is charged to the server's CPU (the sender runs the receiver's TCP
     /// processing), which a client on another machine would not cost it. Costs this process's
-    /// whole CPU.
+    /// whole CPU. In the open loop the same task releases each slot as its time comes, to the
+    /// microsecond, instead of a pacer thread that sleeps between slots.
     #[arg(long)]
     spin: bool,
     /// Statuses that count as success, comma-separated (e.g. `200,429` under overload).
@@ -178,10 +179,6 @@ fn plan(mut args: Args) -> Result<Plan, String> {
     }
     if args.duration.is_zero() || args.timeout.is_zero() {
         return Err("--duration and --timeout must be > 0".into());
-    }
-    if args.spin && args.mode == Mode::Open {
-        // The open loop's pacer is a thread on the same CPU; a spinning runtime would delay it.
-        return Err("--spin is for the closed loop".into());
     }
     let (mut limit, mut interval_ns, mut workers) = (args.max_requests, 0, args.concurrency);
     if let (Mode::Open, Some(rate)) = (args.mode, args.rate) {
@@ -407,24 +404,55 @@ async fn worker(plan: Arc<Plan>) {
     }
 }
 
-/// The open loop's clock, on its own thread: tokio's timer ticks in whole milliseconds, which
-/// at thousands of requests/s would add up to a millisecond of invented latency to each one.
-/// Releases one permit per slot as its time comes, then one per worker so that all stop.
-fn pace(plan: &Plan) {
-    let start = plan.start.into_std();
-    let mut released = 0;
-    while released < plan.limit {
-        let due = start.elapsed().as_nanos() / u128::from(plan.interval_ns) + 1;
-        let due = plan.limit.min(u64::try_from(due).unwrap_or(u64::MAX));
-        if due > released {
-            plan.permits.add_permits((due - released) as usize);
-            released = due;
-        } else {
-            let next = start + Duration::from_nanos(released * plan.interval_ns);
-            std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+/// The open loop's clock: releases one permit per slot as its time comes, then one per worker
+/// so that all stop. tokio's timer ticks in whole milliseconds, which at thousands of
+/// requests/s would add up to a millisecond of invented latency to each request, so the clock
+/// is either a thread of its own that sleeps to the next slot or, with `--spin`, the spinning
+/// task, which looks at it between two polls of the I/O driver.
+struct Pacer {
+    start: std::time::Instant,
+    released: u64,
+    /// The stop permits are out.
+    done: bool,
+}
+
+impl Pacer {
+    fn new(plan: &Plan) -> Pacer {
+        let start = plan.start.into_std();
+        Pacer {
+            start,
+            released: 0,
+            done: false,
         }
     }
-    plan.permits.add_permits(plan.workers as usize);
+
+    /// Releases the slots whose time has come. `None` once every slot and the stop permits
+    /// are out, else when the next slot is due.
+    fn release(&mut self, plan: &Plan) -> Option<std::time::Instant> {
+        if self.done {
+            return None;
+        }
+        let due = self.start.elapsed().as_nanos() / u128::from(plan.interval_ns) + 1;
+        let due = plan.limit.min(u64::try_from(due).unwrap_or(u64::MAX));
+        if due > self.released {
+            plan.permits.add_permits((due - self.released) as usize);
+            self.released = due;
+        }
+        if self.released == plan.limit {
+            plan.permits.add_permits(plan.workers as usize);
+            self.done = true;
+            return None;
+        }
+        Some(self.start + Duration::from_nanos(self.released * plan.interval_ns))
+    }
+}
+
+/// The pacer as a thread of its own, for a client that sleeps.
+fn pace(plan: &Plan) {
+    let mut pacer = Pacer::new(plan);
+    while let Some(next) = pacer.release(plan) {
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    }
 }
 
 /// The report as JSON; the text table is rendered from it, so the two cannot disagree.
@@ -534,8 +562,15 @@ async fn run(args: Args) -> ExitCode {
     if plan.args.spin {
         // Each yield returns to the runtime, which polls the I/O driver without blocking
         // before running the task again. Dropped with the runtime at the end of main.
-        tokio::spawn(async {
+        let mut pacer = (plan.args.mode == Mode::Open).then(|| Pacer::new(&plan));
+        let plan = plan.clone();
+        tokio::spawn(async move {
             loop {
+                if let Some(p) = &mut pacer {
+                    if p.release(&plan).is_none() {
+                        pacer = None;
+                    }
+                }
                 tokio::task::yield_now().await;
             }
         });
@@ -544,7 +579,7 @@ async fn run(args: Args) -> ExitCode {
     for _ in 0..plan.workers {
         tasks.spawn(worker(plan.clone()));
     }
-    let pacer = (plan.args.mode == Mode::Open).then(|| {
+    let pacer = (plan.args.mode == Mode::Open && !plan.args.spin).then(|| {
         let plan = plan.clone();
         std::thread::spawn(move || pace(&plan))
     });
