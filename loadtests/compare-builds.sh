@@ -5,7 +5,7 @@
 # loadgen on CPU 1, 127.0.0.1 only. Each round measures closed loop at c=1 and c=16 and an open
 # loop at RATE req/s (latency from the intended send time, 32 connections).
 #   A="/path/modelgate /path/replica-runtime" B="..." bash loadtests/compare-builds.sh
-# B defaults to this tree's release build. SERVER_CPUS (default 0) is the servers' CPU list. Keep a build with, e.g.:
+# B defaults to this tree's release build. SPIN=1 makes the client poll (loadgen --spin). SERVER_CPUS (default 0) is the servers' CPU list. Keep a build with, e.g.:
 #   cargo build --release -p modelgate -p replica-runtime && mkdir -p /tmp/a &&
 #   cp target/release/{modelgate,replica-runtime} /tmp/a/
 # Bounded: ROUNDS (default 5) x 2 builds x 3 runs of 0.5 + DURATION s (default 3).
@@ -30,7 +30,7 @@ for round in $(seq 1 "$ROUNDS"); do
     taskset -c "${SERVER_CPUS:-0}" "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
     server=$!
     wait_ready 18680 "$work/log"
-    run() { bench_load --url http://127.0.0.1:18680/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" "$@"; }
+    run() { bench_load --url http://127.0.0.1:18680/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" ${SPIN:+--spin} "$@"; }
     printf '%s\tc1\t' "$build"; run --concurrency 1
     printf '%s\tc16\t' "$build"; run --concurrency 16
     printf '%s\topen\t' "$build"; run --mode open --rate "$RATE" --connections 32

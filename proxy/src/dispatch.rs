@@ -8,8 +8,11 @@
 //! A call that leaves the replica unusable (it died, timed out, answered out of memory, or broke
 //! the protocol) gets its error and the replica is killed (the supervisor restarts it). The
 //! requests written behind it go back to the front of the queue when they cannot have run: the
-//! replica runs them in order, each only after writing the answer before it, and stops reading
-//! after an out-of-memory answer. A timeout is the one case where the replica may have finished
+//! replica runs them in order, and stops reading after an out-of-memory answer. A replica holds
+//! an answer while the next request can start at once, so when the process dies with requests of
+//! the batch unanswered, the first of them may have run and the request that ended it may be any
+//! of them: all go back, each to be sent alone ([`Pool::requeue_alone`]), where a death is the
+//! request's own. A timeout is the one case where the replica may have finished
 //! the request just before the kill and started the next, so after that kill the dispatcher
 //! reads what the replica wrote before it died ([`settle`]). After a protocol error the stream
 //! cannot say what ran, so the requests behind it fail with it.
@@ -148,9 +151,16 @@ async fn serve(
                 p.answer(Ok(reply), &conn.slot, taken_at);
             }
             Ok(result) => {
+                let died = matches!(result, Err(CallError::Closed | CallError::Io(_)));
                 let (outcome, out_of_step) = ended_badly(conn, result);
-                p.answer(outcome, &conn.slot, taken_at);
                 let rest: Vec<Pending> = rest.collect();
+                if died && !rest.is_empty() {
+                    // `p` may have run with its answer held, and the one that ended the
+                    // process be behind it: all go back, each to go out alone.
+                    pool.requeue_alone(std::iter::once(p).chain(rest).collect());
+                    return Err(taken_at.elapsed());
+                }
+                p.answer(outcome, &conn.slot, taken_at);
                 match out_of_step {
                     Some(what) => {
                         for p in rest {
@@ -240,7 +250,8 @@ async fn settle(pool: &Arc<Pool>, conn: &mut ReplicaConn, left: Vec<Pending>, ta
                 }
                 return;
             }
-            // The stream ended: this one never finished, so nothing after it started.
+            // The stream ended: this one did not answer (it was running, or its answer was still
+            // held), so nothing after it finished.
             Ok(Err(_)) => {
                 p.answer(Err(unanswered), &slot, taken_at);
                 pool.requeue(left.collect());

@@ -111,6 +111,9 @@ pub struct Pending {
     queue_deadline: Instant,
     /// How long the function may run before its replica is killed.
     pub timeout: Duration,
+    /// Goes to its replica in a batch of its own: it was in a batch whose replica died before
+    /// answering it, and may not be the request that ended the process ([`Pool::requeue_alone`]).
+    alone: bool,
     tx: oneshot::Sender<Result<Served, AcquireError>>,
 }
 
@@ -368,6 +371,7 @@ impl Pool {
                 enqueued,
                 queue_deadline,
                 timeout: request_timeout,
+                alone: false,
                 tx,
             });
             self.queue_depth.set(st.waiters.len() as f64);
@@ -494,12 +498,15 @@ impl Pool {
                 abandoned.extend(st.waiters.pop_front());
                 continue;
             }
-            let len = front.len();
-            if !batch.is_empty() && (batch.len() == most || bytes + len > BATCH_BYTES) {
+            let (len, alone) = (front.len(), front.alone);
+            if !batch.is_empty() && (batch.len() == most || bytes + len > BATCH_BYTES || alone) {
                 break;
             }
             bytes += len;
             batch.extend(st.waiters.pop_front());
+            if alone {
+                break;
+            }
         }
         self.queue_depth.set(st.waiters.len() as f64);
         if batch.is_empty() {
@@ -544,6 +551,18 @@ impl Pool {
             (self.batching.budget.as_nanos() / st.per_request.as_nanos()) as usize
         };
         self.batching.max.min(share).min(fits).max(1)
+    }
+
+    /// Puts back the requests of a batch whose replica died before answering the first of them,
+    /// `rest[0]`, each to go out alone. The replica holds an answer while the request after it can
+    /// start at once (replica-runtime's outbox), so `rest[0]` may have run and any of `rest` may
+    /// have ended the process; alone, a request that ends its replica again is the one that did.
+    /// Each has been run at most once more when it is answered.
+    pub(crate) fn requeue_alone(self: &Arc<Self>, mut rest: Vec<Pending>) {
+        for p in &mut rest {
+            p.alone = true;
+        }
+        self.requeue(rest);
     }
 
     /// Puts requests that were written to a replica but never ran (it died, or was killed for
@@ -788,6 +807,7 @@ mod tests {
                 enqueued,
                 queue_deadline: enqueued + Duration::from_secs(10),
                 timeout: Duration::from_secs(1),
+                alone: false,
                 tx,
             }
         };

@@ -1683,24 +1683,53 @@ async fn waiting_requests_are_written_together_and_run_in_arrival_order_each_ans
 }
 
 #[tokio::test]
-async fn requests_written_behind_one_that_kills_its_replica_run_on_the_replacement() {
+async fn a_request_that_kills_its_replica_in_a_batch_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("calls");
     let server = Server::start(BATCH_ALL, &[batching_model(dir.path(), &calls)]);
     server.wait_ready().await;
-    // One that ends the process and four ordinary ones go out together; the four behind the
-    // fatal one must not be lost with it.
-    let mut requests = vec![json!({"seq": 0}), json!({"seq": 1, "die": true})];
-    requests.extend((2..=5).map(|i| json!({ "seq": i })));
+    // [1, 2, 3, 4] go out together and 2 ends the process. The replica held 1's answer (3 was
+    // already there to start), so the proxy cannot tell 1 from 2: all four go back, each to run
+    // alone on the replacement, where 2 ends a process again and is the only one to fail.
+    let mut requests = vec![json!({"seq": 0}), json!({"seq": 1})];
+    requests.push(json!({"seq": 2, "die": true}));
+    requests.extend((3..=4).map(|i| json!({ "seq": i })));
     let answers = behind_a_held_call(&server, requests).await;
-    only_the_fatal_one_failed(
-        &server,
-        &calls,
-        &answers,
-        (502, "model.shutdown"),
-        &["0", "2", "3", "4", "5"],
-    )
-    .await;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        if i == 2 {
+            assert_eq!(
+                (*status, body["error"]["code"].as_str()),
+                (502, Some("model.shutdown")),
+                "{body}"
+            );
+        } else {
+            assert_eq!(*status, 200, "{body}");
+            assert_eq!(body["response"]["seq"], i, "its own answer");
+        }
+    }
+    // 1 ran again unless the replica's flusher sent its answer before 2 ended the process.
+    let ran = calls_run(&calls);
+    assert!(
+        ran == ["0", "1", "1", "3", "4"] || ran == ["0", "1", "3", "4"],
+        "{ran:?}"
+    );
+    assert_eq!(
+        server
+            .metric(r#"modelgate_requests_requeued_total{model="m"}"#)
+            .await,
+        Some(4.0),
+        "the four of the batch, once: alone, 2 failed instead"
+    );
+    let bucket =
+        |le: &str| format!(r#"modelgate_dispatch_batch_size_bucket{{model="m",le="{le}"}}"#);
+    let all = server.metric(&bucket("+Inf")).await.unwrap();
+    let single = server.metric(&bucket("1")).await.unwrap();
+    assert_eq!(
+        (all, single),
+        (6.0, 5.0),
+        "the held call, the four together, then each alone: {}",
+        server.logs()
+    );
 }
 
 #[tokio::test]

@@ -9,9 +9,12 @@
 //! the replica's log.
 #![forbid(unsafe_code)]
 
+mod outbox;
+
+use outbox::Outbox;
 use replica_runtime::python;
 
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -237,12 +240,12 @@ fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {
 
 fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
-    let mut writer = BufWriter::with_capacity(64 * 1024, stream);
+    let writer = Outbox::new(stream)?;
 
     let model = match load(model_args) {
         Ok(m) => m,
         Err(err) => {
-            write_json_frame(&mut writer, Kind::LoadFailed, &err)?;
+            write_json_frame(&writer, Kind::LoadFailed, &err)?;
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -251,11 +254,12 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
         pid: std::process::id(),
         python_version: model.python_version(),
     };
-    write_json_frame(&mut writer, Kind::Ready, &ready)?;
+    write_json_frame(&writer, Kind::Ready, &ready)?;
 
     let mut payload = Vec::new();
     loop {
         if reader.buffer().is_empty() {
+            writer.flush()?;
             wait_readable(reader.get_ref())?;
         }
         let mut header = [0u8; protocol::HEADER_LEN];
@@ -272,18 +276,23 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
         reader.read_exact(&mut payload)?;
         match Kind::from_u8(header.kind) {
             Some(Kind::Predict) => match model.predict(&payload) {
-                Ok(response) => write_frame(&mut writer, Kind::ResultOk, &response)?,
+                // Held while the next request can start at once: the proxy wrote the requests
+                // waiting for this replica together, and reads their answers together.
+                Ok(response) if outbox::starts_with_whole_frame(reader.buffer()) => {
+                    writer.hold(Kind::ResultOk, &response)?
+                }
+                Ok(response) => writer.send(Kind::ResultOk, &response)?,
                 Err(err) if err.kind == protocol::ModelErrorKind::OutOfMemory => {
-                    write_json_frame(&mut writer, Kind::ResultErr, &err)?;
+                    write_json_frame(&writer, Kind::ResultErr, &err)?;
                     // The interpreter's state is suspect and the proxy replaces this process:
                     // requests it already sent behind this one must not run here (they go to
                     // the replacement), so read and drop the rest until the proxy hangs up.
                     io::copy(&mut reader, &mut io::sink())?;
                     return Ok(ExitCode::FAILURE);
                 }
-                Err(err) => write_json_frame(&mut writer, Kind::ResultErr, &err)?,
+                Err(err) => write_json_frame(&writer, Kind::ResultErr, &err)?,
             },
-            Some(Kind::Ping) => write_frame(&mut writer, Kind::Pong, &[])?,
+            Some(Kind::Ping) => writer.send(Kind::Pong, &[])?,
             // Unknown frames are skipped so newer proxies can add messages.
             _ => {}
         }
@@ -307,19 +316,9 @@ fn wait_readable(stream: &UnixStream) -> io::Result<()> {
     }
 }
 
-fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result<()> {
-    w.write_all(&protocol::encode_header(kind, payload.len()))?;
-    w.write_all(payload)?;
-    w.flush()
-}
-
-fn write_json_frame<T: serde::Serialize>(
-    w: &mut impl Write,
-    kind: Kind,
-    value: &T,
-) -> io::Result<()> {
+fn write_json_frame<T: serde::Serialize>(w: &Outbox, kind: Kind, value: &T) -> io::Result<()> {
     let payload = serde_json::to_vec(value).expect("protocol types serialise");
-    write_frame(w, kind, &payload)
+    w.send(kind, &payload)
 }
 
 #[cfg(test)]
