@@ -9,10 +9,10 @@
 //! the protocol) gets its error and the replica is killed (the supervisor restarts it). The
 //! requests written behind it go back to the front of the queue when they cannot have run: the
 //! replica runs them in order, and stops reading after an out-of-memory answer. A replica holds
-//! an answer while the next request can start at once, so when the process dies with requests of
-//! the batch unanswered, the first of them may have run and the request that ended it may be any
-//! of them: all go back, each to be sent alone ([`Pool::requeue_alone`]), where a death is the
-//! request's own. A timeout is the one case where the replica may have finished
+//! an answer while the next request can start at once, so when the process dies with several
+//! requests of the batch unanswered, any of them may have run and the request that ended it may
+//! be any of them: all go back, each to be sent alone ([`Pool::requeue_alone`]), where a death is
+//! the request's own. A timeout is the one case where the replica may have finished
 //! the request just before the kill and started the next, so after that kill the dispatcher
 //! reads what the replica wrote before it died ([`settle`]). After a protocol error the stream
 //! cannot say what ran, so the requests behind it fail with it.
@@ -155,9 +155,19 @@ async fn serve(
                 let (outcome, out_of_step) = ended_badly(conn, result);
                 let rest: Vec<Pending> = rest.collect();
                 if died && !rest.is_empty() {
-                    // `p` may have run with its answer held, and the one that ended the
-                    // process be behind it: all go back, each to go out alone.
-                    pool.requeue_alone(std::iter::once(p).chain(rest).collect());
+                    // `p` and those after it may have run with their answers held, and any of
+                    // them may have ended the process: all go back, each to go out alone.
+                    conn.slot.died_mid_batch(conn.generation);
+                    let memory = match outcome {
+                        Err(ApiError::MemoryLimit(why)) => Some(why),
+                        _ => None,
+                    };
+                    let error = || match &memory {
+                        Some(why) => ApiError::MemoryLimit(why.clone()),
+                        None => ApiError::Shutdown,
+                    };
+                    let all = std::iter::once(p).chain(rest).collect();
+                    pool.requeue_alone(all, error, &conn.slot, taken_at);
                     return Err(taken_at.elapsed());
                 }
                 p.answer(outcome, &conn.slot, taken_at);
@@ -251,7 +261,8 @@ async fn settle(pool: &Arc<Pool>, conn: &mut ReplicaConn, left: Vec<Pending>, ta
                 return;
             }
             // The stream ended: this one did not answer (it was running, or its answer was still
-            // held), so nothing after it finished.
+            // held when the kill landed). Those after it never finished or had their answers held
+            // too: they go back, to run at most once more.
             Ok(Err(_)) => {
                 p.answer(Err(unanswered), &slot, taken_at);
                 pool.requeue(left.collect());

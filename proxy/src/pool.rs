@@ -553,22 +553,37 @@ impl Pool {
         self.batching.max.min(share).min(fits).max(1)
     }
 
-    /// Puts back the requests of a batch whose replica died before answering the first of them,
-    /// `rest[0]`, each to go out alone. The replica holds an answer while the request after it can
-    /// start at once (replica-runtime's outbox), so `rest[0]` may have run and any of `rest` may
-    /// have ended the process; alone, a request that ends its replica again is the one that did.
-    /// Each has been run at most once more when it is answered.
-    pub(crate) fn requeue_alone(self: &Arc<Self>, mut rest: Vec<Pending>) {
+    /// Puts back the unanswered requests of a batch whose replica died, each to go out alone.
+    /// The replica holds an answer while the request after it can start at once (replica-runtime's
+    /// outbox), so any of `rest` may have run and any may have ended the process; alone, a
+    /// request that ends its replica again is the one that did. Each runs at most once more. Those
+    /// that cannot go back (past their queue deadline, or no replica left) get `error()`, the
+    /// death's own error, with `slot` and `taken_at` as for an answer: not a 429 inviting a retry
+    /// of what may be the request that ends replicas.
+    pub(crate) fn requeue_alone(
+        self: &Arc<Self>,
+        mut rest: Vec<Pending>,
+        error: impl Fn() -> ApiError,
+        slot: &Arc<Slot>,
+        taken_at: Instant,
+    ) {
         for p in &mut rest {
             p.alone = true;
         }
-        self.requeue(rest);
+        self.requeue_with(rest, |w, _| w.answer(Err(error()), slot, taken_at));
     }
 
     /// Puts requests that were written to a replica but never ran (it died, or was killed for
     /// an earlier request in the same batch) back at the front of the queue, in arrival order. Those past
     /// their queue deadline get 429 instead, and all get 503 if no replica is left to wait for.
     pub(crate) fn requeue(self: &Arc<Self>, rest: Vec<Pending>) {
+        self.requeue_with(rest, |w, why| {
+            let _ = w.tx.send(Err(why));
+        });
+    }
+
+    /// [`Pool::requeue`], with `give_up` telling those that cannot go back why.
+    fn requeue_with(self: &Arc<Self>, rest: Vec<Pending>, give_up: impl Fn(Pending, AcquireError)) {
         if rest.is_empty() {
             return;
         }
@@ -608,10 +623,10 @@ impl Pool {
             }
         };
         for w in late {
-            let _ = w.tx.send(Err(AcquireError::Busy(QUEUE_TIMED_OUT)));
+            give_up(w, AcquireError::Busy(QUEUE_TIMED_OUT));
         }
         for w in refused {
-            let _ = w.tx.send(Err(AcquireError::Unavailable));
+            give_up(w, AcquireError::Unavailable);
         }
         for d in start {
             d.start();

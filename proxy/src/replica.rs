@@ -47,6 +47,8 @@ pub struct Slot {
     kill_reason: AtomicU8,
     /// Generation of the current process (see [`ReplicaConn::generation`]).
     generation: AtomicU64,
+    /// The last process generation that died with several requests of a batch unanswered.
+    died_mid_batch: AtomicU64,
     /// The cgroup of the running process and its generation, when limits use cgroups.
     cgroup: Mutex<Option<(u64, Arc<ReplicaCgroup>)>>,
     /// The last process generation the kernel killed for its memory limit, and how it is told.
@@ -86,6 +88,7 @@ impl Slot {
             pgid: AtomicI32::new(0),
             kill_reason: AtomicU8::new(0),
             generation: AtomicU64::new(0),
+            died_mid_batch: AtomicU64::new(0),
             cgroup: Mutex::new(None),
             memory_killed: Mutex::new(None),
             busy,
@@ -171,6 +174,19 @@ impl Slot {
         if self.generation.load(Ordering::SeqCst) == generation {
             self.kill(reason);
         }
+    }
+
+    /// Process `generation` died with several requests of its batch unanswered: they go to the
+    /// next process one at a time, and the one that ended it will end that process too.
+    pub fn died_mid_batch(&self, generation: u64) {
+        self.died_mid_batch.store(generation, Ordering::SeqCst);
+    }
+
+    /// Whether the process before `generation` died mid-batch ([`Slot::died_mid_batch`]): then
+    /// a death of `generation` while serving is most likely the same request's second, which a
+    /// crash-loop count must not take for another fault.
+    pub fn follows_death_mid_batch(&self, generation: u64) -> bool {
+        generation > 1 && self.died_mid_batch.load(Ordering::SeqCst) == generation - 1
     }
 
     /// Whether `generation` is the slot's current process.

@@ -197,6 +197,9 @@ async fn run_slot(mut task: SlotTask) {
                     // A request made the proxy or the kernel kill a replica that was working as
                     // designed: restart at once.
                     failures = 0;
+                } else if !idle && task.slot.follows_death_mid_batch(generation) {
+                    // The requests of the batch the last process died in run one at a time, and
+                    // the one that ended it ends this one too: one fault, counted once.
                 } else if ran_for.is_some_and(|t| t >= STABLE_AFTER) {
                     failures = 1;
                 } else {

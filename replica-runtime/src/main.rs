@@ -215,8 +215,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Address space the runtime itself takes after it starts, added to `--memory-limit-bytes` so
+/// the model keeps what it was given: the outbox's flusher thread gets its own glibc malloc
+/// arena, a reservation of 64 MiB (of which it touches a few pages).
+const RUNTIME_ADDRESS_SPACE: u64 = 64 << 20;
+
 fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {
     if let Some(limit) = model.memory_limit_bytes {
+        let limit = limit.saturating_add(RUNTIME_ADDRESS_SPACE);
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
             .map_err(|err| ModelError {
                 kind: protocol::ModelErrorKind::Load,

@@ -78,7 +78,8 @@ impl Outbox {
         let flusher = shared.clone();
         std::thread::Builder::new()
             .name("answer-flusher".into())
-            // Little stack: it counts against the replica's address-space limit.
+            // Little stack: it counts against the replica's address-space limit (as does the
+            // malloc arena glibc gives the thread, which `main.rs` allows for).
             .stack_size(64 * 1024)
             .spawn(move || flusher.run())?;
         Ok(Outbox { shared })
@@ -120,8 +121,13 @@ impl Outbox {
 }
 
 impl Drop for Outbox {
+    /// Sends what is held (the replica is leaving: the proxy hung up, or sent what it cannot
+    /// read) and stops the flusher.
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
+        let mut state = self.shared.lock();
+        let _ = state.flush();
+        state.closed = true;
+        drop(state);
         self.shared.wake.notify_one();
     }
 }
