@@ -11,7 +11,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for round in $(seq 1 "${ROUNDS:-3}"); do
   printf 'alone\t'; taskset -c 0 ./target/release/stalls --duration "$D"
-  taskset -c 1 ./target/release/stalls --busy --duration "$((D + 1))" & busy=$!
+  taskset -c 1 ./target/release/stalls --busy --duration "$(python3 -c "print($D + 1)")" & busy=$!
   sleep 0.2
   printf 'CPU 1 busy\t'; taskset -c 0 ./target/release/stalls --duration "$D"
   wait $busy

@@ -557,9 +557,9 @@ impl Pool {
     /// The replica holds an answer while the request after it can start at once (replica-runtime's
     /// outbox), so any of `rest` may have run and any may have ended the process; alone, a
     /// request that ends its replica again is the one that did. Each runs at most once more. Those
-    /// that cannot go back (past their queue deadline, or no replica left) get `error()`, the
-    /// death's own error, with `slot` and `taken_at` as for an answer: not a 429 inviting a retry
-    /// of what may be the request that ends replicas.
+    /// that cannot go back now (past their queue deadline, or no replica left) get `error()`, the
+    /// death's own error, with `slot` and `taken_at` as for an answer, rather than a 429 inviting a
+    /// retry of what may be the request that ends replicas; once back, they wait like any other.
     pub(crate) fn requeue_alone(
         self: &Arc<Self>,
         mut rest: Vec<Pending>,

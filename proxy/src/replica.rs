@@ -182,11 +182,15 @@ impl Slot {
         self.died_mid_batch.store(generation, Ordering::SeqCst);
     }
 
-    /// Whether the process before `generation` died mid-batch ([`Slot::died_mid_batch`]): then
-    /// a death of `generation` while serving is most likely the same request's second, which a
-    /// crash-loop count must not take for another fault.
-    pub fn follows_death_mid_batch(&self, generation: u64) -> bool {
-        generation > 1 && self.died_mid_batch.load(Ordering::SeqCst) == generation - 1
+    /// Whether the process before `generation` died mid-batch ([`Slot::died_mid_batch`]), using
+    /// the mark up: then a death of `generation` while serving is most likely the same request's
+    /// second, which a crash-loop count must not take for another fault.
+    pub fn take_death_mid_batch_before(&self, generation: u64) -> bool {
+        generation > 1
+            && self
+                .died_mid_batch
+                .compare_exchange(generation - 1, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
     }
 
     /// Whether `generation` is the slot's current process.
@@ -608,6 +612,16 @@ mod tests {
 
     fn conn(stream: UnixStream) -> ReplicaConn {
         ReplicaConn::new(Arc::new(Slot::new("m".into(), 0)), 1, stream).expect("register")
+    }
+
+    #[test]
+    fn a_death_mid_batch_excuses_the_next_process_once() {
+        let slot = Slot::new("m".into(), 0);
+        assert!(!slot.take_death_mid_batch_before(1));
+        slot.died_mid_batch(3);
+        assert!(!slot.take_death_mid_batch_before(5), "only the next process");
+        assert!(slot.take_death_mid_batch_before(4));
+        assert!(!slot.take_death_mid_batch_before(4), "used up");
     }
 
     fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {

@@ -158,12 +158,15 @@ async fn run_slot(mut task: SlotTask) {
     let mut generation = 0u64;
     let mut failures = 0u32;
     let mut unready_kills = 0u32;
+    // The last process's death was taken for the one before it (`take_death_mid_batch_before`).
+    let mut forgave_last = false;
     loop {
         if *task.stop.borrow() {
             break;
         }
         generation += 1;
         let outcome = run_process(&mut task, generation).await;
+        let mut forgave = false;
         let reason = match outcome {
             Outcome::Stopped => break,
             Outcome::LoadFailed => {
@@ -197,9 +200,15 @@ async fn run_slot(mut task: SlotTask) {
                     // A request made the proxy or the kernel kill a replica that was working as
                     // designed: restart at once.
                     failures = 0;
-                } else if !idle && task.slot.follows_death_mid_batch(generation) {
+                } else if !idle
+                    && !forgave_last
+                    && task.slot.take_death_mid_batch_before(generation)
+                {
                     // The requests of the batch the last process died in run one at a time, and
-                    // the one that ended it ends this one too: one fault, counted once.
+                    // the one that ended it ends this one too: one fault, counted once. Never two
+                    // processes in a row, so a model that ends every process still reaches the
+                    // crash-loop count.
+                    forgave = true;
                 } else if ran_for.is_some_and(|t| t >= STABLE_AFTER) {
                     failures = 1;
                 } else {
@@ -211,6 +220,7 @@ async fn run_slot(mut task: SlotTask) {
                 reason
             }
         };
+        forgave_last = forgave;
         metrics::counter!(
             crate::metrics::REPLICA_RESTARTS,
             "model" => task.slot.model.to_string(),

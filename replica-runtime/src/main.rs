@@ -217,7 +217,8 @@ fn main() -> ExitCode {
 
 /// Address space the runtime itself takes after it starts, added to `--memory-limit-bytes` so
 /// the model keeps what it was given: the outbox's flusher thread gets its own glibc malloc
-/// arena, a reservation of 64 MiB (of which it touches a few pages).
+/// arena, a reservation of 64 MiB (of which it touches a few pages; glibc maps twice that for a
+/// moment to align it, and shares an existing arena if that fails).
 const RUNTIME_ADDRESS_SPACE: u64 = 64 << 20;
 
 fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {

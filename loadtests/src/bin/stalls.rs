@@ -2,7 +2,8 @@
 //! the clock in a tight loop and records every gap between two reads longer than `--over`:
 //! time the process wanted the CPU and did not run. Run pinned (`taskset`), alone and again
 //! while the other CPU is busy: a tail latency target cannot beat the stalls the machine itself
-//! puts in a request's way. Prints one JSON line.
+//! puts in a request's way. Prints one JSON line. It sees a process that never blocks; a server
+//! asleep in `epoll_wait` also waits for its CPU to be woken, which this does not measure.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ struct Args {
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
     /// Smallest gap to count, in microseconds.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     over: u64,
     /// Only keep the CPU busy and report nothing (the load on the other CPU).
     #[arg(long)]
