@@ -619,7 +619,10 @@ mod tests {
         let slot = Slot::new("m".into(), 0);
         assert!(!slot.take_death_mid_batch_before(1));
         slot.died_mid_batch(3);
-        assert!(!slot.take_death_mid_batch_before(5), "only the next process");
+        assert!(
+            !slot.take_death_mid_batch_before(5),
+            "only the next process"
+        );
         assert!(slot.take_death_mid_batch_before(4));
         assert!(!slot.take_death_mid_batch_before(4), "used up");
     }
