@@ -1,22 +1,16 @@
 //! A replica holds an answer while the next request can start at once, and sends it with the
 //! ones after it; a request that turns out slow does not hold the answers before it for long.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use modelgate_protocol::{decode_header, encode_header, Kind, HEADER_LEN};
+mod common;
 
-fn read_frame(s: &mut impl Read) -> (Option<Kind>, Vec<u8>) {
-    let mut header = [0u8; HEADER_LEN];
-    s.read_exact(&mut header).unwrap();
-    let header = decode_header(header).unwrap();
-    let mut payload = vec![0u8; header.payload_len];
-    s.read_exact(&mut payload).unwrap();
-    (Kind::from_u8(header.kind), payload)
-}
+use common::read_frame;
+use modelgate_protocol::{encode_header, Kind};
 
 /// A replica of `funcs.slow`, connected and ready.
 fn slow_replica(name: &str) -> (Child, UnixStream, tempfile_dir::Dir) {

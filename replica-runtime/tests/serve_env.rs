@@ -2,22 +2,16 @@
 //! a large request reuses the memory of the one before instead of faulting in fresh pages; the
 //! environment's own settings win.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use modelgate_protocol::{decode_header, encode_header, Kind, HEADER_LEN};
+mod common;
 
-fn read_frame(s: &mut impl Read) -> (Option<Kind>, Vec<u8>) {
-    let mut header = [0u8; HEADER_LEN];
-    s.read_exact(&mut header).unwrap();
-    let header = decode_header(header).unwrap();
-    let mut payload = vec![0u8; header.payload_len];
-    s.read_exact(&mut payload).unwrap();
-    (Kind::from_u8(header.kind), payload)
-}
+use common::read_frame;
+use modelgate_protocol::{encode_header, Kind};
 
 /// Starts a replica of `memory.faults` with `GLIBC_TUNABLES` set to `tunables` (or unset) and
 /// returns the page faults of a round of eight 1.5 MB strings built and dropped (12 MB, as a
