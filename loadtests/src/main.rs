@@ -412,26 +412,17 @@ async fn worker(plan: Arc<Plan>) {
 struct Pacer {
     start: std::time::Instant,
     released: u64,
-    /// The stop permits are out.
-    done: bool,
 }
 
 impl Pacer {
     fn new(plan: &Plan) -> Pacer {
         let start = plan.start.into_std();
-        Pacer {
-            start,
-            released: 0,
-            done: false,
-        }
+        Pacer { start, released: 0 }
     }
 
     /// Releases the slots whose time has come. `None` once every slot and the stop permits
-    /// are out, else when the next slot is due.
+    /// are out (it is not called again), else when the next slot is due.
     fn release(&mut self, plan: &Plan) -> Option<std::time::Instant> {
-        if self.done {
-            return None;
-        }
         let due = self.start.elapsed().as_nanos() / u128::from(plan.interval_ns) + 1;
         let due = plan.limit.min(u64::try_from(due).unwrap_or(u64::MAX));
         if due > self.released {
@@ -440,7 +431,6 @@ impl Pacer {
         }
         if self.released == plan.limit {
             plan.permits.add_permits(plan.workers as usize);
-            self.done = true;
             return None;
         }
         Some(self.start + Duration::from_nanos(self.released * plan.interval_ns))
