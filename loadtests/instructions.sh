@@ -11,6 +11,11 @@
 # instruction, data-read and data-write misses per request: how much code and data a request
 # touches, which this machine's lack of hardware counters hides otherwise.
 # MG=/path/to/another/modelgate counts that build instead (with this tree's replica-runtime).
+# REPLICA=1 also counts the replica's own instructions per request (Python and the JSON
+# conversion included): a second modelgate run, native, whose replica runs under callgrind
+# (`--trace-children=yes`, since the replica re-executes itself once). The slow replica makes
+# larger batches than usual, so its per-batch costs are spread thinner than at full speed.
+# RUNTIME=/path/to/another/replica-runtime counts that build of the replica instead.
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,12 +30,19 @@ KEY=instructions-key-0123456789
 work=$(mktemp -d)
 pid=
 trap '[ -z "$pid" ] || kill -TERM $pid 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"' EXIT
-add_config "$work/c.toml" 18690 "$work/data" "$KEY" "$PWD/target/release/replica-runtime"
+runtime=${RUNTIME:-$PWD/target/release/replica-runtime}
+add_config "$work/c.toml" 18690 "$work/data" "$KEY" "$runtime"
 
 # poke PORT: one request a little later, so that a process idle in epoll_wait runs and notices
 # callgrind_control's command (it is read only while the process executes); at most one request
 # in the N is partly counted or missed.
 poke() { sleep 0.3; curl -s -o /dev/null "http://127.0.0.1:$1/" || true; }
+
+# load PORT COUNT: COUNT predictions of the add model at c=CONC on CPU 1, each checked.
+load() {
+  taskset -c 1 ./target/release/loadgen --url "http://127.0.0.1:$1/model" --access-key "$KEY" \
+    --expect 8 --concurrency "${CONC:-1}" --warmup 0 --duration 600 --max-requests "$2" --timeout 30 --json >/dev/null
+}
 
 # count NAME PORT COMMAND...: runs COMMAND under callgrind, loads it, prints "NAME <Ir per request>".
 count() {
@@ -43,15 +55,18 @@ count() {
     sleep 0.1
   done
   [ "$name" != modelgate ] || wait_ready "$port" "$work/$name.log"
-  load() { ./target/release/loadgen --url "http://127.0.0.1:$port/model" --access-key "$KEY" \
-    --expect 8 --concurrency "${CONC:-1}" --warmup 0 --duration 600 --max-requests "$1" --timeout 30 --json >/dev/null; }
-  load "$WARM"
+  load "$port" "$WARM"
   poke "$port" & callgrind_control --zero "$pid" >/dev/null 2>&1
-  load "$N"
+  load "$port" "$N"
   poke "$port" & callgrind_control --dump=measured "$pid" >/dev/null 2>&1
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  local out
-  out=$(grep -l "^desc: Trigger: dump measured" "$work/$name".* | head -1)
+  report "$name" "$(grep -l "^desc: Trigger: dump measured" "$work/$name".* | head -1)"
+}
+
+# report NAME DUMP: prints "NAME <Ir per request>" from a callgrind dump of the N requests and
+# writes its top functions to $work/NAME.top.
+report() {
+  local name=$1 out=$2
   local ir i1 d1r d1w
   # Events: Ir, then with CACHE=1 Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
   read -r ir _ _ i1 d1r d1w _ <<<"$(sed -n 's/^summary: //p' "$out") _ _ _ _ _ _ _"
@@ -84,6 +99,27 @@ for f, c in sorted(self_cost.items(), key=lambda kv: -kv[1])[:25]:
 PY
 }
 
+# count_replica: modelgate natively on CPU 0, its replica under callgrind; prints
+# "replica <Ir per request>".
+count_replica() {
+  local port=18693 mg_pid replica
+  printf '#!/bin/sh\nexec valgrind --tool=callgrind --trace-children=yes --callgrind-out-file=%s/replica.%%p %s "$@" 2>>%s/replica.log\n' \
+    "$work" "$runtime" "$work" >"$work/replica.sh"
+  chmod +x "$work/replica.sh"
+  add_config "$work/r.toml" "$port" "$work/rdata" "$KEY" "$work/replica.sh"
+  taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/r.toml" >"$work/rmg.log" 2>&1 &
+  mg_pid=$!
+  pid=$mg_pid
+  wait_ready "$port" "$work/rmg.log" "$work/replica.log"
+  replica=$(pgrep -P "$mg_pid" -f "replica-runtime serve" | head -1)
+  load "$port" "$WARM"
+  poke "$port" & callgrind_control --zero "$replica" >/dev/null 2>&1
+  load "$port" "$N"
+  poke "$port" & callgrind_control --dump=measured "$replica" >/dev/null 2>&1
+  kill -TERM "$mg_pid"; wait "$mg_pid" 2>/dev/null || true; pid=
+  report replica "$(grep -l "^desc: Trigger: dump measured" "$work"/replica.[0-9]* | head -1)"
+}
+
 count floor 18691 ./target/release/floor --listen 127.0.0.1:18691 | tee "$work/result"
 count hop-floor 18692 ./target/release/hop-floor --listen 127.0.0.1:18692 | tee -a "$work/result"
 count modelgate 18690 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" | tee -a "$work/result"
@@ -95,6 +131,10 @@ echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM
 echo "  floor      $floor"
 echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)"
 echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor)"
+if [ "${REPLICA:-0}" != 0 ]; then
+  count_replica >>"$work/result"
+  echo "  replica    $(awk '$1 == "replica" {print $2}' "$work/result")  (its own process: Python, the JSON conversion, the socket)"
+fi
 if [ -n "$cache_sim" ]; then
   echo
   echo "simulated L1 misses per request: instruction, data read, data write"
@@ -103,3 +143,8 @@ fi
 echo
 echo "modelgate, functions by own instructions over those $N requests:"
 cat "$work/modelgate.top"
+if [ -f "$work/replica.top" ]; then
+  echo
+  echo "replica, functions by own instructions over those $N requests:"
+  cat "$work/replica.top"
+fi

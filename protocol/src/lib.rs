@@ -14,6 +14,20 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Length of the leading run of `s` with no quote, backslash or control character: the part of a
+/// JSON string's text that needs no escaping, on both sides of the wire.
+#[inline]
+pub fn json_plain_run(s: &[u8]) -> usize {
+    let stop = memchr::memchr2(b'"', b'\\', s).unwrap_or(s.len());
+    // Control characters: the minimum of the run, which compiles to vector instructions; only a
+    // run that has one is searched again for where.
+    let run = &s[..stop];
+    if run.iter().copied().min().unwrap_or(u8::MAX) >= 0x20 {
+        return stop;
+    }
+    run.iter().position(|&b| b < 0x20).unwrap_or(stop)
+}
+
 /// Version of this protocol; a replica announces it in its [`Ready`] frame.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -134,6 +148,19 @@ pub enum ModelErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_run_stops_at_quotes_backslashes_and_control_characters() {
+        assert_eq!(json_plain_run(b"abc\"def"), 3);
+        assert_eq!(json_plain_run(b"abc\\"), 3);
+        let mut long = vec![b'a'; 200];
+        long[150] = b'\n';
+        assert_eq!(json_plain_run(&long), 150);
+        long[150] = b'"';
+        long[10] = 0x1f;
+        assert_eq!(json_plain_run(&long), 10);
+        assert_eq!(json_plain_run(b"plain"), 5);
+    }
 
     #[test]
     fn header_round_trips() {

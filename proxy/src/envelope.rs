@@ -15,6 +15,7 @@
 //! parsed in one loop.
 
 use bytes::Bytes;
+use modelgate_protocol::json_plain_run;
 
 /// Pieces of a request spread over frames at least this long are kept in place; shorter ones
 /// are copied together. hyper's HTTP/1 read buffer is at most 408 KiB, so a kept piece pins at
@@ -246,7 +247,7 @@ impl Scanner {
         match self.st {
             St::Str => {
                 let rest = &bytes[i..];
-                let run = plain_run(rest);
+                let run = json_plain_run(rest);
                 if matches!(self.str_kind, StrKind::TopKey | StrKind::AccessKey) {
                     self.collected.extend_from_slice(&rest[..run]);
                 }
@@ -667,18 +668,6 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// Length of the leading run of `s` with no quote, backslash or control character.
-fn plain_run(s: &[u8]) -> usize {
-    let stop = memchr::memchr2(b'"', b'\\', s).unwrap_or(s.len());
-    // Control characters: the minimum of the run, which compiles to vector instructions; only a
-    // run that has one is searched again for where.
-    let run = &s[..stop];
-    if run.iter().copied().min().unwrap_or(u8::MAX) >= 0x20 {
-        return stop;
-    }
-    run.iter().position(|&b| b < 0x20).unwrap_or(stop)
-}
-
 /// Parses a whole body held in one buffer.
 pub fn parse(body: &Bytes) -> Result<Envelope, EnvelopeError> {
     if let Some(envelope) = parse_plain(body) {
@@ -797,7 +786,7 @@ impl<'a> Plain<'a> {
         let b: &'a [u8] = self.b;
         let rest = &b[self.i..];
         // Most strings of a small body are short: eight bytes at a time finds their end before
-        // `plain_run`'s vector search has paid for its setup.
+        // `json_plain_run`'s vector search has paid for its setup.
         let mut run = 0;
         loop {
             let Some(word) = rest.get(run..run + 8) else {
@@ -815,7 +804,7 @@ impl<'a> Plain<'a> {
             }
             run += 8;
             if run == 32 {
-                run += plain_run(&rest[run..]);
+                run += json_plain_run(&rest[run..]);
                 break;
             }
         }
@@ -1185,18 +1174,5 @@ mod tests {
         assert_eq!(number_len(b"1e+x"), Err(3));
         // A leading zero ends the number; what follows is the next state's to refuse.
         assert_eq!(number_len(b"01"), Ok(Some(1)));
-    }
-
-    #[test]
-    fn plain_run_stops_at_quotes_backslashes_and_control_characters() {
-        assert_eq!(plain_run(b"abc\"def"), 3);
-        assert_eq!(plain_run(b"abc\\"), 3);
-        let mut long = vec![b'a'; 200];
-        long[150] = b'\n';
-        assert_eq!(plain_run(&long), 150);
-        long[150] = b'"';
-        long[10] = 0x1f;
-        assert_eq!(plain_run(&long), 10);
-        assert_eq!(plain_run(b"plain"), 5);
     }
 }

@@ -28,6 +28,25 @@ fn calls(c: &mut Criterion) {
         });
     }
     group.finish();
+    // A batch of feature records, the shape of a typical tabular request.
+    let records = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"id":{i},"x":{}.25,"y":-{}e-3,"label":"class-{}","ok":true}}"#,
+                i * 7,
+                i,
+                i % 3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let body = format!(r#"{{"records":[{records}]}}"#);
+    let mut group = c.benchmark_group("predict_echo_records");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("1000", |b| {
+        b.iter(|| echo.predict(body.as_bytes()).unwrap())
+    });
+    group.finish();
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,7 +1,8 @@
 //! Entry point for the `json_python` fuzz target and its corpus replay: arbitrary bytes go
 //! through the JSON → Python → JSON path of a model that returns its argument. Whatever the
-//! input, the call must not panic or crash the interpreter, and anything it answers must be
-//! valid JSON (the proxy splices answers into responses without parsing them).
+//! input, the call must not panic or crash the interpreter, anything it answers must be valid
+//! JSON (the proxy splices answers into responses without parsing them), and for UTF-8 input it
+//! must answer exactly what the `json` module's own methods answer.
 
 use std::sync::OnceLock;
 
@@ -19,7 +20,16 @@ fn echo() -> &'static Model {
 }
 
 pub fn json_python(data: &[u8]) {
-    if let Ok(answer) = echo().predict(data) {
+    let answer = echo().predict(data);
+    if std::str::from_utf8(data).is_ok() {
+        assert_eq!(
+            answer,
+            echo().predict_through_methods(data),
+            "the replica's JSON paths disagree on {:?}",
+            String::from_utf8_lossy(data)
+        );
+    }
+    if let Ok(answer) = answer {
         if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&answer) {
             panic!(
                 "the replica answered invalid JSON ({e}): {:?}",

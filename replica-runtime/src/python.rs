@@ -1,7 +1,9 @@
 //! The embedded interpreter: importing the model and calling its function with JSON in and out.
 //!
-//! JSON is converted by Python's own `json` module (C-accelerated; a decoder and an encoder built
-//! once at load): it keeps integers of any size
+//! JSON in the common case is converted by [`crate::json`], straight between bytes and Python
+//! objects. What it leaves, and every error, goes through Python's own `json` module
+//! (C-accelerated; a decoder and an encoder built once at load), whose results [`crate::json`]
+//! matches exactly. The `json` module keeps integers of any size
 //! exact and, with `allow_nan=False`, refuses NaN and infinities, so whatever it returns is valid
 //! JSON that the proxy can splice into its response without parsing.
 //!
@@ -130,14 +132,9 @@ impl Model {
                 exception: "UnicodeDecodeError".into(),
                 message: e.to_string(),
             })?;
-            let text = PyString::new(py, text);
-            let args = match self.scan_whole(&text) {
+            let args = match crate::json::decode(py, text) {
                 Some(args) => args,
-                None => self
-                    .decode
-                    .bind(py)
-                    .call1((text,))
-                    .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err))?,
+                None => self.decode_with_module(&PyString::new(py, text))?,
             };
             let result = self.function.call1(py, (args,)).map_err(|err| {
                 err.display(py);
@@ -148,8 +145,28 @@ impl Model {
                 };
                 model_error(py, kind, &err)
             })?;
+            let mut out = Vec::new();
+            if crate::json::encode(result.bind(py), &mut out) {
+                return Ok(out);
+            }
             self.encode_into_utf8(result.bind(py))
         })
+    }
+
+    /// `decode(text)`, through the C scanner when it takes the text whole.
+    fn decode_with_module<'py>(
+        &self,
+        text: &Bound<'py, PyString>,
+    ) -> Result<Bound<'py, PyAny>, ModelError> {
+        let py = text.py();
+        match self.scan_whole(text) {
+            Some(args) => Ok(args),
+            None => self
+                .decode
+                .bind(py)
+                .call1((text,))
+                .map_err(|err| model_error(py, ModelErrorKind::BadRequest, &err)),
+        }
     }
 
     /// The request as `decode` would return it, when it is one JSON value with nothing around it
@@ -234,11 +251,11 @@ impl Model {
     }
 }
 
-#[cfg(test)]
 impl Model {
     /// `predict` through `JSONDecoder.decode` and `JSONEncoder.encode` only: what the direct
-    /// calls must match.
-    fn predict_through_methods(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
+    /// calls and [`crate::json`] must match (the tests and the `json_python` fuzz target check).
+    /// The input must be UTF-8.
+    pub(crate) fn predict_through_methods(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
         Python::attach(|py| {
             let text = std::str::from_utf8(request).expect("UTF-8");
             let args = self
