@@ -28,6 +28,14 @@ fn calls(c: &mut Criterion) {
         });
     }
     group.finish();
+    // Generated text: a line break every 20 characters, each one escaped on the way out.
+    let lines = format!(r#"{{"text":"{}"}}"#, "nineteen characters\\n".repeat(5000));
+    let mut group = c.benchmark_group("predict_echo_lines");
+    group.throughput(Throughput::Bytes(lines.len() as u64));
+    group.bench_function("100KB", |b| {
+        b.iter(|| echo.predict(lines.as_bytes()).unwrap())
+    });
+    group.finish();
     // A batch of feature records, the shape of a typical tabular request.
     let records = (0..1000)
         .map(|i| {

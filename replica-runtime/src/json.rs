@@ -25,6 +25,10 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyList, PyString, PyTuple};
 const MAX_DEPTH: usize = 64;
 /// Integers of up to 18 digits fit an `i64`; longer ones go to the `json` module.
 const MAX_INT_DIGITS: usize = 18;
+/// Longer numbers go to the `json` module. Rust's float parse stops reading an exponent past
+/// 65,536, which changes the value only when some 65,000 digits before it offset the rest; no
+/// shorter number reads differently from Python's `float`.
+const MAX_NUMBER_LEN: usize = 100;
 /// Distinct object keys remembered per request, so repeated keys (a list of records) share one
 /// `str`, as `json.loads` does with its memo.
 const KEY_MEMO: usize = 32;
@@ -292,6 +296,9 @@ impl<'py, 't> Parser<'py, 't> {
             i = j + exp;
             float = true;
         }
+        if i - start > MAX_NUMBER_LEN {
+            return None;
+        }
         self.pos = i;
         let text = &self.text[start..i];
         if float {
@@ -395,9 +402,35 @@ fn encode_str(s: &Bound<'_, PyString>, out: &mut Vec<u8>) -> Option<()> {
             break;
         };
         rest = &rest[run + 1..];
+        if b == b'"' || b == b'\\' {
+            out.extend_from_slice(&[b'\\', b]);
+            continue;
+        }
+        controls_escaped(&[b], out);
+        // Control characters come many to a string (line breaks): the rest of this stretch
+        // without quotes or backslashes is escaped in one pass, so no search reads it again
+        // (searching from each one to the next quote would read a long text quadratically).
+        let stop = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+        controls_escaped(&rest[..stop], out);
+        rest = &rest[stop..];
+    }
+    out.push(b'"');
+    Some(())
+}
+
+/// `run` (no quote or backslash in it) with its control characters escaped.
+fn controls_escaped(mut run: &[u8], out: &mut Vec<u8>) {
+    // The minimum compiles to vector instructions; only a run that has a control character is
+    // read again for where.
+    if run.iter().copied().min().unwrap_or(u8::MAX) >= 0x20 {
+        out.extend_from_slice(run);
+        return;
+    }
+    while let Some(i) = run.iter().position(|&b| b < 0x20) {
+        out.extend_from_slice(&run[..i]);
+        let b = run[i];
+        run = &run[i + 1..];
         let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
             b'\n' => b'n',
             b'\r' => b'r',
             b'\t' => b't',
@@ -412,8 +445,7 @@ fn encode_str(s: &Bound<'_, PyString>, out: &mut Vec<u8>) -> Option<()> {
         };
         out.extend_from_slice(&[b'\\', short]);
     }
-    out.push(b'"');
-    Some(())
+    out.extend_from_slice(run);
 }
 
 #[cfg(test)]
@@ -470,6 +502,9 @@ def value(rng, depth=0):
                            float("nan"), float("inf"), -float("inf"),
                            rng.uniform(-1e6, 1e6), rng.random() * 10.0 ** rng.randrange(-30, 30)])
     if kind in (4, 5, 6, 7):
+        if rng.random() < 0.05:
+            return "".join(rng.choice(["ab", "\n", "\x01", '"', "\\", "\u00e9"])
+                           for _ in range(rng.randrange(0, 200)))
         alphabet = ['a', 'Z', '0', ' ', '"', '\\', '/', '\n', '\r', '\t', '\b', '\f', '\x00',
                     '\x1f', '\x7f', '\x80', '\u00e9', '\u2028', '\uffff', '\U0001f600',
                     '\ud800', '\udfff']
@@ -548,6 +583,11 @@ def value(rng, depth=0):
                     "+1",
                     "1.5e+",
                     "00",
+                    "1e65536",
+                    "1e-70000",
+                    "12.5e99999",
+                    "0.00000000000000000000000001e-300",
+                    "123456789012345678901234567890123456789012345678901234567890.5e-40",
                 ])),
                 3..=6 => {
                     out.push('"');
@@ -741,10 +781,73 @@ def value(rng, depth=0):
             assert!(decode(py, &deep).is_none());
             let deepest = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
             assert!(decode(py, &deepest).is_some());
+            // A refusal leaves no Python error behind.
+            assert!(PyErr::take(py).is_none());
+            // Numbers too long to be read the same by Rust's parse (0.0 instead of 1.0 here).
+            let long = format!("0.{}1e700000", "0".repeat(699_999));
+            assert!(decode(py, &long).is_none());
+            assert!(decode(py, &format!("1{}", "0".repeat(MAX_NUMBER_LEN))).is_none());
             let value = decode(py, r#" {"a" : [1, 2.5, "x\u00e9\n"], "a": true} "#).unwrap();
             let mut out = Vec::new();
             assert!(encode(&value, &mut out));
             assert_eq!(out, "{\"a\":true}".as_bytes());
+
+            // More distinct keys than the memo holds, repeated over records.
+            let h = helpers(py);
+            let record = (0..KEY_MEMO + 8)
+                .map(|i| format!(r#""k{i}":{i}"#))
+                .collect::<Vec<_>>()
+                .join(",");
+            let text = format!("[{{{record}}},{{{record}}},{{{record}}}]");
+            let (ok, slow): (bool, Bound<'_, PyAny>) = h
+                .getattr("loads")
+                .unwrap()
+                .call1((&text,))
+                .unwrap()
+                .extract()
+                .unwrap();
+            assert!(ok);
+            let same: bool = h
+                .getattr("same")
+                .unwrap()
+                .call1((decode(py, &text).unwrap(), slow))
+                .unwrap()
+                .extract()
+                .unwrap();
+            assert!(same);
+
+            // Encoding: as deep as the limit and no deeper; a circular list is refused.
+            let nested = |levels: usize| {
+                let mut v = PyList::empty(py);
+                for _ in 1..levels {
+                    v = PyList::new(py, [v]).unwrap();
+                }
+                v
+            };
+            let mut out = Vec::new();
+            assert!(encode(&nested(MAX_DEPTH), &mut out));
+            assert_eq!(out.len(), 2 * MAX_DEPTH);
+            let mut out = Vec::new();
+            assert!(!encode(&nested(MAX_DEPTH + 1), &mut out));
+            let circular = PyList::empty(py);
+            circular.append(&circular).unwrap();
+            assert!(!encode(&circular, &mut out));
+            assert!(out.is_empty());
+            circular.del_item(0).unwrap();
+
+            // A long string of many escapes, against `json.dumps`.
+            let text = PyString::new(py, &"x\n\u{1}\"é\\".repeat(20_000));
+            let mut out = Vec::new();
+            assert!(encode(&text, &mut out));
+            let slow: Vec<u8> = h
+                .getattr("dumps")
+                .unwrap()
+                .call1((&text,))
+                .unwrap()
+                .extract()
+                .unwrap();
+            assert_eq!(out, slow);
+            assert!(PyErr::take(py).is_none());
         });
     }
 }

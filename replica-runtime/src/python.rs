@@ -12,10 +12,13 @@
 //! run two regular expressions (the decoder) or build a new C encoder, a closure and a dict (the
 //! encoder), which cost more than the conversion of a small request. The results and errors are
 //! the same: a request the scanner does not take whole goes through `decode`, and the C encoder
-//! is the one `encode` builds, with the same settings. One difference remains: without those
-//! methods' two Python frames on the stack, a request or an answer may nest two levels deeper
-//! (about 998 instead of 996) before Python's recursion limit refuses it.
+//! is the one `encode` builds, with the same settings. One difference remains: Python's recursion
+//! limit. Without those methods' two Python frames on the stack, a request or an answer may nest
+//! two levels deeper (about 998 instead of 996) before the limit refuses it; and [`crate::json`]
+//! converts up to 64 levels without consulting it, so a model that lowers the limit below that
+//! still gets such requests.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
 use modelgate_protocol::{ModelError, ModelErrorKind};
@@ -132,7 +135,10 @@ impl Model {
                 exception: "UnicodeDecodeError".into(),
                 message: e.to_string(),
             })?;
-            let args = match crate::json::decode(py, text) {
+            // pyo3 panics when Python cannot allocate an object (after printing Python's
+            // error): the `json` module then tries again and raises `MemoryError` as before.
+            let fast = catch_unwind(AssertUnwindSafe(|| crate::json::decode(py, text)));
+            let args = match fast.ok().flatten() {
                 Some(args) => args,
                 None => self.decode_with_module(&PyString::new(py, text))?,
             };
@@ -146,7 +152,10 @@ impl Model {
                 model_error(py, kind, &err)
             })?;
             let mut out = Vec::new();
-            if crate::json::encode(result.bind(py), &mut out) {
+            let fast = catch_unwind(AssertUnwindSafe(|| {
+                crate::json::encode(result.bind(py), &mut out)
+            }));
+            if matches!(fast, Ok(true)) {
                 return Ok(out);
             }
             self.encode_into_utf8(result.bind(py))
