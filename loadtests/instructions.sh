@@ -48,7 +48,10 @@ load() {
 count() {
   local name=$1 port=$2; shift 2
   # On CPU 0 as in every other measurement, so a server sizes its runtime for one CPU.
-  taskset -c 0 valgrind --tool=callgrind $cache_sim --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
+  # modelgate serve starts itself again with its allocator settings (the same process), so
+  # callgrind follows that exec; replicas run natively.
+  taskset -c 0 valgrind --tool=callgrind $cache_sim --trace-children=yes --trace-children-skip='*replica-runtime*' \
+    --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
   pid=$!
   for _ in $(seq 1 1200); do
     curl -s -o /dev/null "http://127.0.0.1:$port/" && break

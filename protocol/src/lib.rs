@@ -12,6 +12,8 @@
 //! HTTP bodies without parsing them again.
 #![forbid(unsafe_code)]
 
+pub mod glibc;
+
 use serde::{Deserialize, Serialize};
 
 /// Length of the leading run of `s` with no quote, backslash or control character: the part of a

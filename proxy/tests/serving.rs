@@ -53,6 +53,47 @@ async fn close_h2(client: reqwest::Client) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// `modelgate serve` starts itself again, once, in the same process, with its allocator setting
+/// (a larger glibc per-thread cache), and its replicas inherit it.
+#[tokio::test]
+async fn serve_runs_with_its_allocator_setting() {
+    let server = Server::start("", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    // glibc rewrites the variable in place once it has read it, so only the first setting shows.
+    let environ = |pid: u32| {
+        let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        raw.split(|&b| b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let env = environ(server.pid());
+    assert!(env.iter().any(|v| v == "MODELGATE_MALLOC_SET=1"), "{env:?}");
+    assert!(
+        env.iter()
+            .any(|v| v.starts_with("GLIBC_TUNABLES=glibc.malloc.tcache_count=64")),
+        "{env:?}"
+    );
+    let replica = server.children()[0];
+    let env = environ(replica);
+    assert!(env.iter().any(|v| v == "MODELGATE_MALLOC_SET=1"), "{env:?}");
+    assert!(
+        env.iter().any(|v| v == "MODELGATE_REPLICA_MALLOC_SET=1"),
+        "{env:?}"
+    );
+    let (status, body) = server
+        .predict(
+            &client(),
+            &key_for("add"),
+            serde_json::json!({"a": 3, "b": 5}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["response"]),
+        (200, &serde_json::json!(8)),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn json_values_round_trip_through_python() {
     let server = Server::start("", &[model("echo", "echo", 1)]);

@@ -16,11 +16,11 @@ use replica_runtime::python;
 
 use std::io::{self, BufReader, Read};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use modelgate_protocol::glibc::Tunable;
 use modelgate_protocol::{self as protocol, Kind, ModelError, Ready};
 
 #[derive(Parser)]
@@ -73,98 +73,28 @@ struct ModelArgs {
 
 /// glibc's allocator settings for a replica, with the older environment variable that sets each
 /// the same way. A large request (the proxy takes up to 5 MB) makes a few allocations of its size
-/// at once: the bytes read, the `str` given to `json.loads`, the values it builds. With glibc's
+/// at once: the bytes read and the values built from them. With glibc's
 /// self-adjusting thresholds, such allocations are mapped and unmapped, or freed together into
 /// more than it keeps at the top of the heap, so every request faults its pages in again: about
 /// 2,400 page faults, half the replica's CPU time, for a 5 MB request on the machine of
 /// `docs/PERFORMANCE.md`. With these, allocations under 32 MiB come from the heap and up to
 /// 32 MiB freed at its top is kept for the next request (at most what the replica already used).
-const MALLOC_TUNABLES: [(&str, &str, &str); 2] = [
-    (
-        "glibc.malloc.mmap_threshold",
-        "33554432",
-        "MALLOC_MMAP_THRESHOLD_",
-    ),
-    (
-        "glibc.malloc.trim_threshold",
-        "33554432",
-        "MALLOC_TRIM_THRESHOLD_",
-    ),
+const MALLOC_TUNABLES: [Tunable; 2] = [
+    Tunable {
+        name: "glibc.malloc.mmap_threshold",
+        value: "33554432",
+        older: Some("MALLOC_MMAP_THRESHOLD_"),
+    },
+    Tunable {
+        name: "glibc.malloc.trim_threshold",
+        value: "33554432",
+        older: Some("MALLOC_TRIM_THRESHOLD_"),
+    },
 ];
 
 /// Set in the environment of the restarted process, so it never restarts twice whatever glibc
 /// does with `GLIBC_TUNABLES`.
 const RESTARTED: &str = "MODELGATE_REPLICA_MALLOC_SET";
-
-/// `GLIBC_TUNABLES` with each of [`MALLOC_TUNABLES`] that the environment does not set already
-/// (in `current`, or by its older variable: `is_set`) appended; `None` when nothing is missing.
-fn with_malloc_tunables(current: &str, is_set: impl Fn(&str) -> bool) -> Option<String> {
-    let set: Vec<&str> = current
-        .split(':')
-        .filter_map(|kv| kv.split('=').next())
-        .collect();
-    let mut all: Vec<String> = current
-        .split(':')
-        .filter(|kv| !kv.is_empty())
-        .map(str::to_string)
-        .collect();
-    let before = all.len();
-    for (key, value, older) in MALLOC_TUNABLES {
-        if !set.contains(&key) && !is_set(older) {
-            all.push(format!("{key}={value}"));
-        }
-    }
-    (all.len() != before).then(|| all.join(":"))
-}
-
-/// glibc reads `GLIBC_TUNABLES` only when a program starts, so a replica started without
-/// [`MALLOC_TUNABLES`] starts itself again, once, with them: the same process (id, process group,
-/// descriptors, arguments after the first), before anything else has run. Whoever starts replicas
-/// (the proxy, the load tests, a container) need not know. The model sees the variable in its
-/// environment, and programs it starts inherit it.
-///
-/// No restart when the binary cannot be told apart from a loader running it (`ld.so
-/// replica-runtime ...`: the executable is not the one `argv[0]` names). If the `exec` itself
-/// fails (the binary was replaced since it started), the replica goes on without the settings; std
-/// has by then reset SIGPIPE to its default, so a write to a socket the proxy closed ends the
-/// process instead of failing, which only matters when the proxy is gone anyway.
-fn restart_with_malloc_tunables() {
-    if std::env::var_os(RESTARTED).is_some() {
-        return;
-    }
-    let current = match std::env::var_os("GLIBC_TUNABLES") {
-        None => String::new(),
-        Some(v) => match v.into_string() {
-            Ok(v) => v,
-            Err(_) => return, // not ours to rewrite
-        },
-    };
-    let Some(tunables) = with_malloc_tunables(&current, |v| std::env::var_os(v).is_some()) else {
-        return;
-    };
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(err) => {
-            eprintln!("replica-runtime: no allocator settings: cannot find own executable: {err}");
-            return;
-        }
-    };
-    let argv0 = std::env::args_os().next().map(std::path::PathBuf::from);
-    if argv0.as_deref().and_then(|p| p.file_name()) != exe.file_name() {
-        eprintln!(
-            "replica-runtime: no allocator settings: {} is not the program {:?} names",
-            exe.display(),
-            argv0.unwrap_or_default()
-        );
-        return;
-    }
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("GLIBC_TUNABLES", tunables)
-        .env(RESTARTED, "1")
-        .exec();
-    eprintln!("replica-runtime: could not restart with allocator settings ({err}); going on");
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -181,7 +111,9 @@ fn main() -> ExitCode {
             join_cgroup,
             model,
         } => {
-            restart_with_malloc_tunables();
+            // Whoever starts replicas (the proxy, the load tests, a container) need not know; the model
+            // sees the variable in its environment, and programs it starts inherit it.
+            protocol::glibc::restart_with("replica-runtime", &MALLOC_TUNABLES, RESTARTED);
             // Before the interpreter starts, so the model's import is inside the limits too.
             for procs in &join_cgroup {
                 if let Err(err) = std::fs::write(procs, b"0") {
@@ -326,32 +258,4 @@ fn wait_readable(stream: &UnixStream) -> io::Result<()> {
 fn write_json_frame<T: serde::Serialize>(w: &Outbox, kind: Kind, value: &T) -> io::Result<()> {
     let payload = serde_json::to_vec(value).expect("protocol types serialise");
     w.send(kind, &payload)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn malloc_tunables_are_added_once_and_never_override_the_environment() {
-        let none = |_: &str| false;
-        let ours = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=33554432";
-        assert_eq!(with_malloc_tunables("", none).as_deref(), Some(ours));
-        // After the restart they are all there.
-        assert_eq!(with_malloc_tunables(ours, none), None);
-        // A setting of the environment's own is kept, and only the missing one added.
-        assert_eq!(
-            with_malloc_tunables("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off", none)
-                .as_deref(),
-            Some("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off:glibc.malloc.mmap_threshold=33554432")
-        );
-        // So is one set by its older variable.
-        let trim_set = |v: &str| v == "MALLOC_TRIM_THRESHOLD_";
-        assert_eq!(
-            with_malloc_tunables("", trim_set).as_deref(),
-            Some("glibc.malloc.mmap_threshold=33554432")
-        );
-        let both_set = |v: &str| v.starts_with("MALLOC_");
-        assert_eq!(with_malloc_tunables("", both_set), None);
-    }
 }

@@ -1,0 +1,146 @@
+//! glibc allocator settings for the proxy and the replica, applied the only way glibc takes them
+//! after a program has started: by starting it again.
+//!
+//! glibc reads `GLIBC_TUNABLES` once, when a program starts. A program that wants settings of its
+//! own calls [`restart_with`] first thing in `main`: when the environment lacks any of them it
+//! executes itself again, once, with them appended. The process stays the same (id, process
+//! group, descriptors, arguments), so whoever starts it need not know. Settings the environment
+//! already has, in `GLIBC_TUNABLES` or by an older variable, always win.
+
+use std::os::unix::process::CommandExt;
+
+/// One setting: its `GLIBC_TUNABLES` name, the value wanted, and the older environment variable
+/// that sets the same, if there is one.
+#[derive(Debug, Clone, Copy)]
+pub struct Tunable {
+    pub name: &'static str,
+    pub value: &'static str,
+    pub older: Option<&'static str>,
+}
+
+/// `GLIBC_TUNABLES` with each of `wanted` that the environment does not set already (in
+/// `current`, or by its older variable: `is_set`) appended; `None` when nothing is missing.
+pub fn with_tunables(
+    current: &str,
+    wanted: &[Tunable],
+    is_set: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let set: Vec<&str> = current
+        .split(':')
+        .filter_map(|kv| kv.split('=').next())
+        .collect();
+    let mut all: Vec<String> = current
+        .split(':')
+        .filter(|kv| !kv.is_empty())
+        .map(str::to_string)
+        .collect();
+    let before = all.len();
+    for t in wanted {
+        if !set.contains(&t.name) && !t.older.is_some_and(&is_set) {
+            all.push(format!("{}={}", t.name, t.value));
+        }
+    }
+    (all.len() != before).then(|| all.join(":"))
+}
+
+/// Executes the running program again with `wanted` added to `GLIBC_TUNABLES` and `marker` set,
+/// unless `marker` is already set (so it never restarts twice, whatever glibc does with the
+/// variable) or nothing is missing. `program` names it in messages. Programs it starts inherit
+/// the settings.
+///
+/// No restart when the binary cannot be told apart from a loader running it (`ld.so program
+/// ...`: the executable is not the one `argv[0]` names), or when the variable is not UTF-8. If
+/// the `exec` itself fails (the binary was replaced since it started), the program goes on
+/// without the settings. Call it before any other thread starts.
+pub fn restart_with(program: &str, wanted: &[Tunable], marker: &str) {
+    if std::env::var_os(marker).is_some() {
+        return;
+    }
+    let current = match std::env::var_os("GLIBC_TUNABLES") {
+        None => String::new(),
+        Some(v) => match v.into_string() {
+            Ok(v) => v,
+            Err(_) => return, // not ours to rewrite
+        },
+    };
+    let Some(tunables) = with_tunables(&current, wanted, |v| std::env::var_os(v).is_some()) else {
+        return;
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            eprintln!("{program}: no allocator settings: cannot find own executable: {err}");
+            return;
+        }
+    };
+    let argv0 = std::env::args_os().next().map(std::path::PathBuf::from);
+    if argv0.as_deref().and_then(|p| p.file_name()) != exe.file_name() {
+        eprintln!(
+            "{program}: no allocator settings: {} is not the program {:?} names",
+            exe.display(),
+            argv0.unwrap_or_default()
+        );
+        return;
+    }
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("GLIBC_TUNABLES", tunables)
+        .env(marker, "1")
+        .exec();
+    eprintln!("{program}: could not restart with allocator settings ({err}); going on");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WANTED: [Tunable; 2] = [
+        Tunable {
+            name: "glibc.malloc.mmap_threshold",
+            value: "33554432",
+            older: Some("MALLOC_MMAP_THRESHOLD_"),
+        },
+        Tunable {
+            name: "glibc.malloc.trim_threshold",
+            value: "33554432",
+            older: Some("MALLOC_TRIM_THRESHOLD_"),
+        },
+    ];
+
+    #[test]
+    fn tunables_are_added_once_and_never_override_the_environment() {
+        let none = |_: &str| false;
+        let ours = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=33554432";
+        assert_eq!(with_tunables("", &WANTED, none).as_deref(), Some(ours));
+        // After the restart they are all there.
+        assert_eq!(with_tunables(ours, &WANTED, none), None);
+        // A setting of the environment's own is kept, and only the missing one added.
+        assert_eq!(
+            with_tunables("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off", &WANTED, none)
+                .as_deref(),
+            Some("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off:glibc.malloc.mmap_threshold=33554432")
+        );
+        // So is one set by its older variable.
+        let trim_set = |v: &str| v == "MALLOC_TRIM_THRESHOLD_";
+        assert_eq!(
+            with_tunables("", &WANTED, trim_set).as_deref(),
+            Some("glibc.malloc.mmap_threshold=33554432")
+        );
+        let both_set = |v: &str| v.starts_with("MALLOC_");
+        assert_eq!(with_tunables("", &WANTED, both_set), None);
+        // A setting with no older variable is added unless GLIBC_TUNABLES has it.
+        let tcache = [Tunable {
+            name: "glibc.malloc.tcache_count",
+            value: "64",
+            older: None,
+        }];
+        assert_eq!(
+            with_tunables("", &tcache, |_| true).as_deref(),
+            Some("glibc.malloc.tcache_count=64")
+        );
+        assert_eq!(
+            with_tunables("glibc.malloc.tcache_count=7", &tcache, none),
+            None
+        );
+    }
+}
