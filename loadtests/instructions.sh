@@ -2,7 +2,8 @@
 # User-space instructions per request, counted by callgrind: a figure that does not drift with
 # this machine's noise, for comparing builds and for seeing where the proxy's own code goes.
 # modelgate (the add model, one replica), hop-floor and the bare hyper floor each run under
-# `valgrind --tool=callgrind` (the replica runs natively: callgrind does not follow children);
+# `valgrind --tool=callgrind` (the replica runs natively: callgrind follows modelgate's restart
+# of itself but not the replicas it starts);
 # after WARM requests the counters are zeroed, then N requests at c=CONC (default 1) are counted
 # and dumped. The servers run on CPU 0 (`taskset`), as in the timed scripts; before 2026-11-30's
 # sixth session they ran unpinned, so modelgate ran two runtime workers under callgrind.
@@ -15,7 +16,7 @@
 # conversion included): a second modelgate run, native, whose replica runs under callgrind
 # (`--trace-children=yes`, since the replica re-executes itself once). The slow replica makes
 # larger batches than usual, so its per-batch costs are spread thinner than at full speed.
-# RUNTIME=/path/to/another/replica-runtime counts that build of the replica instead.
+# RUNTIME=/absolute/path/to/another/replica-runtime counts that build of the replica instead.
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ count() {
   # On CPU 0 as in every other measurement, so a server sizes its runtime for one CPU.
   # modelgate serve starts itself again with its allocator settings (the same process), so
   # callgrind follows that exec; replicas run natively.
-  taskset -c 0 valgrind --tool=callgrind $cache_sim --trace-children=yes --trace-children-skip='*replica-runtime*' \
+  taskset -c 0 valgrind --tool=callgrind $cache_sim --trace-children=yes --trace-children-skip="$runtime,*replica-runtime*" \
     --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
   pid=$!
   for _ in $(seq 1 1200); do
@@ -106,15 +107,17 @@ PY
 # "replica <Ir per request>".
 count_replica() {
   local port=18693 mg_pid replica
-  printf '#!/bin/sh\nexec valgrind --tool=callgrind --trace-children=yes --callgrind-out-file=%s/replica.%%p %s "$@" 2>>%s/replica.log\n' \
-    "$work" "$runtime" "$work" >"$work/replica.sh"
+  printf '#!/bin/sh\nexec valgrind --tool=callgrind %s --trace-children=yes --callgrind-out-file='"'"'%s/replica.%%p'"'"' '"'"'%s'"'"' "$@" 2>>'"'"'%s/replica.log'"'"'\n' \
+    "$cache_sim" "$work" "$runtime" "$work" >"$work/replica.sh"
   chmod +x "$work/replica.sh"
   add_config "$work/r.toml" "$port" "$work/rdata" "$KEY" "$work/replica.sh"
   taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/r.toml" >"$work/rmg.log" 2>&1 &
   mg_pid=$!
   pid=$mg_pid
   wait_ready "$port" "$work/rmg.log" "$work/replica.log"
-  replica=$(pgrep -P "$mg_pid" -f "replica-runtime serve" | head -1)
+  # The replica is modelgate's only child once it is ready.
+  replica=$(pgrep -P "$mg_pid" | head -1) || true
+  [ -n "$replica" ] || { echo "no replica process under modelgate" >&2; exit 1; }
   load "$port" "$WARM"
   poke "$port" & callgrind_control --zero "$replica" >/dev/null 2>&1
   load "$port" "$N"

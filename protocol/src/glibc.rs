@@ -7,7 +7,8 @@
 //! group, descriptors, arguments), so whoever starts it need not know. Settings the environment
 //! already has, in `GLIBC_TUNABLES` or by an older variable, always win.
 
-use std::os::unix::process::CommandExt;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 
 /// One setting: its `GLIBC_TUNABLES` name, the value wanted, and the older environment variable
 /// that sets the same, if there is one.
@@ -51,7 +52,10 @@ pub fn with_tunables(
 /// No restart when the binary cannot be told apart from a loader running it (`ld.so program
 /// ...`: the executable is not the one `argv[0]` names), or when the variable is not UTF-8. If
 /// the `exec` itself fails (the binary was replaced since it started), the program goes on
-/// without the settings. Call it before any other thread starts.
+/// without the settings, and nothing else about it has changed: `execve` is called directly,
+/// since std's `Command::exec` first resets what the program relies on (`SIGPIPE` ignored, so a
+/// write to a peer that has gone away fails with `EPIPE` instead of ending the process). Call it
+/// before any other thread starts.
 pub fn restart_with(program: &str, wanted: &[Tunable], marker: &str) {
     if std::env::var_os(marker).is_some() {
         return;
@@ -82,11 +86,23 @@ pub fn restart_with(program: &str, wanted: &[Tunable], marker: &str) {
         );
         return;
     }
-    let err = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("GLIBC_TUNABLES", tunables)
-        .env(marker, "1")
-        .exec();
+    let c = |bytes: &[u8]| CString::new(bytes).ok();
+    let env = std::env::vars_os()
+        .filter(|(k, _)| k != "GLIBC_TUNABLES" && k != marker)
+        .map(|(k, v)| c(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+        .chain([
+            c(format!("GLIBC_TUNABLES={tunables}").as_bytes()),
+            c(format!("{marker}=1").as_bytes()),
+        ])
+        .collect::<Option<Vec<CString>>>();
+    let args = std::env::args_os()
+        .map(|a| c(a.as_bytes()))
+        .collect::<Option<Vec<CString>>>();
+    // The same arguments, `argv[0]` included; none of these can hold a NUL byte.
+    let (Some(path), Some(args), Some(env)) = (c(exe.as_os_str().as_bytes()), args, env) else {
+        return;
+    };
+    let Err(err) = nix::unistd::execve(&path, &args, &env);
     eprintln!("{program}: could not restart with allocator settings ({err}); going on");
 }
 

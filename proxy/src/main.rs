@@ -115,8 +115,8 @@ enum Command {
 /// glibc's allocator settings for `modelgate serve`. glibc keeps up to 7 freed blocks of each
 /// small size per thread (its tcache) to hand out again without its arena's slower paths. The
 /// proxy frees a batch's requests together and allocates the next batch's together, more than 7
-/// of a size at c=16, so most missed it; with 64 they do not (about 1,100 fewer instructions a
-/// request at c=16; `docs/PERFORMANCE.md`). The cache holds only blocks freed, at most 64 of
+/// of a size at c=16, so most missed it; with 64 they do not (1,100–1,400 fewer instructions a
+/// request at c=16, about 6 %; `docs/PERFORMANCE.md`). The cache holds only blocks freed, at most 64 of
 /// each size up to 1,032 bytes per thread. Replicas inherit the setting.
 const MALLOC_TUNABLES: [modelgate_protocol::glibc::Tunable; 1] =
     [modelgate_protocol::glibc::Tunable {
@@ -163,7 +163,9 @@ fn main() -> ExitCode {
             data_dir,
             check,
         } => {
-            modelgate_protocol::glibc::restart_with("modelgate", &MALLOC_TUNABLES, RESTARTED);
+            if !check {
+                modelgate_protocol::glibc::restart_with("modelgate", &MALLOC_TUNABLES, RESTARTED);
+            }
             serve(config, listen, data_dir, check)
         }
         Command::RecoverAdmin { config, data_dir } => recover_admin(config, data_dir),

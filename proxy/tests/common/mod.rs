@@ -132,6 +132,10 @@ impl Server {
             .env("MODELGATE_ADMIN_API_KEY", admin_key())
             .env("MODELGATE_TEST_FAILPOINTS", "1")
             .env_remove("MODEL_REQUEST_TIMEOUT_SECONDS")
+            // The allocator settings are modelgate's own, whatever the test runner's are.
+            .env_remove("GLIBC_TUNABLES")
+            .env_remove("MODELGATE_MALLOC_SET")
+            .env_remove("MODELGATE_REPLICA_MALLOC_SET")
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
