@@ -62,13 +62,13 @@ struct Head {
 /// The whole prediction. Its future keeps only what crosses an await (the router boxes it, once
 /// per request), and the rare paths (API keys, errors) live in functions of their own, out of the
 /// way of the code every request runs through.
-pub fn handle<'a>(
-    routes: &'a Routes,
-    auth: &'a Auth,
+pub fn handle(
+    routes: Arc<Routes>,
+    auth: Arc<Auth>,
     limits: PredictLimits,
     req: Request<Incoming>,
     remote: std::net::SocketAddr,
-) -> impl std::future::Future<Output = Response<Body>> + Send + 'a {
+) -> impl std::future::Future<Output = Response<Body>> + Send + 'static {
     let head = Head {
         authorization: req.headers().get(http::header::AUTHORIZATION).cloned(),
         remote,
@@ -87,15 +87,24 @@ pub fn handle<'a>(
 /// moves them on, and this future is allocated for every request (the size of a small allocation
 /// keeps it in the allocator's per-thread cache).
 async fn predict(
-    routes: &Routes,
-    auth: &Auth,
+    routes: Arc<Routes>,
+    auth: Arc<Auth>,
     limits: PredictLimits,
     mut head: Head,
     body: Incoming,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut reached = Reached::default();
-    let result = phases(routes, auth, limits, &mut head, body, started, &mut reached).await;
+    let result = phases(
+        &routes,
+        &auth,
+        &limits,
+        &mut head,
+        body,
+        started,
+        &mut reached,
+    )
+    .await;
     match result {
         Ok(resp) => {
             if let Some(route) = &reached.route {
@@ -132,7 +141,7 @@ fn failed(err: ApiError, reached: &Reached, started: Instant) -> Response<Body> 
 async fn phases(
     routes: &Routes,
     auth: &Auth,
-    limits: PredictLimits,
+    limits: &PredictLimits,
     head: &mut Head,
     body: Incoming,
     started: Instant,
@@ -312,13 +321,14 @@ async fn read_envelope(body: Incoming, head: &Head, limit: u64) -> Result<Envelo
 mod tests {
     use super::*;
 
-    fn future_size<'a, F>(
-        _: fn(&'a Routes, &'a Auth, PredictLimits, Request<Incoming>, std::net::SocketAddr) -> F,
-    ) -> usize {
+    type Handle<F> =
+        fn(Arc<Routes>, Arc<Auth>, PredictLimits, Request<Incoming>, std::net::SocketAddr) -> F;
+
+    fn future_size<F>(_: Handle<F>) -> usize {
         std::mem::size_of::<F>()
     }
 
-    /// The router boxes this future for every prediction (984 bytes on 2026-11-30, the same in
+    /// The router boxes this future for every prediction (1,008 bytes on 2026-11-30, the same in
     /// debug and release builds). glibc serves allocations of up to
     /// 1,032 bytes from a per-thread cache; past that, each one takes the arena's lock and its
     /// slower path (about 500 more instructions a request, malloc and free together). Moving an

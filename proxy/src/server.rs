@@ -4,7 +4,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -55,43 +57,68 @@ pub struct ConnSettings {
     pub shutdown_grace: Duration,
 }
 
+/// The future of one request: an answer decided while routing, or the state machine of a
+/// prediction or an API call, boxed. Routing happens in the service's `call`, so what hyper keeps
+/// per request and moves between the layers is this small enum, not the request and the
+/// layers' state around it.
+pub enum Routed {
+    Ready(Option<Response<Body>>),
+    Boxed(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+}
+
+impl Future for Routed {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Routed::Ready(resp) => Poll::Ready(Ok(resp.take().expect("polled after completion"))),
+            Routed::Boxed(fut) => fut.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
 impl App {
-    async fn route(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Routed {
         if cfg!(debug_assertions) && self.panic_failpoint && req.uri().path() == "/__test/panic" {
             panic!("failpoint /__test/panic");
         }
+        let ready = |resp| Routed::Ready(Some(resp));
         match (self.serves, req.uri().path()) {
             (Serves::MetricsAndProbes, "/metrics" | "/healthz" | "/readyz") => {}
             (Serves::MetricsAndProbes, path)
             | (Serves::EverythingButMetrics, path @ "/metrics") => {
-                return ApiError::NotFound(path.chars().take(200).collect()).into_response()
+                return ready(ApiError::NotFound(path.chars().take(200).collect()).into_response())
             }
             _ => {}
         }
         // Both state machines are boxed: hyper keeps, per connection and for the connection's
-        // whole life, one slot the size of this future, which embedding them would make a few KB.
+        // whole life, one slot the size of its service's future.
         match (req.method(), req.uri().path()) {
-            (&Method::POST, "/model") => {
-                Box::pin(predict::handle(
-                    &self.routes,
-                    &self.auth,
-                    self.limits,
-                    req,
-                    peer,
-                ))
-                .await
-            }
-            (_, "/model") => ApiError::MethodNotAllowed { allowed: "POST" }.into_response(),
+            (&Method::POST, "/model") => Routed::Boxed(Box::pin(predict::handle(
+                self.routes.clone(),
+                self.auth.clone(),
+                self.limits,
+                req,
+                peer,
+            ))),
+            (_, "/model") => ready(ApiError::MethodNotAllowed { allowed: "POST" }.into_response()),
             (_, path) if path == "/api/v2" || path.starts_with("/api/v2/") => {
-                Box::pin(crate::api::handle(&self.control, req, peer)).await
+                let control = self.control.clone();
+                Routed::Boxed(Box::pin(async move {
+                    crate::api::handle(&control, req, peer).await
+                }))
             }
-            (&Method::GET, "/metrics") => self.render_metrics(),
-            (&Method::GET, "/healthz") => json_response(StatusCode::OK, &br#"{"status":"ok"}"#[..]),
-            (&Method::GET, "/readyz") => self.readiness(),
+            (&Method::GET, "/metrics") => ready(self.render_metrics()),
+            (&Method::GET, "/healthz") => {
+                ready(json_response(StatusCode::OK, &br#"{"status":"ok"}"#[..]))
+            }
+            (&Method::GET, "/readyz") => ready(self.readiness()),
             (_, "/metrics" | "/healthz" | "/readyz") => {
-                ApiError::MethodNotAllowed { allowed: "GET" }.into_response()
+                ready(ApiError::MethodNotAllowed { allowed: "GET" }.into_response())
             }
-            (_, path) => ApiError::NotFound(path.chars().take(200).collect()).into_response(),
+            (_, path) => {
+                ready(ApiError::NotFound(path.chars().take(200).collect()).into_response())
+            }
         }
     }
 
@@ -189,8 +216,7 @@ pub async fn serve(
             // Outermost: a panic anywhere below fails only its own request, with a JSON 500.
             .layer(CatchPanicLayer::custom(panic_response))
             .service(tower::service_fn(move |req: Request<Incoming>| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(app.route(req, peer).await) }
+                app.route(req, peer)
             }));
         let service = TowerToHyperService::new(service);
         let entered = drain.enter();
