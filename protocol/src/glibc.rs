@@ -110,46 +110,38 @@ pub fn restart_with(program: &str, wanted: &[Tunable], marker: &str) {
 mod tests {
     use super::*;
 
-    const WANTED: [Tunable; 2] = [
-        Tunable {
-            name: "glibc.malloc.mmap_threshold",
-            value: "33554432",
-            older: Some("MALLOC_MMAP_THRESHOLD_"),
-        },
-        Tunable {
-            name: "glibc.malloc.trim_threshold",
-            value: "33554432",
-            older: Some("MALLOC_TRIM_THRESHOLD_"),
-        },
-    ];
+    fn tunable(name: &'static str, value: &'static str, older: Option<&'static str>) -> Tunable {
+        Tunable { name, value, older }
+    }
 
     #[test]
     fn tunables_are_added_once_and_never_override_the_environment() {
+        #[rustfmt::skip]
+        let wanted = [
+            tunable("glibc.malloc.mmap_threshold", "33554432", Some("MALLOC_MMAP_THRESHOLD_")),
+            tunable("glibc.malloc.trim_threshold", "33554432", Some("MALLOC_TRIM_THRESHOLD_")),
+        ];
         let none = |_: &str| false;
         let ours = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=33554432";
-        assert_eq!(with_tunables("", &WANTED, none).as_deref(), Some(ours));
+        assert_eq!(with_tunables("", &wanted, none).as_deref(), Some(ours));
         // After the restart they are all there.
-        assert_eq!(with_tunables(ours, &WANTED, none), None);
+        assert_eq!(with_tunables(ours, &wanted, none), None);
         // A setting of the environment's own is kept, and only the missing one added.
         assert_eq!(
-            with_tunables("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off", &WANTED, none)
+            with_tunables("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off", &wanted, none)
                 .as_deref(),
             Some("glibc.malloc.trim_threshold=0:glibc.cpu.x86_ibt=off:glibc.malloc.mmap_threshold=33554432")
         );
         // So is one set by its older variable.
         let trim_set = |v: &str| v == "MALLOC_TRIM_THRESHOLD_";
         assert_eq!(
-            with_tunables("", &WANTED, trim_set).as_deref(),
+            with_tunables("", &wanted, trim_set).as_deref(),
             Some("glibc.malloc.mmap_threshold=33554432")
         );
         let both_set = |v: &str| v.starts_with("MALLOC_");
-        assert_eq!(with_tunables("", &WANTED, both_set), None);
+        assert_eq!(with_tunables("", &wanted, both_set), None);
         // A setting with no older variable is added unless GLIBC_TUNABLES has it.
-        let tcache = [Tunable {
-            name: "glibc.malloc.tcache_count",
-            value: "64",
-            older: None,
-        }];
+        let tcache = [tunable("glibc.malloc.tcache_count", "64", None)];
         assert_eq!(
             with_tunables("", &tcache, |_| true).as_deref(),
             Some("glibc.malloc.tcache_count=64")

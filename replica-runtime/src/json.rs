@@ -100,64 +100,56 @@ impl<'py, 't> Parser<'py, 't> {
     }
 
     fn object(&mut self, depth: usize) -> Option<Bound<'py, PyAny>> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        self.pos += 1;
         let dict = PyDict::new(self.py);
-        self.skip_ws();
-        if self.peek()? == b'}' {
-            self.pos += 1;
-            return Some(dict.into_any());
-        }
-        loop {
-            if self.peek()? != b'"' {
+        self.elements(depth, b'}', |p| {
+            if p.peek()? != b'"' {
                 return None;
             }
-            let key = self.key()?;
-            self.skip_ws();
-            self.eat(b":")?;
-            self.skip_ws();
-            let value = self.value(depth)?;
+            let key = p.key()?;
+            p.skip_ws();
+            p.eat(b":")?;
+            p.skip_ws();
+            let value = p.value(depth)?;
             // A repeated key keeps its first place with the last value, as in `json.loads`.
-            dict.set_item(key, value).ok()?;
-            self.skip_ws();
-            match self.peek()? {
-                b',' => {
-                    self.pos += 1;
-                    self.skip_ws();
-                }
-                b'}' => {
-                    self.pos += 1;
-                    return Some(dict.into_any());
-                }
-                _ => return None,
-            }
-        }
+            dict.set_item(key, value).ok()
+        })?;
+        Some(dict.into_any())
     }
 
     fn array(&mut self, depth: usize) -> Option<Bound<'py, PyAny>> {
+        let list = PyList::empty(self.py);
+        self.elements(depth, b']', |p| list.append(p.value(depth)?).ok())?;
+        Some(list.into_any())
+    }
+
+    /// An object's or an array's elements, from its opening bracket to `close`; `element` reads
+    /// one (for an object, a key and its value).
+    fn elements(
+        &mut self,
+        depth: usize,
+        close: u8,
+        mut element: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
         }
         self.pos += 1;
-        let list = PyList::empty(self.py);
         self.skip_ws();
-        if self.peek()? == b']' {
+        if self.peek()? == close {
             self.pos += 1;
-            return Some(list.into_any());
+            return Some(());
         }
         loop {
-            list.append(self.value(depth)?).ok()?;
+            element(self)?;
             self.skip_ws();
             match self.peek()? {
                 b',' => {
                     self.pos += 1;
                     self.skip_ws();
                 }
-                b']' => {
+                c if c == close => {
                     self.pos += 1;
-                    return Some(list.into_any());
+                    return Some(());
                 }
                 _ => return None,
             }
@@ -358,32 +350,32 @@ fn encode_value(value: &Bound<'_, PyAny>, out: &mut Vec<u8>, depth: usize) -> Op
         }
         out.push(b'}');
     } else if let Ok(list) = value.cast_exact::<PyList>() {
-        if depth >= MAX_DEPTH {
-            return None;
-        }
-        out.push(b'[');
-        for (i, item) in list.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            encode_value(&item, out, depth + 1)?;
-        }
-        out.push(b']');
+        encode_array(list.iter(), out, depth)?;
     } else if let Ok(tuple) = value.cast_exact::<PyTuple>() {
-        if depth >= MAX_DEPTH {
-            return None;
-        }
-        out.push(b'[');
-        for (i, item) in tuple.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            encode_value(&item, out, depth + 1)?;
-        }
-        out.push(b']');
+        encode_array(tuple.iter(), out, depth)?;
     } else {
         return None;
     }
+    Some(())
+}
+
+/// A list or a tuple, at `depth`: both are JSON arrays.
+fn encode_array<'py>(
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    out: &mut Vec<u8>,
+    depth: usize,
+) -> Option<()> {
+    if depth >= MAX_DEPTH {
+        return None;
+    }
+    out.push(b'[');
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        encode_value(&item, out, depth + 1)?;
+    }
+    out.push(b']');
     Some(())
 }
 
@@ -530,6 +522,18 @@ def value(rng, depth=0):
             c"json_helpers",
         )
         .unwrap()
+    }
+
+    /// `json.loads(text)`: whether it succeeded, and the value (`None` if not).
+    fn loads<'py>(h: &Bound<'py, PyModule>, text: &str) -> (bool, Bound<'py, PyAny>) {
+        let call = h.getattr("loads").unwrap().call1((text,)).unwrap();
+        call.extract().unwrap()
+    }
+
+    /// Whether `a` and `b` are equal, of the same types throughout, with keys in the same order.
+    fn same(h: &Bound<'_, PyModule>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> bool {
+        let call = h.getattr("same").unwrap().call1((a, b)).unwrap();
+        call.extract().unwrap()
     }
 
     /// A deterministic generator of JSON-ish text: mostly valid documents of every shape this
@@ -680,26 +684,13 @@ def value(rng, depth=0):
                         text.replace_range(at..at + 1, with);
                     }
                 }
-                let (ok, slow): (bool, Bound<'_, PyAny>) = h
-                    .getattr("loads")
-                    .unwrap()
-                    .call1((&text,))
-                    .unwrap()
-                    .extract()
-                    .unwrap();
+                let (ok, slow) = loads(&h, &text);
                 valid += usize::from(ok);
                 if let Some(fast) = decode(py, &text) {
                     taken += 1;
                     assert!(ok, "decode took what json.loads refuses: {text:?}");
-                    let same: bool = h
-                        .getattr("same")
-                        .unwrap()
-                        .call1((&fast, &slow))
-                        .unwrap()
-                        .extract()
-                        .unwrap();
                     assert!(
-                        same,
+                        same(&h, &fast, &slow),
                         "decode and json.loads differ on {text:?}: {fast} / {slow}"
                     );
                 }
@@ -799,22 +790,9 @@ def value(rng, depth=0):
                 .collect::<Vec<_>>()
                 .join(",");
             let text = format!("[{{{record}}},{{{record}}},{{{record}}}]");
-            let (ok, slow): (bool, Bound<'_, PyAny>) = h
-                .getattr("loads")
-                .unwrap()
-                .call1((&text,))
-                .unwrap()
-                .extract()
-                .unwrap();
+            let (ok, slow) = loads(&h, &text);
             assert!(ok);
-            let same: bool = h
-                .getattr("same")
-                .unwrap()
-                .call1((decode(py, &text).unwrap(), slow))
-                .unwrap()
-                .extract()
-                .unwrap();
-            assert!(same);
+            assert!(same(&h, &decode(py, &text).unwrap(), &slow));
 
             // Encoding: as deep as the limit and no deeper; a circular list is refused.
             let nested = |levels: usize| {
