@@ -116,8 +116,8 @@ enum Command {
 /// small size per thread (its tcache) to hand out again without its arena's slower paths. The
 /// proxy frees a batch's requests together and allocates the next batch's together, more than 7
 /// of a size at c=16, so most missed it; with 64 they do not (1,100–1,400 fewer instructions a
-/// request at c=16, about 6 %; `docs/PERFORMANCE.md`). The cache holds only blocks freed, at most 64 of
-/// each size up to 1,032 bytes per thread. Replicas inherit the setting.
+/// request at c=16, about 6 %; `docs/PERFORMANCE.md`). The cache holds only blocks freed, at
+/// most 64 of each size up to 1,032 bytes per thread. Replicas inherit the setting.
 const MALLOC_TUNABLES: [modelgate_protocol::glibc::Tunable; 1] =
     [modelgate_protocol::glibc::Tunable {
         name: "glibc.malloc.tcache_count",
