@@ -26,10 +26,6 @@ pub fn with_tunables(
     wanted: &[Tunable],
     is_set: impl Fn(&str) -> bool,
 ) -> Option<String> {
-    let set: Vec<&str> = current
-        .split(':')
-        .filter_map(|kv| kv.split('=').next())
-        .collect();
     let mut all: Vec<String> = current
         .split(':')
         .filter(|kv| !kv.is_empty())
@@ -37,7 +33,10 @@ pub fn with_tunables(
         .collect();
     let before = all.len();
     for t in wanted {
-        if !set.contains(&t.name) && !t.older.is_some_and(&is_set) {
+        let set = all[..before]
+            .iter()
+            .any(|kv| kv.split('=').next() == Some(t.name));
+        if !set && !t.older.is_some_and(&is_set) {
             all.push(format!("{}={}", t.name, t.value));
         }
     }

@@ -11,8 +11,8 @@
 //! (a number or a nesting past the limits below, a lone surrogate, `NaN`, a subclass, a
 //! non-string key, an error of any kind) returns `None` or `false`, and the caller goes through
 //! the `json` module, which then gives the same result or the same error it always did. So these
-//! functions never decide an error. `python::tests` and the `json_python` fuzz target check them
-//! against the `json` module.
+//! functions never decide an error. `json::tests`, `python::tests` and the `json_python` fuzz
+//! target check them against the `json` module.
 
 use std::io::Write as _;
 
@@ -38,27 +38,29 @@ pub fn decode<'py>(py: Python<'py>, text: &str) -> Option<Bound<'py, PyAny>> {
     let mut parser = Parser {
         py,
         text,
-        bytes: text.as_bytes(),
         pos: 0,
         keys: Vec::new(),
     };
     parser.skip_ws();
     let value = parser.value(0)?;
     parser.skip_ws();
-    (parser.pos == parser.bytes.len()).then_some(value)
+    (parser.pos == parser.text.len()).then_some(value)
 }
 
 struct Parser<'py, 't> {
     py: Python<'py>,
     text: &'t str,
-    bytes: &'t [u8],
     pos: usize,
     keys: Vec<(&'t str, Bound<'py, PyString>)>,
 }
 
 impl<'py, 't> Parser<'py, 't> {
+    fn bytes(&self) -> &'t [u8] {
+        self.text.as_bytes()
+    }
+
     fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
+        self.bytes().get(self.pos).copied()
     }
 
     /// JSON's whitespace, which is also what the `json` module skips.
@@ -70,7 +72,7 @@ impl<'py, 't> Parser<'py, 't> {
 
     fn eat(&mut self, literal: &[u8]) -> Option<()> {
         let end = self.pos + literal.len();
-        (self.bytes.get(self.pos..end)? == literal).then(|| self.pos = end)
+        (self.bytes().get(self.pos..end)? == literal).then(|| self.pos = end)
     }
 
     fn value(&mut self, depth: usize) -> Option<Bound<'py, PyAny>> {
@@ -176,7 +178,7 @@ impl<'py, 't> Parser<'py, 't> {
 
     /// Where the string starting at `start` (after its quote) ends, when it has no escapes.
     fn plain_string_end(&self, start: usize) -> Option<usize> {
-        let rest = self.bytes.get(start..)?;
+        let rest = self.bytes().get(start..)?;
         let len = json_plain_run(rest);
         (*rest.get(len)? == b'"').then_some(start + len)
     }
@@ -190,13 +192,13 @@ impl<'py, 't> Parser<'py, 't> {
         let mut out = String::new();
         let mut i = start;
         loop {
-            let run = json_plain_run(&self.bytes[i..]);
+            let run = json_plain_run(&self.bytes()[i..]);
             out.push_str(&self.text[i..i + run]);
             i += run;
-            match *self.bytes.get(i)? {
+            match *self.bytes().get(i)? {
                 b'"' => break,
                 b'\\' => {
-                    let escape = *self.bytes.get(i + 1)?;
+                    let escape = *self.bytes().get(i + 1)?;
                     i += 2;
                     out.push(match escape {
                         b'"' => '"',
@@ -238,7 +240,7 @@ impl<'py, 't> Parser<'py, 't> {
         if !(0xd800..=0xdbff).contains(&first) {
             return char::from_u32(first).map(|c| (c, 4));
         }
-        if self.bytes.get(i + 4..i + 6)? != b"\\u" {
+        if self.bytes().get(i + 4..i + 6)? != b"\\u" {
             return None;
         }
         let second = hex(i + 6)?;
@@ -252,23 +254,23 @@ impl<'py, 't> Parser<'py, 't> {
     fn number(&mut self) -> Option<Bound<'py, PyAny>> {
         let start = self.pos;
         let mut i = start;
-        if self.bytes[i] == b'-' {
+        if self.bytes()[i] == b'-' {
             i += 1;
         }
         let digits = |from: usize| {
-            self.bytes[from..]
+            self.bytes()[from..]
                 .iter()
                 .take_while(|b| b.is_ascii_digit())
                 .count()
         };
         let int_digits = digits(i);
         // No digits, or a leading zero followed by more: not a number `json.loads` reads whole.
-        if int_digits == 0 || (int_digits > 1 && self.bytes[i] == b'0') {
+        if int_digits == 0 || (int_digits > 1 && self.bytes()[i] == b'0') {
             return None;
         }
         i += int_digits;
         let mut float = false;
-        if self.bytes.get(i) == Some(&b'.') {
+        if self.bytes().get(i) == Some(&b'.') {
             let frac = digits(i + 1);
             if frac == 0 {
                 return None;
@@ -276,9 +278,9 @@ impl<'py, 't> Parser<'py, 't> {
             i += 1 + frac;
             float = true;
         }
-        if let Some(b'e' | b'E') = self.bytes.get(i) {
+        if let Some(b'e' | b'E') = self.bytes().get(i) {
             let mut j = i + 1;
-            if let Some(b'+' | b'-') = self.bytes.get(j) {
+            if let Some(b'+' | b'-') = self.bytes().get(j) {
                 j += 1;
             }
             let exp = digits(j);

@@ -111,8 +111,8 @@ fn main() -> ExitCode {
             join_cgroup,
             model,
         } => {
-            // Whoever starts replicas (the proxy, the load tests, a container) need not know; the model
-            // sees the variable in its environment, and programs it starts inherit it.
+            // Whoever starts replicas (the proxy, the load tests, a container) need not know;
+            // the model sees the variable in its environment, and programs it starts inherit it.
             protocol::glibc::restart_with("replica-runtime", &MALLOC_TUNABLES, RESTARTED);
             // Before the interpreter starts, so the model's import is inside the limits too.
             for procs in &join_cgroup {

@@ -258,9 +258,7 @@ impl Model {
         }
         Ok(out)
     }
-}
 
-impl Model {
     /// `predict` through `JSONDecoder.decode` and `JSONEncoder.encode` only: what the direct
     /// calls and [`crate::json`] must match (the tests and the `json_python` fuzz target check).
     /// The input must be UTF-8.
