@@ -129,12 +129,13 @@ async fn run_steps(
 ) -> Result<String, BuildError> {
     log.line(&format!("snapshotting {}", source.display()));
     let copied = {
-        let (source, dest, max) = (
+        let (source, data_dir, dest, max) = (
             source.to_path_buf(),
+            settings.data_dir.clone(),
             paths.src.clone(),
             settings.max_file_bytes,
         );
-        off_the_runtime("snapshot", move || snapshot(&source, &dest, max)).await?
+        off_the_runtime("snapshot", move || snapshot(&source, &data_dir, &dest, max)).await?
     };
     log.line(&format!("copied {copied} files"));
 
@@ -325,17 +326,28 @@ async fn pump(r: impl AsyncRead + Unpin, tx: tokio::sync::mpsc::UnboundedSender<
     }
 }
 
-/// Walks the project as a build sees it: every file except `.git` directories and what
-/// `.gitignore` ignores, symlinks resolved (and refused when they leave the project). Calls
-/// `file(rel, path)` for each file and `dir(rel)` for each directory, in walk order.
+/// Walks the project as a build sees it: every file except `.git` directories, modelgate's own
+/// data directory when it lies inside the project (a snapshot would otherwise copy itself into
+/// itself, and the store, other builds and the admin key with it), and what `.gitignore`
+/// ignores; symlinks resolved (and refused when they leave the project). Calls `file(rel, path)`
+/// for each file and `dir(rel)` for each directory, in walk order. A project that is the data
+/// directory itself is refused.
 fn walk_project(
     source: &Path,
+    data_dir: &Path,
     mut dir: impl FnMut(&Path) -> Result<(), BuildError>,
     mut file: impl FnMut(&Path, &Path) -> Result<(), BuildError>,
 ) -> Result<(), BuildError> {
     let source = source
         .canonicalize()
         .map_err(|e| BuildError::Failed(format!("project directory {}: {e}", source.display())))?;
+    let data_dir = data_dir.canonicalize().ok();
+    if data_dir.as_ref() == Some(&source) {
+        return Err(BuildError::Failed(format!(
+            "project directory {} is modelgate's data directory; put the model in a directory of its own",
+            source.display()
+        )));
+    }
     let walker = ignore::WalkBuilder::new(&source)
         .hidden(false)
         .git_ignore(true)
@@ -345,7 +357,7 @@ fn walk_project(
         .ignore(false)
         .parents(false)
         .follow_links(false)
-        .filter_entry(|e| e.file_name() != ".git")
+        .filter_entry(move |e| e.file_name() != ".git" && Some(e.path()) != data_dir.as_deref())
         .build();
     for entry in walker {
         let entry = entry.map_err(|e| BuildError::Failed(format!("walking the project: {e}")))?;
@@ -382,11 +394,17 @@ fn walk_project(
 }
 
 /// Copies the project tree into `dest`; returns the number of files copied.
-pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize, BuildError> {
+pub fn snapshot(
+    source: &Path,
+    data_dir: &Path,
+    dest: &Path,
+    max_file_bytes: u64,
+) -> Result<usize, BuildError> {
     std::fs::create_dir_all(dest)?;
     let mut copied = 0;
     walk_project(
         source,
+        data_dir,
         |rel| Ok(std::fs::create_dir_all(dest.join(rel))?),
         |rel, path| {
             copy_file(path, &dest.join(rel), rel, max_file_bytes)?;
@@ -400,10 +418,11 @@ pub fn snapshot(source: &Path, dest: &Path, max_file_bytes: u64) -> Result<usize
 /// The sha256 of what a build of `source` would start from: each file the snapshot would take
 /// (path and content) and `extra` (the entry point and the interpreter). Two equal fingerprints
 /// mean a new build would start from the same inputs.
-pub fn fingerprint(source: &Path, extra: &str) -> Result<String, BuildError> {
+pub fn fingerprint(source: &Path, data_dir: &Path, extra: &str) -> Result<String, BuildError> {
     let mut lines = Vec::new();
     walk_project(
         source,
+        data_dir,
         |_| Ok(()),
         |rel, path| {
             let mut h = Sha256::new();
@@ -510,7 +529,7 @@ mod tests {
 
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("src");
-        snapshot(p, &dest, 1 << 20).unwrap();
+        snapshot(p, out.path(), &dest, 1 << 20).unwrap();
         assert!(dest.join("predict.py").is_file());
         assert!(dest.join("sub/data.csv").is_file());
         assert!(dest.join("alias.py").is_file());
@@ -518,13 +537,13 @@ mod tests {
         for absent in [".git", "sub/.git", "debug.log", "secret"] {
             assert!(!dest.join(absent).exists(), "{absent} was copied");
         }
-        let before = fingerprint(p, "predict.py:f").unwrap();
-        assert_eq!(before, fingerprint(p, "predict.py:f").unwrap());
-        assert_ne!(before, fingerprint(p, "predict.py:g").unwrap());
+        let before = fingerprint(p, out.path(), "predict.py:f").unwrap();
+        assert_eq!(before, fingerprint(p, out.path(), "predict.py:f").unwrap());
+        assert_ne!(before, fingerprint(p, out.path(), "predict.py:g").unwrap());
         std::fs::write(p.join("debug.log"), "ignored files do not count").unwrap();
-        assert_eq!(before, fingerprint(p, "predict.py:f").unwrap());
+        assert_eq!(before, fingerprint(p, out.path(), "predict.py:f").unwrap());
         std::fs::write(p.join("sub/data.csv"), "1,3").unwrap();
-        assert_ne!(before, fingerprint(p, "predict.py:f").unwrap());
+        assert_ne!(before, fingerprint(p, out.path(), "predict.py:f").unwrap());
         std::fs::write(p.join("sub/data.csv"), "1,2").unwrap();
         let digest = seal(&dest, &out.path().join("m")).unwrap();
         verify(&dest, &digest).unwrap();
@@ -532,14 +551,36 @@ mod tests {
         assert!(verify(&dest, &digest).is_err());
 
         std::fs::write(p.join("big.bin"), vec![0u8; 2048]).unwrap();
-        let err = snapshot(p, &out.path().join("s2"), 1024).unwrap_err();
+        let err = snapshot(p, out.path(), &out.path().join("s2"), 1024).unwrap_err();
         assert!(err.to_string().contains("big.bin"), "{err}");
         std::fs::remove_file(p.join("big.bin")).unwrap();
 
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("x"), "x").unwrap();
         std::os::unix::fs::symlink(outside.path().join("x"), p.join("escape")).unwrap();
-        let err = snapshot(p, &out.path().join("s3"), 1 << 20).unwrap_err();
+        let err = snapshot(p, out.path(), &out.path().join("s3"), 1 << 20).unwrap_err();
         assert!(err.to_string().contains("outside the project"), "{err}");
+    }
+
+    #[test]
+    fn the_data_directory_inside_the_project_is_left_out() {
+        let project = tempfile::tempdir().unwrap();
+        let p = project.path();
+        std::fs::write(p.join("predict.py"), "def f(a): return a\n").unwrap();
+        let data = p.join("data");
+        std::fs::create_dir_all(data.join("builds/1")).unwrap();
+        std::fs::write(data.join("modelgate.db"), "store").unwrap();
+        std::fs::write(data.join("admin-api-key"), "secret").unwrap();
+        let before = fingerprint(p, &data, "predict.py:f").unwrap();
+
+        let dest = data.join("builds/1/src");
+        assert_eq!(snapshot(p, &data, &dest, 1 << 20).unwrap(), 1);
+        assert!(dest.join("predict.py").is_file());
+        assert!(!dest.join("data").exists());
+        std::fs::write(data.join("modelgate.db"), "the store changed").unwrap();
+        assert_eq!(before, fingerprint(p, &data, "predict.py:f").unwrap());
+
+        let err = snapshot(&data, &data, &data.join("builds/2/src"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("data directory"), "{err}");
     }
 }

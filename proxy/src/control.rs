@@ -232,11 +232,12 @@ impl ControlPlane {
         // An unchanged model is not rebuilt at every start: the newest intact build that started
         // from the same inputs is deployed again.
         let extra = format!("{}:{}:{:?}", cfg.file, cfg.function, self.builds.python);
-        let src = source.clone();
-        let fingerprint = tokio::task::spawn_blocking(move || builds::fingerprint(&src, &extra))
-            .await
-            .ok()
-            .and_then(Result::ok);
+        let (src, data_dir) = (source.clone(), self.builds.data_dir.clone());
+        let fingerprint =
+            tokio::task::spawn_blocking(move || builds::fingerprint(&src, &data_dir, &extra))
+                .await
+                .ok()
+                .and_then(Result::ok);
         if let Some(build) = self.reusable_build(model_id, fingerprint.as_deref()).await {
             tracing::info!(model = %cfg.name, build = build.build_number, "unchanged since this build; deploying it again");
             self.deploy_declared(cfg, model_id, build.id).await;

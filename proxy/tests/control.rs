@@ -770,9 +770,23 @@ async fn version(server: &Server, name: &str) -> i64 {
 
 #[tokio::test]
 async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
+    // The config, and so the data directory, live in the model's own directory, a common
+    // layout: builds leave the data directory out (it would otherwise be copied into itself,
+    // and its store's every write would count as a change).
     let project = tempfile::tempdir().unwrap();
     write_model(project.path(), 1);
-    let mut server = Server::start("", &[declared("same", project.path())]);
+    std::fs::write(project.path().join(".gitignore"), "modelgate.log\n").unwrap();
+    let config = project.path().join("modelgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n{}",
+            declared("same", project.path())
+        ),
+    )
+    .unwrap();
+    let path = project.path().to_owned();
+    let mut server = Server::start_with(&["serve", "--config", config.to_str().unwrap()], project);
     server.wait_ready().await;
     let api = Api {
         server: &server,
@@ -798,8 +812,15 @@ async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
     assert_eq!(builds["builds"].as_array().unwrap().len(), 1, "{builds}");
     assert!(server.logs().contains("unchanged since this build"));
 
+    let snapshot = server.dir.path().join("data/builds/1/src");
+    assert!(snapshot.join("model.py").is_file());
+    assert!(
+        !snapshot.join("data").exists(),
+        "the data directory was copied"
+    );
+
     // A changed file is a new build.
-    write_model(project.path(), 2);
+    write_model(&path, 2);
     drop(api);
     server.restart(false);
     server.wait_ready().await;
