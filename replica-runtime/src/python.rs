@@ -130,11 +130,10 @@ impl Model {
     pub fn predict(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
         Python::attach(|py| {
             // The proxy only forwards requests it parsed as JSON, so they are UTF-8.
-            let text = std::str::from_utf8(request).map_err(|e| ModelError {
-                kind: ModelErrorKind::BadRequest,
-                exception: "UnicodeDecodeError".into(),
-                message: e.to_string(),
-            })?;
+            let text = match simdutf8::basic::from_utf8(request) {
+                Ok(text) => text,
+                Err(_) => return Err(not_utf8(request)),
+            };
             // pyo3 panics when Python cannot allocate an object (after printing Python's
             // error): the `json` module then tries again and raises `MemoryError` as before.
             let fast = catch_unwind(AssertUnwindSafe(|| crate::json::decode(py, text)));
@@ -319,6 +318,19 @@ fn c_encoder(py: Python<'_>, encoder: &Bound<'_, PyAny>) -> PyResult<Option<CEnc
         encoder: built.unbind(),
         markers: markers.unbind(),
     }))
+}
+
+/// The error for a request that is not UTF-8, in std's words (which say where it breaks).
+#[cold]
+fn not_utf8(request: &[u8]) -> ModelError {
+    ModelError {
+        kind: ModelErrorKind::BadRequest,
+        exception: "UnicodeDecodeError".into(),
+        message: std::str::from_utf8(request)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+    }
 }
 
 fn model_error(py: Python<'_>, kind: ModelErrorKind, err: &PyErr) -> ModelError {

@@ -1,5 +1,6 @@
 //! A replica holds an answer while the next request can start at once, and sends it with the
 //! ones after it; a request that turns out slow does not hold the answers before it for long.
+//! Requests of any length follow each other on one connection.
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,6 +15,11 @@ use modelgate_protocol::{encode_header, Kind};
 
 /// A replica of `funcs.slow`, connected and ready.
 fn slow_replica(name: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
+    replica(name, "slow")
+}
+
+/// A replica of `function` in `funcs.py`, connected and ready.
+fn replica(name: &str, function: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
     let dir = tempfile_dir::Dir::new(name);
     let sock = dir.0.join("r.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -24,7 +30,7 @@ fn slow_replica(name: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
         .arg(&sock)
         .arg("--dir")
         .arg(&models)
-        .args(["--file", "funcs.py", "--function", "slow"])
+        .args(["--file", "funcs.py", "--function", function])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -50,6 +56,62 @@ fn batch(secs: [f64; 3]) -> Vec<u8> {
 fn seq_of(payload: &[u8]) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
     v["seq"].as_u64().unwrap()
+}
+
+/// Writes `payload` as one prediction request.
+fn send(stream: &mut UnixStream, payload: &[u8]) {
+    let mut out = encode_header(Kind::Predict, payload.len()).to_vec();
+    out.extend_from_slice(payload);
+    stream.write_all(&out).unwrap();
+}
+
+#[test]
+fn requests_longer_and_shorter_than_the_last_are_read_whole() {
+    // The replica reads each request over the bytes of the one before: a long request, then
+    // shorter and longer ones, all answered with exactly what they said.
+    let (mut child, mut stream, _dir) = replica("sizes", "echo");
+    let requests: Vec<String> = [300_000, 10, 70_000, 0, 400_000]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!(r#"{{"i":{i},"pad":"{}"}}"#, "y".repeat(*n)))
+        .collect();
+    // Written from another thread: the answers are as long as the requests, so neither side
+    // may wait for the other to finish first.
+    let mut writer = stream.try_clone().unwrap();
+    let sent = requests.clone();
+    let writing = std::thread::spawn(move || {
+        for request in &sent {
+            send(&mut writer, request.as_bytes());
+        }
+    });
+    for request in &requests {
+        let (kind, payload) = read_frame(&mut stream);
+        assert_eq!(kind, Some(Kind::ResultOk));
+        let got: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            got,
+            serde_json::from_str::<serde_json::Value>(request).unwrap()
+        );
+    }
+    writing.join().unwrap();
+    // Not UTF-8: the request's fault, with where it breaks; the replica goes on serving.
+    send(&mut stream, b"{\"pad\":\"ab\xff\"}");
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultErr));
+    let err: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(err["kind"], "bad_request", "{err}");
+    assert_eq!(err["exception"], "UnicodeDecodeError", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("from index 10"),
+        "{err}"
+    );
+    send(&mut stream, br#"{"i":5}"#);
+    assert_eq!(
+        read_frame(&mut stream),
+        (Some(Kind::ResultOk), br#"{"i":5}"#.to_vec())
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]
