@@ -5,12 +5,15 @@
 #   modelgate the proxy and one replica of a model answering the body's length;
 #   hop       hop-floor --stream: bare hyper passing each frame of the body to the same replica
 #             as it arrives, unparsed: about the least a proxy in front of a replica can do;
+#   whole     hop-floor --stream --whole: the same, but only once the whole body has arrived, as
+#             modelgate does so that a slow client never holds a replica: the least a proxy
+#             with that rule can do;
 #   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
 # The "proxy overhead" is modelgate - direct; hop - direct is the least of it this design
-# allows, and floor - floor(1 KB) the share that is moving the bytes over HTTP at all. Rounds
-# alternate the four, and the table shows each one's median p50 over ROUNDS rounds (default 3)
-# of DURATION s (default 3). Bounded: about ROUNDS x sizes x 4 runs (5 with BASELINE) of
-# 0.5 + DURATION s.
+# allows, whole - direct the least with modelgate's rule, and floor - floor(1 KB) the share that
+# is moving the bytes over HTTP at all. Rounds alternate the five, and the table shows each
+# one's median p50 over ROUNDS rounds (default 3) of DURATION s (default 3). Bounded: about
+# ROUNDS x sizes x 5 runs (6 with BASELINE) of 0.5 + DURATION s.
 # BASELINE=/path/to/an/older/modelgate adds that build as a fifth column, in the same rounds,
 # to compare two builds side by side (it uses this tree's replica-runtime).
 set -euo pipefail
@@ -42,6 +45,9 @@ floor=$!
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18633 --stream \
   --dir "$work/models" --file size.py --function size >"$work/hop.log" &
 hop=$!
+taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18634 --stream --whole \
+  --dir "$work/models" --file size.py --function size >"$work/whole.log" &
+whole=$!
 baseline=
 if [ -n "${BASELINE:-}" ]; then
   sed -e 's/18630/18632/' -e "s|$work/data|$work/data-baseline|" "$work/c.toml" > "$work/b.toml"
@@ -51,9 +57,10 @@ if [ -n "${BASELINE:-}" ]; then
   taskset -c 0 "$BASELINE" serve --config "$work/b.toml" >/dev/null 2>"$work/b.log" &
   baseline=$!
 fi
-trap 'kill -INT $server $hop ${baseline:+$baseline} 2>/dev/null || true; kill $floor 2>/dev/null || true; wait; rm -rf "$work"' EXIT
+trap 'kill -INT $server $hop $whole ${baseline:+$baseline} 2>/dev/null || true; kill $floor 2>/dev/null || true; wait; rm -rf "$work"' EXIT
 wait_ready 18630 "$work/log"
 listening_addr hop-floor "$work/hop.log" >/dev/null
+listening_addr hop-floor "$work/whole.log" >/dev/null
 [ -z "$baseline" ] || wait_ready 18632 "$work/b.log"
 D=${DURATION:-3}
 ROUNDS=${ROUNDS:-3}
@@ -68,6 +75,9 @@ for round in $(seq 1 "$ROUNDS"); do
       --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
     printf 'hop\t%s\t' "$n"
     bench_load --url http://127.0.0.1:18633/model --access-key large-bodies-key-0123456789 \
+      --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
+    printf 'whole\t%s\t' "$n"
+    bench_load --url http://127.0.0.1:18634/model --access-key large-bodies-key-0123456789 \
       --payload-bytes "$n" --expect "$n" --concurrency 1 --warmup 0.5 --duration "$D"
     if [ -n "$baseline" ]; then
       printf 'baseline\t%s\t' "$n"
@@ -91,14 +101,14 @@ sizes = sorted({n for n, _ in runs})
 med = {k: statistics.median(v) for k, v in runs.items()}
 fmt = lambda us: f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
 small = sizes[0]
-print("| body | floor p50 | modelgate p50 | hop-floor p50 | direct p50 | modelgate − direct | hop-floor − direct | floor − floor(%d B) |" % small)
-print("|---|---|---|---|---|---|---|---|")
+print("| body | floor p50 | modelgate p50 | hop-floor p50 | hop-floor --whole p50 | direct p50 | modelgate − direct | hop-floor − direct | --whole − direct | floor − floor(%d B) |" % small)
+print("|---|---|---|---|---|---|---|---|---|---|")
 for n in sizes:
-    f, m, h, d = (med[(n, who)] for who in ("floor", "modelgate", "hop", "direct"))
+    f, m, h, w, d = (med[(n, who)] for who in ("floor", "modelgate", "hop", "whole", "direct"))
     http = f - med[(small, "floor")]
-    print(f"| {n:,} B | {fmt(f)} | {fmt(m)} | {fmt(h)} | {fmt(d)} | {fmt(m - d)} | {fmt(h - d)} | {fmt(http)} |")
+    print(f"| {n:,} B | {fmt(f)} | {fmt(m)} | {fmt(h)} | {fmt(w)} | {fmt(d)} | {fmt(m - d)} | {fmt(h - d)} | {fmt(w - d)} | {fmt(http)} |")
 print()
-whos = [w for w in ("baseline", "modelgate", "hop", "direct") if any(who == w for _, who in runs)]
+whos = [w for w in ("baseline", "modelgate", "hop", "whole", "direct") if any(who == w for _, who in runs)]
 print("| body | " + " | ".join(f"{w} p50 (each round)" for w in whos) + " |")
 print("|---|" + "---|" * len(whos))
 for n in sizes:

@@ -19,6 +19,9 @@
 //! body goes to the replica as it arrives, trusting the envelope to be loadgen's
 //! `{"accessKey":"...","request":...}`: the request runs from after `"request":` to the body's
 //! last byte, which must be `}`. The replica is held from the first frame to the answer.
+//! `--stream --whole` receives the whole body first (the frames kept as they came, not copied
+//! together) and only then takes the replica and forwards them: the floor for a proxy that, like
+//! modelgate, never lets a slow client hold a replica.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -53,6 +56,9 @@ struct Args {
     /// Forward each body frame as it arrives, unparsed (one request at a time).
     #[arg(long, conflicts_with = "pipeline")]
     stream: bool,
+    /// With --stream: receive the whole body before taking the replica, then forward its frames.
+    #[arg(long, requires = "stream")]
+    whole: bool,
     /// Write the requests already waiting (up to N) in one write, then read all their answers
     /// (0: off).
     #[arg(long, default_value_t = 0, conflicts_with_all = ["pipeline", "stream"])]
@@ -265,8 +271,9 @@ async fn batcher(
 }
 
 /// `--stream`: sends the request to the replica frame by frame as the body arrives (see the
-/// module docs for the envelope it trusts), then reads the answer.
-async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
+/// module docs for the envelope it trusts), then reads the answer. `whole`: only once the body
+/// has arrived.
+async fn stream(d: &Dispatch, whole: bool, req: Request<Incoming>) -> Option<Frame> {
     const MARK: &[u8] = br#""request":"#;
     let Dispatch::OneByOne(lock) = d else {
         unreachable!("--stream sends one request at a time")
@@ -291,6 +298,14 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
     };
     // The request's bytes: from `start` up to the closing `}` of the envelope.
     let len = total.checked_sub(start + 1)?;
+    let mut received = std::collections::VecDeque::new();
+    if whole {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.ok()?.into_data() {
+                received.push_back(data);
+            }
+        }
+    }
     let mut held = lock.lock().await;
     let (conn, st) = &mut *held;
     let in_step = InStep;
@@ -306,12 +321,23 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
     conn.write_all(&header, first, &mut room)
         .await
         .unwrap_or_else(fail);
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map(|f| f.into_data()) else {
-            eprintln!("hop-floor: the body ended early; stopping");
-            std::process::exit(1);
+    loop {
+        let data = if whole {
+            match received.pop_front() {
+                Some(data) => data,
+                None => break,
+            }
+        } else {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let Ok(data) = frame.map(|f| f.into_data()) else {
+                eprintln!("hop-floor: the body ended early; stopping");
+                std::process::exit(1);
+            };
+            let Ok(data) = data else { continue };
+            data
         };
-        let Ok(data) = data else { continue };
         let upto = data.len().min(len.saturating_sub(sent));
         conn.write_all(&data[..upto], &[], &mut room)
             .await
@@ -332,11 +358,11 @@ async fn stream(d: &Dispatch, req: Request<Incoming>) -> Option<Frame> {
 
 async fn answer(
     d: Arc<Dispatch>,
-    streaming: bool,
+    streaming: Option<bool>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let reply = if streaming {
-        stream(&d, req).await
+    let reply = if let Some(whole) = streaming {
+        stream(&d, whole, req).await
     } else {
         let body = req
             .into_body()
@@ -386,7 +412,7 @@ async fn serve() {
     #[allow(deprecated)] // a UnixStream owns one descriptor for its whole life
     let fd = AsyncFd::with_interest(stream, Interest::READABLE).expect("register");
     let conn = Conn { fd };
-    let args_stream = args.stream;
+    let args_stream = args.stream.then_some(args.whole);
     let dispatch = if args.batch > 0 {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(batcher(conn, rx, args.batch));
