@@ -14,13 +14,16 @@
 # is moving the bytes over HTTP at all. Rounds alternate the five, and the table shows each
 # one's median p50 over ROUNDS rounds (default 3) of DURATION s (default 3). Bounded: about
 # ROUNDS x sizes x 5 runs (6 with BASELINE) of 0.5 + DURATION s.
-# BASELINE=/path/to/an/older/modelgate adds that build as a fifth column, in the same rounds,
+# BASELINE=/path/to/an/older/modelgate adds that build as a sixth column, in the same rounds,
 # to compare two builds side by side (it uses this tree's replica-runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
+server= floor= hop= whole= baseline=
+# Set before the first server starts, so that one failing to start stops the others.
+trap 'kill -INT $server $hop $whole $baseline 2>/dev/null || true; kill $floor 2>/dev/null || true; wait; rm -rf "$work"' EXIT
 mkdir -p "$work/models"
 cat > "$work/models/size.py" <<'PY'
 def size(args):
@@ -48,7 +51,6 @@ hop=$!
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18634 --stream --whole \
   --dir "$work/models" --file size.py --function size >"$work/whole.log" &
 whole=$!
-baseline=
 if [ -n "${BASELINE:-}" ]; then
   sed -e 's/18630/18632/' -e "s|$work/data|$work/data-baseline|" "$work/c.toml" > "$work/b.toml"
   printf 'replica_runtime = "%s"\n' "$PWD/target/release/replica-runtime" > "$work/b-server"
@@ -57,7 +59,6 @@ if [ -n "${BASELINE:-}" ]; then
   taskset -c 0 "$BASELINE" serve --config "$work/b.toml" >/dev/null 2>"$work/b.log" &
   baseline=$!
 fi
-trap 'kill -INT $server $hop $whole ${baseline:+$baseline} 2>/dev/null || true; kill $floor 2>/dev/null || true; wait; rm -rf "$work"' EXIT
 wait_ready 18630 "$work/log"
 listening_addr hop-floor "$work/hop.log" >/dev/null
 listening_addr hop-floor "$work/whole.log" >/dev/null

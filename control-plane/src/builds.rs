@@ -128,6 +128,12 @@ async fn run_steps(
     log: &mut BuildLog,
 ) -> Result<String, BuildError> {
     log.line(&format!("snapshotting {}", source.display()));
+    if let Some(inside) = data_dir_in_project(source, &settings.data_dir) {
+        log.line(&format!(
+            "leaving out {}/ (modelgate's data directory)",
+            inside.display()
+        ));
+    }
     let copied = {
         let (source, data_dir, dest, max) = (
             source.to_path_buf(),
@@ -341,10 +347,11 @@ fn walk_project(
     let source = source
         .canonicalize()
         .map_err(|e| BuildError::Failed(format!("project directory {}: {e}", source.display())))?;
-    let data_dir = data_dir.canonicalize().ok();
-    if data_dir.as_ref() == Some(&source) {
+    let data_dir = resolved(data_dir);
+    if data_dir == source {
         return Err(BuildError::Failed(format!(
-            "project directory {} is modelgate's data directory; put the model in a directory of its own",
+            "project directory {} is modelgate's data directory; \
+             put the model in a directory of its own",
             source.display()
         )));
     }
@@ -357,7 +364,7 @@ fn walk_project(
         .ignore(false)
         .parents(false)
         .follow_links(false)
-        .filter_entry(move |e| e.file_name() != ".git" && Some(e.path()) != data_dir.as_deref())
+        .filter_entry(move |e| e.file_name() != ".git" && e.path() != data_dir)
         .build();
     for entry in walker {
         let entry = entry.map_err(|e| BuildError::Failed(format!("walking the project: {e}")))?;
@@ -394,6 +401,23 @@ fn walk_project(
 }
 
 /// Copies the project tree into `dest`; returns the number of files copied.
+/// The data directory as the walk compares it: canonical, or absolute if it cannot be resolved
+/// (it exists whenever modelgate builds, so that is only a fallback).
+fn resolved(data_dir: &Path) -> PathBuf {
+    data_dir
+        .canonicalize()
+        .or_else(|_| std::path::absolute(data_dir))
+        .unwrap_or_else(|_| data_dir.to_path_buf())
+}
+
+/// Where modelgate's data directory lies inside the project, relative to it, if it does: a build
+/// leaves it out, and says so in its log.
+pub fn data_dir_in_project(source: &Path, data_dir: &Path) -> Option<PathBuf> {
+    let source = source.canonicalize().ok()?;
+    let inside = resolved(data_dir).strip_prefix(&source).ok()?.to_path_buf();
+    (!inside.as_os_str().is_empty()).then_some(inside)
+}
+
 pub fn snapshot(
     source: &Path,
     data_dir: &Path,
@@ -572,6 +596,12 @@ mod tests {
         std::fs::write(data.join("modelgate.db"), "store").unwrap();
         std::fs::write(data.join("admin-api-key"), "secret").unwrap();
         let before = fingerprint(p, &data, "predict.py:f").unwrap();
+        assert_eq!(data_dir_in_project(p, &data), Some(PathBuf::from("data")));
+        assert_eq!(
+            data_dir_in_project(p, &p.join("data/../data")),
+            Some(PathBuf::from("data"))
+        );
+        assert_eq!(data_dir_in_project(&data, p), None);
 
         let dest = data.join("builds/1/src");
         assert_eq!(snapshot(p, &data, &dest, 1 << 20).unwrap(), 1);

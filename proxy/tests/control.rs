@@ -818,6 +818,11 @@ async fn an_unchanged_declared_model_is_not_rebuilt_at_start() {
         !snapshot.join("data").exists(),
         "the data directory was copied"
     );
+    let log = std::fs::read_to_string(server.dir.path().join("data/builds/1/build.log")).unwrap();
+    assert!(
+        log.contains("leaving out data/ (modelgate's data directory)"),
+        "{log}"
+    );
 
     // A changed file is a new build.
     write_model(&path, 2);

@@ -77,20 +77,26 @@ struct Conn {
 impl Conn {
     async fn write_frame(&self, body: &[u8]) -> std::io::Result<()> {
         let header = protocol::encode_header(Kind::Predict, body.len());
-        self.write_all(&header, body, &mut None).await
+        self.write_all(&[&header, body], &mut None).await
     }
 
-    /// Writes `h` then `b`, waiting for space through `room`, which is registered on first need
-    /// and kept for the caller's next writes of the same request.
-    async fn write_all(&self, mut h: &[u8], mut b: &[u8], room: &mut Room) -> std::io::Result<()> {
-        while !h.is_empty() || !b.is_empty() {
-            let bufs = [std::io::IoSlice::new(h), std::io::IoSlice::new(b)];
-            match self.fd.get_ref().write_vectored(&bufs) {
-                Ok(n) => {
-                    let from_h = n.min(h.len());
-                    h = &h[from_h..];
-                    b = &b[n - from_h..];
-                }
+    /// Writes `pieces` in order with vectored writes, waiting for space through `room`, which is
+    /// registered on first need and kept for the caller's next writes of the same request.
+    async fn write_all(&self, pieces: &[&[u8]], room: &mut Room) -> std::io::Result<()> {
+        let mut slices: Vec<std::io::IoSlice> =
+            pieces.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        // Drops leading empty pieces, so that nothing left means everything written.
+        std::io::IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            // At most IOV_MAX (1,024 on Linux) slices a call.
+            match self
+                .fd
+                .get_ref()
+                .write_vectored(&bufs[..bufs.len().min(1024)])
+            {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if room.is_none() {
                         let dup = self.fd.get_ref().try_clone()?;
@@ -256,7 +262,7 @@ async fn batcher(
             out.extend_from_slice(&protocol::encode_header(Kind::Predict, req.len()));
             out.extend_from_slice(req);
         }
-        if conn.write_all(&out, &[], &mut None).await.is_err() {
+        if conn.write_all(&[&out], &mut None).await.is_err() {
             eprintln!("hop-floor: writing to the replica failed");
             std::process::exit(1);
         }
@@ -298,11 +304,11 @@ async fn stream(d: &Dispatch, whole: bool, req: Request<Incoming>) -> Option<Fra
     };
     // The request's bytes: from `start` up to the closing `}` of the envelope.
     let len = total.checked_sub(start + 1)?;
-    let mut received = std::collections::VecDeque::new();
+    let mut received = Vec::new();
     if whole {
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.ok()?.into_data() {
-                received.push_back(data);
+                received.push(data);
             }
         }
     }
@@ -318,32 +324,34 @@ async fn stream(d: &Dispatch, whole: bool, req: Request<Incoming>) -> Option<Fra
     let header = protocol::encode_header(Kind::Predict, len);
     let first = &head[start..start + sent.min(len)];
     let mut room = None;
-    conn.write_all(&header, first, &mut room)
-        .await
-        .unwrap_or_else(fail);
-    loop {
-        let data = if whole {
-            match received.pop_front() {
-                Some(data) => data,
-                None => break,
-            }
-        } else {
-            let Some(frame) = body.frame().await else {
-                break;
-            };
+    if whole {
+        // One vectored write of the whole request, as modelgate writes it.
+        let mut pieces: Vec<&[u8]> = vec![&header, first];
+        for data in &received {
+            pieces.push(&data[..data.len().min(len.saturating_sub(sent))]);
+            sent += data.len();
+            last = data.last().copied().or(last);
+        }
+        conn.write_all(&pieces, &mut room)
+            .await
+            .unwrap_or_else(fail);
+    } else {
+        conn.write_all(&[&header, first], &mut room)
+            .await
+            .unwrap_or_else(fail);
+        while let Some(frame) = body.frame().await {
             let Ok(data) = frame.map(|f| f.into_data()) else {
                 eprintln!("hop-floor: the body ended early; stopping");
                 std::process::exit(1);
             };
             let Ok(data) = data else { continue };
-            data
-        };
-        let upto = data.len().min(len.saturating_sub(sent));
-        conn.write_all(&data[..upto], &[], &mut room)
-            .await
-            .unwrap_or_else(fail);
-        sent += data.len();
-        last = data.last().copied().or(last);
+            let upto = data.len().min(len.saturating_sub(sent));
+            conn.write_all(&[&data[..upto]], &mut room)
+                .await
+                .unwrap_or_else(fail);
+            sent += data.len();
+            last = data.last().copied().or(last);
+        }
     }
     if sent != len + 1 || last != Some(b'}') {
         eprintln!("hop-floor: the body was not {total} bytes ending in `}}`; stopping");
