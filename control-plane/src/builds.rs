@@ -129,10 +129,12 @@ async fn run_steps(
 ) -> Result<String, BuildError> {
     log.line(&format!("snapshotting {}", source.display()));
     if let Some(inside) = data_dir_in_project(source, &settings.data_dir) {
-        log.line(&format!(
+        let line = format!(
             "leaving out {}/ (modelgate's data directory)",
             inside.display()
-        ));
+        );
+        tracing::warn!(project = %source.display(), "build {line}");
+        log.line(&line);
     }
     let copied = {
         let (source, data_dir, dest, max) = (
@@ -400,7 +402,6 @@ fn walk_project(
     Ok(())
 }
 
-/// Copies the project tree into `dest`; returns the number of files copied.
 /// The data directory as the walk compares it: canonical, or absolute if it cannot be resolved
 /// (it exists whenever modelgate builds, so that is only a fallback).
 fn resolved(data_dir: &Path) -> PathBuf {
@@ -418,6 +419,8 @@ pub fn data_dir_in_project(source: &Path, data_dir: &Path) -> Option<PathBuf> {
     (!inside.as_os_str().is_empty()).then_some(inside)
 }
 
+/// Copies the project tree into `dest`; returns the number of files copied. A project that would
+/// copy `dest` into itself (a directory of an earlier build's, say) is refused.
 pub fn snapshot(
     source: &Path,
     data_dir: &Path,
@@ -425,6 +428,18 @@ pub fn snapshot(
     max_file_bytes: u64,
 ) -> Result<usize, BuildError> {
     std::fs::create_dir_all(dest)?;
+    if let (Ok(s), Ok(d)) = (source.canonicalize(), dest.canonicalize()) {
+        // The walk leaves the data directory out when it lies in the project (and refuses, in
+        // its own words, a project that is the data directory): `dest` is always inside it.
+        let data = resolved(data_dir);
+        if d.starts_with(&s) && !(data.starts_with(&s) && d.starts_with(&data)) {
+            return Err(BuildError::Failed(format!(
+                "project directory {} holds the build's own directory {}",
+                s.display(),
+                d.display()
+            )));
+        }
+    }
     let mut copied = 0;
     walk_project(
         source,
@@ -612,5 +627,12 @@ mod tests {
 
         let err = snapshot(&data, &data, &data.join("builds/2/src"), 1 << 20).unwrap_err();
         assert!(err.to_string().contains("data directory"), "{err}");
+        // A project inside the data directory that holds the snapshot's destination.
+        let builds = data.join("builds");
+        let err = snapshot(&builds, &data, &builds.join("3/src"), 1 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains("the build's own directory"),
+            "{err}"
+        );
     }
 }

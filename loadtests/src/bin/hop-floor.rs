@@ -19,9 +19,11 @@
 //! body goes to the replica as it arrives, trusting the envelope to be loadgen's
 //! `{"accessKey":"...","request":...}`: the request runs from after `"request":` to the body's
 //! last byte, which must be `}`. The replica is held from the first frame to the answer.
-//! `--stream --whole` receives the whole body first (the frames kept as they came, not copied
-//! together) and only then takes the replica and forwards them: the floor for a proxy that, like
-//! modelgate, never lets a slow client hold a replica.
+//! The frames up to `"request":` are copied (to find it); the rest are sent as they came.
+//! `--stream --whole` receives the whole body first (the frames after the first kept as they
+//! came, not copied together) and only then takes the replica and writes the request in one
+//! vectored write: the floor for a proxy that, like modelgate, never lets a slow client hold a
+//! replica.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
