@@ -76,6 +76,16 @@ hop_addr=$(listening_addr hop-floor "$work/hop")
   --concurrency 2 --warmup 0.2 --duration 0.5
 kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 ./target/debug/replica-direct --runtime target/debug/replica-runtime --spin --warmup 0.2 --duration 0.5 >/dev/null
+# blocking-floor, the fewest system calls per request, alone and (--hop) in front of a real
+# replica: every answer checked, on several connections at once.
+for mode in "" --hop; do
+  # shellcheck disable=SC2086 # an empty mode is no argument
+  ./target/debug/blocking-floor --listen 127.0.0.1:0 $mode --runtime target/debug/replica-runtime >"$work/hop" &
+  hop=$!
+  hop_addr=$(listening_addr blocking-floor "$work/hop")
+  ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --warmup 0.2 --duration 0.5
+  kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
+done
 # The open loop with a polling client, whose spinning task releases the slots itself: every slot
 # of the schedule is sent, at the rate asked.
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --mode open --rate 400 --spin \
