@@ -3,17 +3,18 @@
 # and how small any proxy's share can be on this machine. One run, rounds alternating:
 #   floor   bare hyper answering a fixed body (HTTP alone, tokio's event loop);
 #   bfloor  blocking-floor: the same answer from a thread per connection with blocking reads and
-#           writes, 3 system calls per request (HTTP alone, the fewest calls);
+#           writes, 2 system calls per request (HTTP alone, the fewest calls blocking sockets allow);
 #   hop     hop-floor: bare hyper + one real replica over the replica protocol, nothing else;
 #   bhop    blocking-floor --hop: the same hop with a thread and blocking calls, 4 system calls
-#           per request in the proxy: the least a proxy in front of a separate replica process
-#           can do here;
+#           per request in the proxy: the fewest a proxy in front of a separate replica process
+#           can make with blocking sockets;
 #   mg      modelgate with the add model and one replica;
 #   direct  replica-direct: the replica called over its socket, no proxy.
 # Servers (and their replicas) on CPU 0, the clients on CPU 1, 127.0.0.1 only; every server runs
-# for the whole run and sits idle while another is measured. SPIN=1 makes the clients poll
-# instead of sleeping between answers. Prints medians of ROUNDS (default 5) and each server's
-# share per round. Bounded: ROUNDS x 6 runs of 1 + DURATION s (default 3).
+# for the whole run and sits idle while another is measured; each round starts one server later
+# in the list, so none is always measured first or last. SPIN=1 makes the clients poll instead
+# of sleeping between answers. Prints medians of ROUNDS (default 5) and each server's share per
+# round (its p50 minus the direct replica's in that round). Bounded: ROUNDS x 6 runs of 1 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -36,14 +37,19 @@ listening_addr blocking-floor "$work/bfloor.log" >/dev/null
 listening_addr hop-floor "$work/hop.log" >/dev/null
 listening_addr blocking-floor "$work/bhop.log" >/dev/null
 wait_ready 18915 "$work/mg.log"
+order=(floor:18910 bfloor:18911 hop:18912 bhop:18913 mg:18915 direct:-)
 for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round of $ROUNDS" >&2
-  for s in floor:18910 bfloor:18911 hop:18912 bhop:18913 mg:18915; do
-    bench_load --url "http://127.0.0.1:${s#*:}/model" --access-key "$KEY" --expect 8 \
-      --concurrency 1 --warmup 1 --duration "$D" ${SPIN:+--spin} >"$work/${s%:*}-r$round.json"
+  for i in "${!order[@]}"; do
+    s=${order[$(( (i + round - 1) % ${#order[@]} ))]}
+    if [ "${s%:*}" = direct ]; then
+      taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
+        --warmup 1 --duration "$D" ${SPIN:+--spin} >"$work/direct-r$round.json"
+    else
+      bench_load --url "http://127.0.0.1:${s#*:}/model" --access-key "$KEY" --expect 8 \
+        --concurrency 1 --warmup 1 --duration "$D" ${SPIN:+--spin} >"$work/${s%:*}-r$round.json"
+    fi
   done
-  taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
-    --warmup 1 --duration "$D" ${SPIN:+--spin} >"$work/direct-r$round.json"
 done
 python3 - "$work" <<'PY'
 import json, os, re, statistics, sys
@@ -61,7 +67,7 @@ names = {"floor": "floor (hyper, fixed body)", "bfloor": "blocking-floor (fixed 
          "hop": "hop-floor (hyper + replica)", "bhop": "blocking-floor --hop",
          "mg": "modelgate", "direct": "replica direct"}
 print(f"c=1 p50, medians of {len(rounds)} rounds, client {'polling' if os.environ.get('SPIN') else 'sleeping'}; "
-      "share = p50 - the direct replica's p50 in the same round")
+      "share = median of each round's p50 minus the direct replica's p50 in that round")
 print("| server | p50 | share | share per round |")
 print("|---|---|---|---|")
 for k in ["floor", "bfloor", "hop", "bhop", "mg", "direct"]:

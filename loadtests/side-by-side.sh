@@ -99,9 +99,9 @@ def ratio(a, b, f=rps):
 share = lambda a: [runs[f"{a}-c1"][i]["latency_us"]["p50"] - runs["direct"][i]["latency_us"]["p50"] for i in rounds]
 x, each = ratio("mg-c16", "fastapi-c16"); print(f"throughput c=16: modelgate / FastAPI = {x:.1f}x{each} (target >= 10x)")
 x, each = ratio("mg-c16", "floor-c16"); print(f"throughput c=16: modelgate / floor = {100 * x:.0f}%{each} (target >= 40%)")
-# What this run allows: a server can be 10x FastAPI only where the floor itself is.
+# How much room this run leaves: what share of a bare hyper server 10x FastAPI asks for.
 x, each = ratio("floor-c16", "fastapi-c16")
-print(f"the bound of this run: floor / FastAPI = {x:.1f}x{each}; 10x FastAPI asks for {100 * 10 / x:.0f}% of the floor")
+print(f"the hyper floor's ratio in this run: floor / FastAPI = {x:.1f}x{each}; 10x FastAPI asks for {100 * 10 / x:.0f}% of the floor")
 print(f"p50 c=1: modelgate {med('mg-c1', q('p50')):.0f}us (target <= 100us); proxy share = modelgate - direct = {statistics.median(share('mg')):.0f}us (target <= 30us)")
 x, _ = ratio("hop-c16", "fastapi-c16"); y, each = ratio("hop-c16", "floor-c16")
 print(f"what the design allows (hop-floor): {x:.1f}x FastAPI, {100 * y:.0f}% of the floor{each}, c=1 p50 {med('hop-c1', q('p50')):.0f}us, hop share = hop-floor - direct = {statistics.median(share('hop')):.0f}us")

@@ -78,12 +78,15 @@ kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 ./target/debug/replica-direct --runtime target/debug/replica-runtime --spin --warmup 0.2 --duration 0.5 >/dev/null
 # blocking-floor, the fewest system calls per request, alone and (--hop) in front of a real
 # replica: every answer checked, on several connections at once.
+# The fixed answer is 8, so --hop is checked with a request whose sum is not.
 for mode in "" --hop; do
+  args=(--expect 8)
+  [ -z "$mode" ] || args=(--body '{"a":2,"b":40}' --expect 42)
   # shellcheck disable=SC2086 # an empty mode is no argument
   ./target/debug/blocking-floor --listen 127.0.0.1:0 $mode --runtime target/debug/replica-runtime >"$work/hop" &
   hop=$!
   hop_addr=$(listening_addr blocking-floor "$work/hop")
-  ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" --expect 8 --concurrency 4 --warmup 0.2 --duration 0.5
+  ./target/debug/loadgen --url "http://$hop_addr/model" --access-key "$key" "${args[@]}" --concurrency 4 --warmup 0.2 --duration 0.5
   kill -TERM "$hop"; wait "$hop" 2>/dev/null || true; hop=
 done
 # The open loop with a polling client, whose spinning task releases the slots itself: every slot

@@ -1,4 +1,4 @@
-//! What the comparison binaries (`replica-direct`, `hop-floor`) share: starting one real
+//! What the comparison binaries (`replica-direct`, `hop-floor`, `blocking-floor`) share: starting one real
 //! `replica-runtime` on a private Unix socket and reading its frames with blocking I/O.
 
 use std::io::Read;

@@ -1,5 +1,5 @@
 //! `blocking-floor`: the fewest system calls an HTTP server (and a proxy in front of a replica)
-//! can make per request on this machine. A thread per connection, blocking reads and writes on
+//! can make per request with blocking sockets. A thread per connection, blocking reads and writes on
 //! std sockets, no event loop: a request costs two system calls, the `read` that waits for it
 //! and the `write` of the answer. With `--hop`, each request's `request` also goes to one real
 //! `replica-runtime` over the replica protocol with one `write` and comes back with the blocking
@@ -7,11 +7,12 @@
 //!
 //! It is a measuring tool for one question: how small can "modelgate minus the direct replica"
 //! be at concurrency 1, where a server spends its time in system calls and wake-ups rather than
-//! in its own code. A thread per connection is not a design for a proxy (it costs a thread per
-//! client and cannot bound a request's wait for a replica); at c=1 it is the least work.
+//! in its own code. A thread per connection is not a design for a proxy meant to hold thousands
+//! of connections; at c=1 it makes the fewest calls that blocking sockets allow.
 //!
-//! HTTP/1.1 with `Content-Length` bodies only, as `loadgen` sends; anything else, or a body
-//! over 1 MB, closes the connection.
+//! HTTP/1.1 with `Content-Length` bodies only, as `loadgen` sends; a `Transfer-Encoding`, a
+//! length that is not a number, or a body over 1 MB closes the connection. Any failure talking
+//! to the replica ends the process rather than risk pairing answers with the wrong requests.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -43,8 +44,8 @@ struct Envelope<'a> {
     request: &'a serde_json::value::RawValue,
 }
 
-/// One replica connection and the bytes read from it, one request at a time: the lock is held
-/// from the write to the answer.
+/// One replica connection and the buffer its answers are read into, one request at a time: the
+/// lock is held from the write to the answer.
 type Replica = Arc<Mutex<(UnixStream, Vec<u8>)>>;
 
 fn main() {
@@ -69,7 +70,16 @@ fn main() {
         "blocking-floor listening on http://{}",
         listener.local_addr().expect("addr")
     );
-    for tcp in listener.incoming().flatten() {
+    for tcp in listener.incoming() {
+        let tcp = match tcp {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin on the CPU under test.
+                eprintln!("blocking-floor: accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let replica = replica.clone();
         std::thread::spawn(move || {
@@ -120,7 +130,7 @@ fn connection(mut tcp: TcpStream, replica: Option<&Replica>) -> std::io::Result<
             Some(replica) => {
                 let answer = serde_json::from_slice::<Envelope>(&buf[head_end..end])
                     .ok()
-                    .and_then(|env| call(replica, env.request.get().as_bytes()).ok());
+                    .map(|env| call(replica, env.request.get().as_bytes()));
                 match answer {
                     Some((kind, payload)) if Kind::from_u8(kind) == Some(Kind::ResultOk) => {
                         let mut body = Vec::with_capacity(payload.len() + 64);
@@ -139,11 +149,18 @@ fn connection(mut tcp: TcpStream, replica: Option<&Replica>) -> std::io::Result<
     }
 }
 
-/// One request to the replica: header and payload in one vectored write, the answer read back
-/// (one `read` when it fits the buffer, as an answer to the add model does).
-fn call(replica: &Replica, request: &[u8]) -> std::io::Result<(u8, Vec<u8>)> {
+/// One request to the replica: header and payload in one vectored write, then frames read until
+/// its terminal answer (one `read` when it fits the buffer, as an answer to the add model does).
+/// Frames of other kinds are skipped, as the protocol asks. Any failure once the write has begun
+/// ends the process: the next request would read this one's answer, and a measurement of wrongly
+/// paired answers must not go on (`hop-floor` does the same).
+fn call(replica: &Replica, request: &[u8]) -> (u8, Vec<u8>) {
     let mut guard = replica.lock().expect("replica lock");
     let (sock, buf) = &mut *guard;
+    let fail = |what: &str, e: std::io::Error| -> ! {
+        eprintln!("blocking-floor: {what} the replica failed: {e}; stopping");
+        std::process::exit(1)
+    };
     let header = protocol::encode_header(Kind::Predict, request.len());
     let mut bufs = [
         std::io::IoSlice::new(&header),
@@ -151,20 +168,39 @@ fn call(replica: &Replica, request: &[u8]) -> std::io::Result<(u8, Vec<u8>)> {
     ];
     let mut bufs = &mut bufs[..];
     while !bufs.is_empty() {
-        let n = sock.write_vectored(bufs)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+        match sock.write_vectored(bufs) {
+            Ok(0) => fail("writing to", std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => fail("writing to", e),
         }
-        std::io::IoSlice::advance_slices(&mut bufs, n);
     }
+    // Nothing is left over between calls: the replica sends nothing unasked, and a call that
+    // finds bytes after its answer stops the process.
     let mut filled = 0;
-    let (kind, end) = loop {
+    loop {
         if filled >= protocol::HEADER_LEN {
             let h = buf[..protocol::HEADER_LEN].try_into().expect("header");
-            let header = protocol::decode_header(h).map_err(std::io::Error::other)?;
+            let header = protocol::decode_header(h)
+                .unwrap_or_else(|e| fail("reading from", std::io::Error::other(e)));
             let end = protocol::HEADER_LEN + header.payload_len;
             if filled >= end {
-                break (header.kind, end);
+                if !matches!(
+                    Kind::from_u8(header.kind),
+                    Some(Kind::ResultOk | Kind::ResultErr)
+                ) {
+                    // Not the answer: skip the frame.
+                    buf.copy_within(end..filled, 0);
+                    filled -= end;
+                    continue;
+                }
+                if filled > end {
+                    fail(
+                        "reading from",
+                        std::io::Error::other("bytes after the answer"),
+                    );
+                }
+                return (header.kind, buf[protocol::HEADER_LEN..end].to_vec());
             }
             if buf.len() < end {
                 buf.resize(end, 0);
@@ -173,14 +209,13 @@ fn call(replica: &Replica, request: &[u8]) -> std::io::Result<(u8, Vec<u8>)> {
         if buf.len() < filled + 4096 {
             buf.resize(filled + 4096, 0);
         }
-        match sock.read(&mut buf[filled..])? {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n => filled += n,
+        match sock.read(&mut buf[filled..]) {
+            Ok(0) => fail("reading from", std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => fail("reading from", e),
         }
-    };
-    // One request at a time, so the answer is the last thing in the socket.
-    debug_assert_eq!(filled, end);
-    Ok((kind, buf[protocol::HEADER_LEN..end].to_vec()))
+    }
 }
 
 fn respond(out: &mut Vec<u8>, status: &str, body: &[u8]) {
@@ -193,19 +228,24 @@ fn respond(out: &mut Vec<u8>, status: &str, body: &[u8]) {
 }
 
 /// Where the head ends (after its blank line) and its body's length, once the whole head is in
-/// `buf`: its `Content-Length`, 0 without one, `None` when that is not a number.
+/// `buf`: its `Content-Length` (digits only), 0 without one; `None` for a length that is not a
+/// number or a `Transfer-Encoding`, which this tool does not read.
 fn find_head(buf: &[u8]) -> Option<(usize, Option<usize>)> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let value = buf[..end].split(|&b| b == b'\n').find_map(|line| {
-        let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
-        name.eq_ignore_ascii_case(b"content-length")
-            .then_some(&value[1..])
-    });
-    let len = match value {
-        None => Some(0),
-        Some(v) => std::str::from_utf8(v)
-            .ok()
-            .and_then(|v| v.trim().parse().ok()),
-    };
+    let mut len = Some(0);
+    for line in buf[..end].split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            return Some((end, None));
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            len = (!value.is_empty() && value.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(value).ok()?.parse().ok())
+                .flatten();
+        }
+    }
     Some((end, len))
 }
