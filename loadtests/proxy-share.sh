@@ -52,13 +52,10 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 python3 - "$work" <<'PY'
-import json, os, re, statistics, sys
-d = sys.argv[1]
-runs = {}
-for n in os.listdir(d):
-    m = re.fullmatch(r"(.*)-r(\d+)\.json", n)
-    if m:
-        runs.setdefault(m.group(1), {})[int(m.group(2))] = json.load(open(os.path.join(d, n)))
+import os, statistics, sys
+sys.path.insert(0, "loadtests")
+import rounds as rounds_lib
+runs = rounds_lib.load(sys.argv[1])
 rounds = sorted(runs["mg"])
 errors = sum(r["error_total"] for per in runs.values() for r in per.values())
 assert errors == 0, f"{errors} errors"
