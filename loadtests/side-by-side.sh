@@ -13,7 +13,8 @@
 # replica-direct) poll instead of sleeping between answers, in the open loop too (see
 # docs/PERFORMANCE.md). ROUNDS=N (default 1) measures every server N times, round by round, and
 # prints medians and each round's ratios: this machine's run-to-run noise is larger than some of
-# the differences the targets ask about. All four servers run for the whole run; each sits idle
+# the differences the targets ask about. The open loops run after every round's closed loops, at
+# 80 % of each server's median c=16 rate. All four servers run for the whole run; each sits idle
 # while another is measured. Bounded: ROUNDS x about 12 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +32,12 @@ load() { # name url conc [extra...]
   taskset -c 1 ./target/release/loadgen --url "$url" --access-key "$KEY" --expect 8 \
     --concurrency "$c" --warmup 1 --duration "$DURATION" --json ${SPIN:+--spin} "$@" >"$out/$name.json"
 }
-field() { python3 -c "import json; r=json.load(open('$out/$1.json')); print(r$2)"; }
-# open_rate NAME ROUND: 80 % of NAME's c=16 maximum in that round, with the same kind of client.
-open_rate() { python3 -c "print(int(0.8 * $(field "$1-c16-r$2" "['achieved_rps']")))"; }
+# open_rate NAME: 80 % of NAME's c=16 maximum, the median of every round's, with the same kind of
+# client. (One round's maximum can come from a lucky spell the open loop then cannot keep up with.)
+open_rate() {
+  python3 -c "import statistics, sys; sys.path.insert(0, 'loadtests'); import rounds
+print(int(0.8 * statistics.median(r['achieved_rps'] for r in rounds.load('$out')['$1-c16'].values())))"
+}
 
 echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
@@ -58,13 +62,18 @@ for round in $(seq 1 "$ROUNDS"); do
     name=${s%:*} url=http://127.0.0.1:${s#*:}/model
     load "$name-c1-r$round" "$url" 1
     load "$name-c16-r$round" "$url" 16
-    rate=$(open_rate "$name" "$round")
-    load "$name-open80-r$round" "$url" 1 --mode open --rate "$rate" --connections 32
   done
   taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
     --warmup 1 --duration "$DURATION" ${SPIN:+--spin} >"$out/direct-r$round.json"
   load "fastapi-c1-r$round" http://127.0.0.1:18902/model 1
   load "fastapi-c16-r$round" http://127.0.0.1:18902/model 16
+done
+# Then the open loops, as many rounds, at 80 % of each server's median maximum.
+mg_rate=$(open_rate mg) hop_rate=$(open_rate hop)
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== open loop, round $round of $ROUNDS" >&2
+  load "mg-open80-r$round" http://127.0.0.1:18600/model 1 --mode open --rate "$mg_rate" --connections 32
+  load "hop-open80-r$round" http://127.0.0.1:18903/model 1 --mode open --rate "$hop_rate" --connections 32
 done
 
 python3 - "$out" <<'PY'
