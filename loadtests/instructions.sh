@@ -17,6 +17,8 @@
 # (`--trace-children=yes`, since the replica re-executes itself once). The slow replica makes
 # larger batches than usual, so its per-batch costs are spread thinner than at full speed.
 # RUNTIME=/absolute/path/to/another/replica-runtime counts that build of the replica instead.
+# HOP_ARGS adds arguments to hop-floor (HOP_ARGS="--batch 16": the floor of modelgate's batched
+# dispatch, which side-by-side.sh compares with; by default it sends one request at a time).
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -127,7 +129,8 @@ count_replica() {
 }
 
 count floor 18691 ./target/release/floor --listen 127.0.0.1:18691 | tee "$work/result"
-count hop-floor 18692 ./target/release/hop-floor --listen 127.0.0.1:18692 | tee -a "$work/result"
+# shellcheck disable=SC2086 # HOP_ARGS is a list of arguments
+count hop-floor 18692 ./target/release/hop-floor --listen 127.0.0.1:18692 ${HOP_ARGS-} | tee -a "$work/result"
 count modelgate 18690 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" | tee -a "$work/result"
 floor=$(awk '$1 == "floor" {print $2}' "$work/result")
 hop=$(awk '$1 == "hop-floor" {print $2}' "$work/result")
