@@ -138,8 +138,8 @@ mg=$(awk '$1 == "modelgate" {print $2}' "$work/result")
 echo
 echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM):"
 echo "  floor      $floor"
-echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)"
-echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor)"
+echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)${HOP_ARGS:+ with $HOP_ARGS}"
+echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor${HOP_ARGS:+ $HOP_ARGS})"
 if [ "${REPLICA:-0}" != 0 ]; then
   count_replica >>"$work/result"
   echo "  replica    $(awk '$1 == "replica" {print $2}' "$work/result")  (its own process: Python, the JSON conversion, the socket)"

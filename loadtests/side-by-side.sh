@@ -69,7 +69,8 @@ for round in $(seq 1 "$ROUNDS"); do
   load "fastapi-c16-r$round" http://127.0.0.1:18902/model 16
 done
 # Then the open loops, as many rounds, at 80 % of each server's median maximum.
-mg_rate=$(open_rate mg) hop_rate=$(open_rate hop)
+mg_rate=$(open_rate mg)
+hop_rate=$(open_rate hop)
 for round in $(seq 1 "$ROUNDS"); do
   echo "== open loop, round $round of $ROUNDS" >&2
   load "mg-open80-r$round" http://127.0.0.1:18600/model 1 --mode open --rate "$mg_rate" --connections 32
@@ -96,7 +97,7 @@ for name, a, b in rows:
     print(f"{name:28} {med(a, rps):>10.0f} {med(a, q('p50')):>6.0f}us {med(a, q('p99')):>6.0f}us {c16}")
 print()
 for name, key in [("modelgate", "mg-open80"), ("hop-floor", "hop-open80")]:
-    print(f"{name} open loop at 80% of its c=16 maximum (client {'polling' if os.environ.get('SPIN') else 'sleeping'}), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
+    print(f"{name} open loop at 80% of its median c=16 rate (client {'polling' if os.environ.get('SPIN') else 'sleeping'}), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
           f"p50 {med(key, q('p50')):.0f}us p99 {med(key, q('p99')):.0f}us p99.9 {med(key, q('p99_9')):.0f}us")
 def ratio(a, b, f=rps):
     per = [f(runs[a][i]) / f(runs[b][i]) for i in rounds]
