@@ -1,11 +1,35 @@
-//! What the comparison binaries (`replica-direct`, `hop-floor`, `blocking-floor`) share: starting one real
-//! `replica-runtime` on a private Unix socket and reading its frames with blocking I/O.
+//! What the comparison binaries (`floor`, `replica-direct`, `hop-floor`, `blocking-floor`) share:
+//! starting one real `replica-runtime` on a private Unix socket and reading its frames with
+//! blocking I/O, and the `/model` format in its barest form (the fixed answer, the envelope's
+//! `request`, an answer wrapped in the success envelope).
 
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command};
 
 use modelgate_protocol::{self as protocol, Kind};
+
+/// The floors' fixed answer: the add model's, in the `/model` format.
+pub const FIXED_ANSWER: &[u8] = br#"{"success":true,"response":8,"replicaId":"floor-0"}"#;
+
+/// A `/model` body as the floors read it: only `request`, unparsed.
+#[derive(serde::Deserialize)]
+pub struct Envelope<'a> {
+    #[serde(borrow)]
+    pub request: &'a serde_json::value::RawValue,
+}
+
+/// A replica's `ResultOk` payload inside the success envelope, as `replica_id` answered it.
+pub fn success_body(payload: &[u8], replica_id: &str) -> Vec<u8> {
+    const HEAD: &[u8] = br#"{"success":true,"response":"#;
+    let mut out = Vec::with_capacity(HEAD.len() + payload.len() + replica_id.len() + 16);
+    out.extend_from_slice(HEAD);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(br#","replicaId":""#);
+    out.extend_from_slice(replica_id.as_bytes());
+    out.extend_from_slice(b"\"}");
+    out
+}
 
 /// The replica to start: its binary and the model it serves, as `replica-runtime serve` takes
 /// them. Defaults: the bundled add model and this tree's release build.

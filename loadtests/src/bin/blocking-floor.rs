@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use modelgate_loadtests::{start_replica, ReplicaArgs};
+use modelgate_loadtests::{start_replica, success_body, Envelope, ReplicaArgs, FIXED_ANSWER};
 use modelgate_protocol::{self as protocol, Kind};
 
 #[derive(Parser)]
@@ -35,14 +35,7 @@ struct Args {
     replica: ReplicaArgs,
 }
 
-const FIXED: &[u8] = br#"{"success":true,"response":8,"replicaId":"floor-0"}"#;
 const MAX_BODY: usize = 1 << 20;
-
-#[derive(serde::Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow)]
-    request: &'a serde_json::value::RawValue,
-}
 
 /// One replica connection and the buffer its answers are read into, one request at a time: the
 /// lock is held from the write to the answer.
@@ -126,17 +119,14 @@ fn connection(mut tcp: TcpStream, replica: Option<&Replica>) -> std::io::Result<
         }
         out.clear();
         match replica {
-            None => respond(&mut out, "200 OK", FIXED),
+            None => respond(&mut out, "200 OK", FIXED_ANSWER),
             Some(replica) => {
                 let answer = serde_json::from_slice::<Envelope>(&buf[head_end..end])
                     .ok()
                     .map(|env| call(replica, env.request.get().as_bytes()));
                 match answer {
                     Some((kind, payload)) if Kind::from_u8(kind) == Some(Kind::ResultOk) => {
-                        let mut body = Vec::with_capacity(payload.len() + 64);
-                        body.extend_from_slice(br#"{"success":true,"response":"#);
-                        body.extend_from_slice(&payload);
-                        body.extend_from_slice(br#","replicaId":"blocking-floor-0"}"#);
+                        let body = success_body(&payload, "blocking-floor-0");
                         respond(&mut out, "200 OK", &body);
                     }
                     _ => respond(&mut out, "502 Bad Gateway", br#"{"success":false}"#),

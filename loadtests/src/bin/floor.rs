@@ -19,12 +19,12 @@ struct Args {
     listen: String,
 }
 
-const BODY: &[u8] = br#"{"success":true,"response":8,"replicaId":"floor-0"}"#;
-
 async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     // Read the body, as a real endpoint must, then answer.
     let _ = req.into_body().collect().await;
-    let mut resp = Response::new(Full::new(Bytes::from_static(BODY)));
+    let mut resp = Response::new(Full::new(Bytes::from_static(
+        modelgate_loadtests::FIXED_ANSWER,
+    )));
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),

@@ -38,7 +38,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use modelgate_loadtests::{start_replica, ReplicaArgs};
+use modelgate_loadtests::{start_replica, success_body, Envelope, ReplicaArgs};
 use modelgate_protocol::{self as protocol, Kind};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -188,12 +188,6 @@ enum Dispatch {
     },
     /// `--batch`: a dispatcher task takes what is queued and writes it in one go.
     Batched(tokio::sync::mpsc::UnboundedSender<(Vec<u8>, oneshot::Sender<Frame>)>),
-}
-
-#[derive(serde::Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow)]
-    request: &'a serde_json::value::RawValue,
 }
 
 async fn call(d: &Dispatch, request: &[u8]) -> Option<Frame> {
@@ -387,10 +381,7 @@ async fn answer(
     };
     let resp = match reply {
         Some((kind, payload)) if Kind::from_u8(kind) == Some(Kind::ResultOk) => {
-            let mut out = Vec::with_capacity(payload.len() + 64);
-            out.extend_from_slice(br#"{"success":true,"response":"#);
-            out.extend_from_slice(&payload);
-            out.extend_from_slice(br#","replicaId":"hop-floor-0"}"#);
+            let out = success_body(&payload, "hop-floor-0");
             let mut r = Response::new(Full::new(Bytes::from(out)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
