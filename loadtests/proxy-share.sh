@@ -14,7 +14,8 @@
 # for the whole run and sits idle while another is measured; each round starts one server later
 # in the list, so none is always measured first or last. SPIN=1 makes the clients poll instead
 # of sleeping between answers. Prints medians of ROUNDS (default 5) and each server's share per
-# round (its p50 minus the direct replica's in that round). Bounded: ROUNDS x 6 runs of 1 + DURATION s (default 3).
+# round (its p50 minus the direct replica's in that round). MG=/path/to/modelgate measures that
+# build instead (e.g. loadtests/pgo-build.sh's). Bounded: ROUNDS x 6 runs of 1 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -31,7 +32,7 @@ taskset -c 0 ./target/release/floor --listen 127.0.0.1:18910 >"$work/floor.log" 
 taskset -c 0 ./target/release/blocking-floor --listen 127.0.0.1:18911 >"$work/bfloor.log" & pids+=($!)
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18912 >"$work/hop.log" & pids+=($!)
 taskset -c 0 ./target/release/blocking-floor --hop --listen 127.0.0.1:18913 >"$work/bhop.log" & pids+=($!)
-taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/mg.log" & pids+=($!)
+taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" >/dev/null 2>"$work/mg.log" & pids+=($!)
 listening_addr floor "$work/floor.log" >/dev/null
 listening_addr blocking-floor "$work/bfloor.log" >/dev/null
 listening_addr hop-floor "$work/hop.log" >/dev/null
@@ -51,6 +52,7 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
   done
 done
+echo "modelgate: ${MG:-target/release/modelgate}"
 python3 - "$work" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")

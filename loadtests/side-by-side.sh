@@ -15,7 +15,8 @@
 # prints medians and each round's ratios: this machine's run-to-run noise is larger than some of
 # the differences the targets ask about. The open loops run after every round's closed loops, at
 # 80 % of each server's median c=16 rate. All four servers run for the whole run; each sits idle
-# while another is measured. Bounded: ROUNDS x about 12 runs of 1 + DURATION s.
+# while another is measured. MG=/path/to/modelgate measures that build instead (e.g. the
+# profile-guided one of loadtests/pgo-build.sh). Bounded: ROUNDS x about 12 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -41,7 +42,7 @@ print(int(0.8 * statistics.median(r['achieved_rps'] for r in rounds.load('$out')
 
 echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
-taskset -c 0 ./target/release/modelgate serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
+taskset -c 0 "${MG:-./target/release/modelgate}" serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
 # shellcheck disable=SC2086 # HOP_ARGS is a list of arguments
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18903 ${HOP_ARGS---batch 16} >/dev/null & pids+=($!)
 venv=${VENV:-$out/venv}
@@ -77,6 +78,7 @@ for round in $(seq 1 "$ROUNDS"); do
   load "hop-open80-r$round" http://127.0.0.1:18903/model 1 --mode open --rate "$hop_rate" --connections 32
 done
 
+echo "modelgate: ${MG:-target/release/modelgate}"
 python3 - "$out" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Builds modelgate with profile-guided optimisation (PGO) and prints the binary's path,
+# target/pgo/release/modelgate.
+#   1. an instrumented build (`-Cprofile-generate`) in target/pgo-gen;
+#   2. training: that build serves, on 127.0.0.1 only, the add model without and with API key
+#      authentication and an echo model, under loadgen: HTTP/1.1 at c=1 and c=16, h2c, 100 KB
+#      and 1 MB bodies, a wrong access key (401) and /metrics scrapes; once with one runtime
+#      thread on CPU 0, as the benchmarks run it, and once with two, unpinned, as a machine with
+#      more CPUs runs it. Every answer is checked, and a failed request fails the build;
+#   3. the profile merged with llvm-profdata (rustup's llvm-tools component, which this script
+#      installs when it is missing) and a build that uses it (`-Cprofile-use`) in target/pgo.
+# The profile tells LLVM which code runs per request and which branches it takes: the hot code
+# is inlined and laid out together, code that never ran is marked cold (set apart, optimised for
+# size). Fewer instructions and far fewer instruction-cache misses per request ("A profile-guided
+# build" in docs/PERFORMANCE.md). replica-runtime is built as usual and copied beside modelgate,
+# where modelgate looks for it. Bounded: two release builds of modelgate and about 25 s of load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. loadtests/lib.sh
+host=$(rustc -vV | sed -n 's/^host: //p')
+profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
+[ -x "$profdata" ] || rustup component add llvm-tools
+[ -x "$profdata" ] || { echo "llvm-profdata not found at $profdata" >&2; exit 1; }
+# The same packages as the other scripts build, so that features, and builds, are shared.
+cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
+work=$(mktemp -d)
+server=
+trap '[ -z "$server" ] || { kill -TERM $server; wait $server; } 2>/dev/null || true; rm -rf "$work"' EXIT
+
+echo "== instrumented build (target/pgo-gen)" >&2
+# A fixed profile directory, so that the flags, and with them cargo's cache, stay the same.
+raw=$PWD/target/pgo-gen/profraw
+CARGO_TARGET_DIR=target/pgo-gen RUSTFLAGS="-Cprofile-generate=$raw" \
+  cargo build -q --release -p modelgate
+# The build scripts of that build wrote profiles of their own, and earlier runs theirs.
+rm -rf "$raw"
+
+mkdir -p "$work/models"
+cat >"$work/models/echo.py" <<'PY'
+def echo(args):
+    return args
+PY
+# config WORKERS: the training configuration, with a runtime of WORKERS threads.
+config() {
+  cat <<TOML
+[server]
+listen = "127.0.0.1:18950"
+data_dir = "$work/data"
+replica_runtime = "$PWD/target/release/replica-runtime"
+worker_threads = $1
+[[models]]
+name = "add-open"
+path = "$PWD/examples/add_numbers"
+file = "add_numbers.py"
+function = "add"
+access_key = "pgo-open-key-0123456789abcdef"
+enable_authentication = false
+[[models]]
+name = "add-auth"
+path = "$PWD/examples/add_numbers"
+file = "add_numbers.py"
+function = "add"
+access_key = "pgo-auth-key-0123456789abcdef"
+enable_authentication = true
+[[models]]
+name = "echo"
+path = "$work/models"
+file = "echo.py"
+function = "echo"
+access_key = "pgo-echo-key-0123456789abcdef"
+enable_authentication = false
+TOML
+}
+cat >"$work/check.py" <<'PY'
+import json, sys
+r = json.load(sys.stdin)
+assert r["error_total"] == 0, r
+print(f"  {r['ok']:>7} answers:", *sys.argv[1:], file=sys.stderr)
+PY
+
+# pin CPUS: the words that pin a command to CPUS, as the benchmarks pin; none on a machine with
+# one CPU. (Not a function that runs the command: `$!` must be the server's own process.)
+pin() { [ "$(nproc)" -lt 2 ] || echo "taskset -c $1"; }
+# train KEY ARGS...: one checked loadgen run on CPU 1; any failed request ends the script.
+train() {
+  local key=$1; shift
+  # shellcheck disable=SC2046 # pin's words are meant to split
+  $(pin 1) target/release/loadgen --url http://127.0.0.1:18950/model --access-key "$key" \
+    --warmup 0.5 --json "$@" | python3 "$work/check.py" "$@"
+}
+# serve CPUS WORKERS: starts the instrumented build with a runtime of WORKERS threads.
+serve() {
+  config "$2" >"$work/c.toml"
+  # shellcheck disable=SC2046 # pin's words are meant to split
+  $(pin "$1") target/pgo-gen/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+  server=$!
+  wait_ready 18950 "$work/log"
+}
+# stop: stops the server; the profile is written when the process exits.
+stop() {
+  kill -TERM $server
+  wait $server
+  server=
+}
+open=pgo-open-key-0123456789abcdef
+auth=pgo-auth-key-0123456789abcdef
+echo_key=pgo-echo-key-0123456789abcdef
+
+echo "== training, one runtime thread on CPU 0 (as benchmarked)" >&2
+serve 0 1
+MODELGATE_API_KEY=$(cat "$work/data/admin-api-key")
+export MODELGATE_API_KEY
+train $open --expect 8 --concurrency 1 --duration 2
+train $open --expect 8 --concurrency 16 --duration 3
+train $open --expect 8 --concurrency 16 --duration 2 --http2
+train $auth --expect 8 --concurrency 16 --duration 2
+train $echo_key --payload-bytes 100000 --expect-echo --concurrency 2 --duration 1
+train $echo_key --payload-bytes 1000000 --expect-echo --concurrency 1 --duration 1
+train wrong-key-0123456789abcdef --expect-status 401 --concurrency 4 --duration 1
+for _ in $(seq 1 20); do curl -sf -o /dev/null http://127.0.0.1:18950/metrics; done
+stop
+# A machine with more than one CPU runs the multi-thread runtime, whose code the first pass
+# never ran; left out of the profile, it would be optimised for size.
+echo "== training, two runtime threads, unpinned" >&2
+serve "0-$(($(nproc) - 1))" 2
+train $open --expect 8 --concurrency 1 --duration 1
+train $open --expect 8 --concurrency 16 --duration 2
+train $open --expect 8 --concurrency 16 --duration 1 --http2
+train $auth --expect 8 --concurrency 16 --duration 1
+train $echo_key --payload-bytes 100000 --expect-echo --concurrency 2 --duration 1
+stop
+ls "$raw"/*.profraw >/dev/null
+
+echo "== merged profile and optimised build (target/pgo)" >&2
+mkdir -p target/pgo
+"$profdata" merge -o target/pgo/modelgate.profdata "$raw"/*.profraw
+CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/modelgate.profdata" \
+  cargo build -q --release -p modelgate
+# modelgate looks for replica-runtime beside itself unless told otherwise.
+cp target/release/replica-runtime target/pgo/release/
+echo "$PWD/target/pgo/release/modelgate"
