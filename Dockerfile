@@ -12,8 +12,8 @@ COPY . .
 ENV PYO3_PYTHON=python3
 # PGO=1 (the default) builds modelgate with profile-guided optimisation, as
 # loadtests/pgo-build.sh does: an instrumented build serves a short, checked load of the bundled
-# add model on 127.0.0.1 inside this stage, and its profile shapes the final build (about twice
-# the build time; 20-25 % fewer instructions per request, docs/PERFORMANCE.md). It fetches
+# add model on 127.0.0.1 inside this stage, and its profile shapes the final build (three
+# release builds instead of one; 20-25 % fewer instructions per request, docs/PERFORMANCE.md). It fetches
 # rustup's llvm-tools component. PGO=0 is a plain release build.
 ARG PGO=1
 RUN if [ "$PGO" = 1 ]; then \

@@ -5,15 +5,18 @@
 #   2. training: that build serves, on 127.0.0.1 only, the add model without and with API key
 #      authentication and an echo model, under loadgen: HTTP/1.1 at c=1 and c=16, h2c, 100 KB
 #      and 1 MB bodies, a wrong access key (401) and /metrics scrapes; once with one runtime
-#      thread on CPU 0, as the benchmarks run it, and once with two, unpinned, as a machine with
-#      more CPUs runs it. Every answer is checked, and a failed request fails the build;
+#      thread on one CPU and loadgen on another, as the benchmarks run them, and once with two
+#      runtime threads, unpinned, as a machine with more CPUs runs it. Every answer is checked,
+#      and a failed request fails the build;
 #   3. the profile merged with llvm-profdata (rustup's llvm-tools component, which this script
 #      installs when it is missing) and a build that uses it (`-Cprofile-use`) in target/pgo.
 # The profile tells LLVM which code runs per request and which branches it takes: the hot code
 # is inlined and laid out together, code that never ran is marked cold (set apart, optimised for
 # size). Fewer instructions and far fewer instruction-cache misses per request ("A profile-guided
 # build" in docs/PERFORMANCE.md). replica-runtime is built as usual and copied beside modelgate,
-# where modelgate looks for it. Bounded: two release builds of modelgate and about 25 s of load.
+# where modelgate looks for it. The builds take the flags below, not RUSTFLAGS from the
+# environment. Bounded: three release builds (the plain one the other scripts share, the
+# instrumented one, the profile-guided one) and about 25 s of load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -30,7 +33,8 @@ trap '[ -z "$server" ] || { kill -TERM $server; wait $server; } 2>/dev/null || t
 echo "== instrumented build (target/pgo-gen)" >&2
 # A fixed profile directory, so that the flags, and with them cargo's cache, stay the same.
 raw=$PWD/target/pgo-gen/profraw
-CARGO_TARGET_DIR=target/pgo-gen RUSTFLAGS="-Cprofile-generate=$raw" \
+# CARGO_ENCODED_RUSTFLAGS holds one flag per field, so a path with spaces stays whole.
+CARGO_TARGET_DIR=target/pgo-gen CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$raw" \
   cargo build -q --release -p modelgate
 # The build scripts of that build wrote profiles of their own, and earlier runs theirs.
 rm -rf "$raw"
@@ -78,9 +82,12 @@ assert r["error_total"] == 0, r
 print(f"  {r['ok']:>7} answers:", *sys.argv[1:], file=sys.stderr)
 PY
 
-# pin CPUS: the words that pin a command to CPUS, as the benchmarks pin; none on a machine with
-# one CPU. (Not a function that runs the command: `$!` must be the server's own process.)
-pin() { [ "$(nproc)" -lt 2 ] || echo "taskset -c $1"; }
+# The CPUs this script may use; the first pass puts the server on the first and loadgen on the
+# second, as the benchmarks pin them to CPUs 0 and 1.
+read -r -a cpus <<<"$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+# pin N: the words that pin a command to the Nth of those CPUs; none with fewer than two, or for
+# N = all. (Words, not a function that runs the command: `$!` must be the server's own process.)
+pin() { [ "$1" = all ] || [ "${#cpus[@]}" -lt 2 ] || echo "taskset -c ${cpus[$1]}"; }
 # train KEY ARGS...: one checked loadgen run on CPU 1; any failed request ends the script.
 train() {
   local key=$1; shift
@@ -88,7 +95,8 @@ train() {
   $(pin 1) target/release/loadgen --url http://127.0.0.1:18950/model --access-key "$key" \
     --warmup 0.5 --json "$@" | python3 "$work/check.py" "$@"
 }
-# serve CPUS WORKERS: starts the instrumented build with a runtime of WORKERS threads.
+# serve N WORKERS: starts the instrumented build with a runtime of WORKERS threads, pinned as
+# `pin N` says.
 serve() {
   config "$2" >"$work/c.toml"
   # shellcheck disable=SC2046 # pin's words are meant to split
@@ -106,7 +114,7 @@ open=pgo-open-key-0123456789abcdef
 auth=pgo-auth-key-0123456789abcdef
 echo_key=pgo-echo-key-0123456789abcdef
 
-echo "== training, one runtime thread on CPU 0 (as benchmarked)" >&2
+echo "== training, one runtime thread, pinned (as benchmarked)" >&2
 serve 0 1
 MODELGATE_API_KEY=$(cat "$work/data/admin-api-key")
 export MODELGATE_API_KEY
@@ -122,7 +130,7 @@ stop
 # A machine with more than one CPU runs the multi-thread runtime, whose code the first pass
 # never ran; left out of the profile, it would be optimised for size.
 echo "== training, two runtime threads, unpinned" >&2
-serve "0-$(($(nproc) - 1))" 2
+serve all 2
 train $open --expect 8 --concurrency 1 --duration 1
 train $open --expect 8 --concurrency 16 --duration 2
 train $open --expect 8 --concurrency 16 --duration 1 --http2
@@ -134,7 +142,7 @@ ls "$raw"/*.profraw >/dev/null
 echo "== merged profile and optimised build (target/pgo)" >&2
 mkdir -p target/pgo
 "$profdata" merge -o target/pgo/modelgate.profdata "$raw"/*.profraw
-CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/modelgate.profdata" \
+CARGO_TARGET_DIR=target/pgo CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/modelgate.profdata" \
   cargo build -q --release -p modelgate
 # modelgate looks for replica-runtime beside itself unless told otherwise.
 cp target/release/replica-runtime target/pgo/release/
