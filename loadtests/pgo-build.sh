@@ -88,7 +88,7 @@ read -r -a cpus <<<"$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(
 # pin N: the words that pin a command to the Nth of those CPUs; none with fewer than two, or for
 # N = all. (Words, not a function that runs the command: `$!` must be the server's own process.)
 pin() { [ "$1" = all ] || [ "${#cpus[@]}" -lt 2 ] || echo "taskset -c ${cpus[$1]}"; }
-# train KEY ARGS...: one checked loadgen run on CPU 1; any failed request ends the script.
+# train KEY ARGS...: one checked loadgen run, on the second CPU; a failed request ends the script.
 train() {
   local key=$1; shift
   # shellcheck disable=SC2046 # pin's words are meant to split
