@@ -10,25 +10,11 @@ cd "$(dirname "$0")/.."
 . loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
-cat > "$work/c.toml" <<TOML
-[server]
-listen = "127.0.0.1:18610"
-data_dir = "data"
-[[models]]
-name = "add-open"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "bench-open-key-0123456789abcdef"
-enable_authentication = false
-[[models]]
-name = "add-auth"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "bench-auth-key-0123456789abcdef"
-enable_authentication = true
-TOML
+{
+  printf '[server]\nlisten = "127.0.0.1:18610"\ndata_dir = "data"\n'
+  model_toml add-open bench-open-key-0123456789abcdef false
+  model_toml add-auth bench-auth-key-0123456789abcdef true
+} >"$work/c.toml"
 taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 trap 'kill -INT $server; wait $server; rm -rf "$work"' EXIT

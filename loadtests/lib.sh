@@ -42,8 +42,15 @@ add_config() {
   {
     printf '[server]\nlisten = "127.0.0.1:%s"\ndata_dir = "%s"\n' "$port" "$data"
     [ -z "$runtime" ] || printf 'replica_runtime = "%s"\n' "$runtime"
-    printf '[[models]]\nname = "add"\npath = "%s"\nfile = "add_numbers.py"\nfunction = "add"\n' \
-      "$PWD/examples/add_numbers"
-    printf 'access_key = "%s"\nenable_authentication = false\n' "$key"
+    model_toml add "$key" false
   } >"$file"
+}
+
+# model_toml NAME ACCESS_KEY AUTHENTICATION [DIR FILE FUNCTION]: prints a [[models]] block for
+# the config, by default of the bundled add model; AUTHENTICATION is true or false.
+model_toml() {
+  local dir=${4:-$PWD/examples/add_numbers} file=${5:-add_numbers.py} function=${6:-add}
+  printf '[[models]]\nname = "%s"\npath = "%s"\nfile = "%s"\nfunction = "%s"\n' \
+    "$1" "$dir" "$file" "$function"
+  printf 'access_key = "%s"\nenable_authentication = %s\n' "$2" "$3"
 }

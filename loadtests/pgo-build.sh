@@ -44,37 +44,18 @@ cat >"$work/models/echo.py" <<'PY'
 def echo(args):
     return args
 PY
+open=pgo-open-key-0123456789abcdef
+auth=pgo-auth-key-0123456789abcdef
+echo_key=pgo-echo-key-0123456789abcdef
 # config WORKERS: the training configuration, with a runtime of WORKERS threads.
 config() {
-  cat <<TOML
-[server]
-listen = "127.0.0.1:18950"
-data_dir = "$work/data"
-replica_runtime = "$PWD/target/release/replica-runtime"
-worker_threads = $1
-[[models]]
-name = "add-open"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "pgo-open-key-0123456789abcdef"
-enable_authentication = false
-[[models]]
-name = "add-auth"
-path = "$PWD/examples/add_numbers"
-file = "add_numbers.py"
-function = "add"
-access_key = "pgo-auth-key-0123456789abcdef"
-enable_authentication = true
-[[models]]
-name = "echo"
-path = "$work/models"
-file = "echo.py"
-function = "echo"
-access_key = "pgo-echo-key-0123456789abcdef"
-enable_authentication = false
-TOML
+  printf '[server]\nlisten = "127.0.0.1:18950"\ndata_dir = "%s"\nreplica_runtime = "%s"\nworker_threads = %s\n' \
+    "$work/data" "$PWD/target/release/replica-runtime" "$1"
+  model_toml add-open "$open" false
+  model_toml add-auth "$auth" true
+  model_toml echo "$echo_key" false "$work/models" echo.py echo
 }
+
 cat >"$work/check.py" <<'PY'
 import json, sys
 r = json.load(sys.stdin)
@@ -110,9 +91,6 @@ stop() {
   wait $server
   server=
 }
-open=pgo-open-key-0123456789abcdef
-auth=pgo-auth-key-0123456789abcdef
-echo_key=pgo-echo-key-0123456789abcdef
 
 echo "== training, one runtime thread, pinned (as benchmarked)" >&2
 serve 0 1

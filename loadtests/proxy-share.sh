@@ -20,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
+mg=${MG:-./target/release/modelgate}
 ROUNDS=${ROUNDS:-5}
 D=${DURATION:-3}
 KEY=proxy-share-key-0123456789
@@ -32,7 +33,7 @@ taskset -c 0 ./target/release/floor --listen 127.0.0.1:18910 >"$work/floor.log" 
 taskset -c 0 ./target/release/blocking-floor --listen 127.0.0.1:18911 >"$work/bfloor.log" & pids+=($!)
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18912 >"$work/hop.log" & pids+=($!)
 taskset -c 0 ./target/release/blocking-floor --hop --listen 127.0.0.1:18913 >"$work/bhop.log" & pids+=($!)
-taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" >/dev/null 2>"$work/mg.log" & pids+=($!)
+taskset -c 0 "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/mg.log" & pids+=($!)
 listening_addr floor "$work/floor.log" >/dev/null
 listening_addr blocking-floor "$work/bfloor.log" >/dev/null
 listening_addr hop-floor "$work/hop.log" >/dev/null
@@ -52,7 +53,7 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
   done
 done
-echo "modelgate: ${MG:-target/release/modelgate}"
+echo "modelgate: $mg"
 python3 - "$work" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")

@@ -23,6 +23,7 @@ DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-1}
 KEY=bench-add-key-0123456789abcdef
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
+mg=${MG:-./target/release/modelgate}
 out=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$out"; }
@@ -42,7 +43,7 @@ print(int(0.8 * statistics.median(r['achieved_rps'] for r in rounds.load('$out')
 
 echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
-taskset -c 0 "${MG:-./target/release/modelgate}" serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
+taskset -c 0 "$mg" serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
 # shellcheck disable=SC2086 # HOP_ARGS is a list of arguments
 taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18903 ${HOP_ARGS---batch 16} >/dev/null & pids+=($!)
 venv=${VENV:-$out/venv}
@@ -78,7 +79,7 @@ for round in $(seq 1 "$ROUNDS"); do
   load "hop-open80-r$round" http://127.0.0.1:18903/model 1 --mode open --rate "$hop_rate" --connections 32
 done
 
-echo "modelgate: ${MG:-target/release/modelgate}"
+echo "modelgate: $mg"
 python3 - "$out" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")
