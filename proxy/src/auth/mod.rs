@@ -11,11 +11,11 @@
 pub mod key;
 pub mod roles;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use foldhash::HashMap;
 use http::HeaderValue;
 use modelgate_control::identity::{AuditEvent, AuthState};
 use subtle::ConstantTimeEq;
@@ -36,7 +36,8 @@ struct UserEntry {
     active: bool,
 }
 
-/// An immutable view of who holds which key and which role.
+/// An immutable view of who holds which key and which role. The maps hash with foldhash, as
+/// the routing snapshot's does: callers pick only what is looked up, never what is inserted.
 #[derive(Default)]
 pub struct AuthIndex {
     keys: HashMap<Box<str>, KeyEntry>,
