@@ -5,7 +5,9 @@
 # loadgen on CPU 1, 127.0.0.1 only. Each round measures closed loop at c=1 and c=16 and an open
 # loop at RATE req/s (latency from the intended send time, 32 connections).
 #   A="/path/modelgate /path/replica-runtime" B="..." bash loadtests/compare-builds.sh
-# B defaults to this tree's release build. SPIN=1 makes the client poll (loadgen --spin). SERVER_CPUS (default 0) is the servers' CPU list. Keep a build with, e.g.:
+# B defaults to this tree's release build. SPIN=1 makes the client poll (loadgen --spin). SERVER_CPUS (default 0) is the servers' CPU list.
+# TLS names the builds that serve HTTPS (a self-signed certificate; HTTP/1.1 by ALPN): TLS=AB
+# compares two builds over TLS, and A=B with TLS=B measures what TLS costs one build. Keep a build with, e.g.:
 #   cargo build --release -p modelgate -p replica-runtime && mkdir -p /tmp/a &&
 #   cp target/release/{modelgate,replica-runtime} /tmp/a/
 # Bounded: ROUNDS (default 5) x 2 builds x 3 runs of 0.5 + DURATION s (default 3).
@@ -20,17 +22,24 @@ D=${DURATION:-3}
 RATE=${RATE:-14000}
 KEY=compare-builds-key-0123456789
 work=$(mktemp -d)
-server=
-trap '[ -z "$server" ] || { kill -INT $server; wait $server; } 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'rm -rf "$work"' EXIT
+# The rounds run in a subshell (the left of the pipe), so the server they start is theirs to stop,
+# also when a failed run ends them.
 for round in $(seq 1 "$ROUNDS"); do
+  trap '[ -z "${server:-}" ] || { kill -INT $server; wait $server; } 2>/dev/null || true' EXIT
   for build in A B; do
     read -r mg rr <<<"${!build}"
     rm -rf "$work/data"
     add_config "$work/c.toml" 18680 "$work/data" "$KEY" "$rr"
+    url=(--url http://127.0.0.1:18680/model) MG_SCHEME=http
+    if [[ ${TLS:-} == *$build* ]]; then
+      tls_config "$work/c.toml" "$work"
+      url=(--url https://127.0.0.1:18680/model --ca-cert "$work/cert.pem") MG_SCHEME=https
+    fi
     taskset -c "${SERVER_CPUS:-0}" "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
     server=$!
     wait_ready 18680 "$work/log"
-    run() { bench_load --url http://127.0.0.1:18680/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" ${SPIN:+--spin} "$@"; }
+    run() { bench_load "${url[@]}" --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" ${SPIN:+--spin} "$@"; }
     printf '%s\tc1\t' "$build"; run --concurrency 1
     printf '%s\tc16\t' "$build"; run --concurrency 16
     printf '%s\topen\t' "$build"; run --mode open --rate "$RATE" --connections 32
@@ -52,6 +61,10 @@ rows = [("c=1 req/s", "c1", rps), ("c=1 p50 µs", "c1", lat("p50")), ("c=1 p99 �
         ("c=16 req/s", "c16", rps), ("c=16 p50 µs", "c16", lat("p50")), ("c=16 p99 µs", "c16", lat("p99")),
         (f"open {sys.argv[2]}/s p50 µs", "open", lat("p50")), (f"open {sys.argv[2]}/s p99 µs", "open", lat("p99")),
         (f"open {sys.argv[2]}/s p99.9 µs", "open", lat("p99_9"))]
+import os
+tls = os.environ.get("TLS", "")
+if tls:
+    print("over TLS: " + ", ".join(b for b in "AB" if b in tls))
 print("| median of rounds | A | B | B / A | B better in |")
 print("|---|---|---|---|---|")
 for name, what, f in rows:

@@ -17,6 +17,8 @@
 # (`--trace-children=yes`, since the replica re-executes itself once). The slow replica makes
 # larger batches than usual, so its per-batch costs are spread thinner than at full speed.
 # RUNTIME=/absolute/path/to/another/replica-runtime counts that build of the replica instead.
+# TLS=1 serves modelgate over HTTPS (a self-signed certificate, HTTP/1.1 by ALPN; its handshakes
+# fall in the warm-up); the floors still answer plain HTTP.
 # HOP_ARGS adds arguments to hop-floor (HOP_ARGS="--batch 16": the floor of modelgate's batched
 # dispatch, which side-by-side.sh compares with; by default it sends one request at a time).
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
@@ -35,15 +37,26 @@ pid=
 trap '[ -z "$pid" ] || kill -TERM $pid 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"' EXIT
 runtime=${RUNTIME:-$PWD/target/release/replica-runtime}
 add_config "$work/c.toml" 18690 "$work/data" "$KEY" "$runtime"
+[ "${TLS:-0}" = 0 ] || { tls_config "$work/c.toml" "$work"; MG_SCHEME=https; }
+# origin PORT: the scheme, host and port a server on PORT answers on (modelgate's 18690 and
+# 18693 over HTTPS under TLS=1).
+origin() {
+  case "${TLS:-0}:$1" in
+    0:*|*:1869[12]) echo "http://127.0.0.1:$1" ;;
+    *) echo "https://127.0.0.1:$1" ;;
+  esac
+}
 
 # poke PORT: one request a little later, so that a process idle in epoll_wait runs and notices
 # callgrind_control's command (it is read only while the process executes); at most one request
 # in the N is partly counted or missed.
-poke() { sleep 0.3; curl -s -o /dev/null "http://127.0.0.1:$1/" || true; }
+poke() { sleep 0.3; curl -sk -o /dev/null "$(origin "$1")/" || true; }
 
 # load PORT COUNT: COUNT predictions of the add model at c=CONC on CPU 1, each checked.
 load() {
-  taskset -c 1 ./target/release/loadgen --url "http://127.0.0.1:$1/model" --access-key "$KEY" \
+  local tls=()
+  [ "$(origin "$1")" = "http://127.0.0.1:$1" ] || tls=(--ca-cert "$work/cert.pem")
+  taskset -c 1 ./target/release/loadgen --url "$(origin "$1")/model" "${tls[@]}" --access-key "$KEY" \
     --expect 8 --concurrency "${CONC:-1}" --warmup 0 --duration 600 --max-requests "$2" --timeout 30 --json >/dev/null
 }
 
@@ -57,7 +70,7 @@ count() {
     --callgrind-out-file="$work/$name.%p" "$@" >/dev/null 2>"$work/$name.log" &
   pid=$!
   for _ in $(seq 1 1200); do
-    curl -s -o /dev/null "http://127.0.0.1:$port/" && break
+    curl -sk -o /dev/null "$(origin "$port")/" && break
     sleep 0.1
   done
   [ "$name" != modelgate ] || wait_ready "$port" "$work/$name.log"
@@ -113,6 +126,7 @@ count_replica() {
     "$cache_sim" "$work" "$runtime" "$work" >"$work/replica.sh"
   chmod +x "$work/replica.sh"
   add_config "$work/r.toml" "$port" "$work/rdata" "$KEY" "$work/replica.sh"
+  [ "${TLS:-0}" = 0 ] || tls_config "$work/r.toml" "$work"
   taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/r.toml" >"$work/rmg.log" 2>&1 &
   mg_pid=$!
   pid=$mg_pid
@@ -139,7 +153,7 @@ echo
 echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM):"
 echo "  floor      $floor"
 echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)${HOP_ARGS:+ with $HOP_ARGS}"
-echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor${HOP_ARGS:+ $HOP_ARGS})"
+echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor${HOP_ARGS:+ $HOP_ARGS})${MG_SCHEME:+, over TLS}"
 if [ "${REPLICA:-0}" != 0 ]; then
   count_replica >>"$work/result"
   echo "  replica    $(awk '$1 == "replica" {print $2}' "$work/result")  (its own process: Python, the JSON conversion, the socket)"

@@ -1,12 +1,13 @@
 # Helpers shared by the load scripts; sourced (`. loadtests/lib.sh`), not run. They assume the
 # working directory is the repository root and release binaries in target/release.
 
-# wait_ready PORT LOG...: waits up to 60 s for modelgate's /readyz on 127.0.0.1:PORT; if it never
-# answers, prints the end of each LOG and exits 1.
+# wait_ready PORT LOG...: waits up to 60 s for modelgate's /readyz on 127.0.0.1:PORT (over HTTPS
+# when MG_SCHEME=https, as for a config that tls_config changed); if it never answers, prints
+# the end of each LOG and exits 1.
 wait_ready() {
   local port=$1; shift
   for _ in $(seq 1 600); do
-    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && return 0
+    curl -sfk "${MG_SCHEME:-http}://127.0.0.1:$port/readyz" >/dev/null && return 0
     sleep 0.1
   done
   echo "modelgate on port $port not ready" >&2
@@ -14,13 +15,13 @@ wait_ready() {
   exit 1
 }
 
-# listening_addr NAME LOG: waits up to 10 s for "NAME listening on http://ADDR" in LOG (what
+# listening_addr NAME LOG: waits up to 10 s for "NAME listening on http://ADDR" (or https://) in LOG (what
 # modelgate, floor and hop-floor print once they accept connections) and prints ADDR; if it never
 # appears, prints LOG and exits 1.
 listening_addr() {
   local name=$1 log=$2 addr=""
   for _ in $(seq 1 200); do
-    addr=$(sed -n "s#^$name listening on http://##p" "$log")
+    addr=$(sed -n "s#^$name listening on https\?://##p" "$log")
     [ -n "$addr" ] && { echo "$addr"; return 0; }
     sleep 0.05
   done
@@ -44,6 +45,19 @@ add_config() {
     [ -z "$runtime" ] || printf 'replica_runtime = "%s"\n' "$runtime"
     model_toml add "$key" false
   } >"$file"
+}
+
+# tls_config FILE DIR: makes a self-signed certificate for 127.0.0.1 in DIR (cert.pem, key.pem,
+# with openssl) and adds it to the [server] table of the modelgate config FILE, which then serves
+# HTTPS only (HTTP/1.1 and HTTP/2 by ALPN); loadgen trusts it with --ca-cert DIR/cert.pem.
+tls_config() {
+  local file=$1 dir=$2
+  command -v openssl >/dev/null || { echo "needs openssl (apt-get install openssl)" >&2; exit 1; }
+  [ -f "$dir/cert.pem" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+    -nodes -days 2 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
+    -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+  sed -i "/^\[server\]\$/a tls_cert = \"$dir/cert.pem\"\ntls_key = \"$dir/key.pem\"" "$file"
 }
 
 # model_toml NAME ACCESS_KEY AUTHENTICATION [DIR FILE FUNCTION]: prints a [[models]] block for

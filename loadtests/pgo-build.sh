@@ -5,9 +5,10 @@
 #   2. training: that build serves, on 127.0.0.1 only, the add model without and with API key
 #      authentication and an echo model, under loadgen: HTTP/1.1 at c=1 and c=16, h2c, 100 KB
 #      and 1 MB bodies, a wrong access key (401) and /metrics scrapes; once with one runtime
-#      thread on one CPU and loadgen on another, as the benchmarks run them, and once with two
-#      runtime threads, unpinned, as a machine with more CPUs runs it. Every answer is checked,
-#      and a failed request fails the build;
+#      thread on one CPU and loadgen on another, as the benchmarks run them, once with two
+#      runtime threads, unpinned, as a machine with more CPUs runs it, and once over TLS
+#      (HTTP/1.1 and HTTP/2 by ALPN, a self-signed certificate). Every answer is checked, and a
+#      failed request fails the build;
 #   3. the profile merged with llvm-profdata (rustup's llvm-tools component, which this script
 #      installs when it is missing) and a build that uses it (`-Cprofile-use`) in target/pgo.
 # The profile tells LLVM which code runs per request and which branches it takes: the hot code
@@ -16,7 +17,7 @@
 # build" in docs/PERFORMANCE.md). replica-runtime is built as usual and copied beside modelgate,
 # where modelgate looks for it. The builds take the flags below, not RUSTFLAGS from the
 # environment. Bounded: three release builds (the plain one the other scripts share, the
-# instrumented one, the profile-guided one) and about 25 s of load.
+# instrumented one, the profile-guided one) and about 30 s of load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -69,17 +70,23 @@ read -r -a cpus <<<"$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(
 # pin N: the words that pin a command to the Nth of those CPUs; none with fewer than two, or for
 # N = all. (Words, not a function that runs the command: `$!` must be the server's own process.)
 pin() { [ "$1" = all ] || [ "${#cpus[@]}" -lt 2 ] || echo "taskset -c ${cpus[$1]}"; }
+# The loadgen arguments that name the server: over HTTPS once `serve` was given `tls`.
+url=(--url http://127.0.0.1:18950/model)
 # train KEY ARGS...: one checked loadgen run, on the second CPU; a failed request ends the script.
 train() {
   local key=$1; shift
   # shellcheck disable=SC2046 # pin's words are meant to split
-  $(pin 1) target/release/loadgen --url http://127.0.0.1:18950/model --access-key "$key" \
+  $(pin 1) target/release/loadgen "${url[@]}" --access-key "$key" \
     --warmup 0.5 --json "$@" | python3 "$work/check.py" "$@"
 }
-# serve N WORKERS: starts the instrumented build with a runtime of WORKERS threads, pinned as
-# `pin N` says.
+# serve N WORKERS [tls]: starts the instrumented build with a runtime of WORKERS threads, pinned
+# as `pin N` says; with `tls`, serving HTTPS only.
 serve() {
   config "$2" >"$work/c.toml"
+  if [ "${3:-}" = tls ]; then
+    tls_config "$work/c.toml" "$work"
+    url=(--url https://127.0.0.1:18950/model --ca-cert "$work/cert.pem") MG_SCHEME=https
+  fi
   # shellcheck disable=SC2046 # pin's words are meant to split
   $(pin "$1") target/pgo-gen/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
   server=$!
@@ -109,6 +116,15 @@ stop
 # never ran; left out of the profile, it would be optimised for size.
 echo "== training, two runtime threads, unpinned" >&2
 serve all 2
+train $open --expect 8 --concurrency 1 --duration 1
+train $open --expect 8 --concurrency 16 --duration 2
+train $open --expect 8 --concurrency 16 --duration 1 --http2
+train $auth --expect 8 --concurrency 16 --duration 1
+train $echo_key --payload-bytes 100000 --expect-echo --concurrency 2 --duration 1
+stop
+# TLS records, its handshakes and ALPN are code the passes above never ran.
+echo "== training over TLS, one runtime thread, pinned" >&2
+serve 0 1 tls
 train $open --expect 8 --concurrency 1 --duration 1
 train $open --expect 8 --concurrency 16 --duration 2
 train $open --expect 8 --concurrency 16 --duration 1 --http2

@@ -24,8 +24,10 @@ TOML
 ./target/debug/modelgate serve --config "$work/modelgate.toml" >"$work/out" 2>"$work/log" &
 server=$!
 hop=
+tls_server=
 cleanup() {
   kill -INT "$server" 2>/dev/null || true
+  [ -z "$tls_server" ] || kill -INT "$tls_server" 2>/dev/null || true
   [ -z "$hop" ] || kill -TERM "$hop" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -50,6 +52,27 @@ if MODELGATE_API_KEY= ./target/debug/loadgen --url "$url" --access-key "$key" --
   echo "requests without an API key were served"; cat "$work/refused"; exit 1
 fi
 grep -q '"errors":{"status_401":' "$work/refused" || { echo "expected only 401s without an API key:"; cat "$work/refused"; exit 1; }
+
+# Over TLS (a self-signed certificate): HTTP/1.1 and HTTP/2 by ALPN, every answer checked.
+sed 's/^data_dir = .*/data_dir = "tls-data"/' "$work/modelgate.toml" >"$work/tls.toml"
+tls_config "$work/tls.toml" "$work"
+./target/debug/modelgate serve --config "$work/tls.toml" >"$work/tls-out" 2>"$work/tls-log" &
+tls_server=$!
+tls_addr=$(listening_addr modelgate "$work/tls-out") || { cat "$work/tls-log"; exit 1; }
+for _ in $(seq 1 200); do
+  curl -sfk "https://$tls_addr/readyz" >/dev/null && break
+  sleep 0.05
+done
+tls=(--url "https://$tls_addr/model" --access-key "$key" --expect 8 --warmup 0.3 --duration 1)
+MODELGATE_API_KEY=$(cat "$work/tls-data/admin-api-key") ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/cert.pem" --concurrency 4
+MODELGATE_API_KEY=$(cat "$work/tls-data/admin-api-key") ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/cert.pem" --concurrency 4 --http2
+# A client that trusts another certificate gets no answer, and loadgen says why.
+mkdir "$work/other" && : >"$work/other/none.toml" && tls_config "$work/other/none.toml" "$work/other"
+if ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/other/cert.pem" --concurrency 1 >"$work/untrusted" 2>&1; then
+  echo "a client that does not trust the server's certificate was answered"; cat "$work/untrusted"; exit 1
+fi
+grep -q 'invalid peer certificate' "$work/untrusted" || { echo "expected a certificate error:"; cat "$work/untrusted"; exit 1; }
+kill -INT "$tls_server"; wait "$tls_server" 2>/dev/null || true; tls_server=
 
 # The comparison servers of the load scripts work too: hop-floor in front of a real replica, with
 # a polling client, and the replica called directly with a polling client.

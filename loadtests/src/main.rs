@@ -6,9 +6,12 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
+use std::io;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +23,10 @@ use hyper::client::conn::{http1, http2};
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
@@ -28,9 +34,15 @@ use tokio::time::Instant;
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", about = "Load generator for modelgate's POST /model")]
 struct Args {
-    /// Endpoint to load; plain http:// only. Use a 127.0.0.1 address for local runs.
+    /// Endpoint to load: http://, or https:// with --ca-cert. Use a 127.0.0.1 address for
+    /// local runs.
     #[arg(long, default_value = "http://127.0.0.1:8080/model")]
     url: Uri,
+    /// PEM certificates to trust for an https:// --url (the only roots used: load tests run
+    /// against a server of one's own, usually with a self-signed certificate). The URL's host
+    /// must be a name or address the server's certificate holds.
+    #[arg(long, value_name = "PEM")]
+    ca_cert: Option<std::path::PathBuf>,
     /// The model's access key, sent as `accessKey` in every body.
     #[arg(long, env = "MODELGATE_ACCESS_KEY", hide_env_values = true)]
     access_key: String,
@@ -81,7 +93,8 @@ struct Args {
     /// Seconds one request may take before it counts as a `timeout` error.
     #[arg(long, default_value = "10", value_parser = secs_arg)]
     timeout: Duration,
-    /// Use HTTP/2 with prior knowledge (h2c) on one multiplexed connection.
+    /// Use HTTP/2 on one multiplexed connection: with prior knowledge (h2c) over http://,
+    /// by ALPN over https://.
     #[arg(long)]
     http2: bool,
     /// Print only the JSON report.
@@ -119,6 +132,8 @@ fn secs_arg(text: &str) -> Result<Duration, String> {
 struct Plan {
     args: Args,
     addr: String,
+    /// For https://: the client side of TLS and the name the certificate must hold.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     /// Origin-form for HTTP/1.1 (with a Host header), absolute for h2 (becomes `:authority`).
     uri: Uri,
     headers: HeaderMap,
@@ -144,13 +159,23 @@ struct Plan {
 /// Turns the arguments into a plan starting now; an error is a usage error.
 fn plan(mut args: Args) -> Result<Plan, String> {
     let url = &args.url;
-    if url.scheme_str() != Some("http") {
-        return Err("--url must start with http:// (TLS is not supported)".into());
-    }
+    let (tls, default_port) = match (url.scheme_str(), &args.ca_cert) {
+        (Some("http"), None) => (None, 80),
+        (Some("http"), Some(_)) => return Err("--ca-cert is for https:// URLs".into()),
+        (Some("https"), Some(ca)) => {
+            let host = url.host().ok_or("--url has no host")?;
+            // An IPv6 literal comes bracketed in the URL and bare in the certificate.
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("--url: {e}"))?;
+            (Some((tls_connector(ca, args.http2)?, name)), 443)
+        }
+        (Some("https"), None) => return Err("an https:// --url needs --ca-cert".into()),
+        _ => return Err("--url must start with http:// or https://".into()),
+    };
     let authority = url.authority().ok_or("--url has no host")?.as_str();
     let addr = match url.port() {
         Some(_) => authority.to_owned(),
-        None => format!("{authority}:80"),
+        None => format!("{authority}:{default_port}"),
     };
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -197,6 +222,7 @@ fn plan(mut args: Args) -> Result<Plan, String> {
     let (measure_start, end) = (start + args.warmup, start + args.warmup + args.duration);
     Ok(Plan {
         addr,
+        tls,
         uri,
         headers,
         body: body.into(),
@@ -229,12 +255,102 @@ fn fail(kind: impl Into<String>, detail: impl std::fmt::Display) -> Failure {
     Failure { kind, detail }
 }
 
-async fn dial(plan: &Plan) -> Result<TokioIo<TcpStream>, Failure> {
+/// A client TLS configuration trusting only the certificates in `ca`, offering the one
+/// protocol the run uses by ALPN.
+fn tls_connector(ca: &std::path::Path, http2: bool) -> Result<tokio_rustls::TlsConnector, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("--ca-cert {}: {e}", ca.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"no certificate in the file"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![if http2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection to the server, with or without TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! on_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context,
+        buf: &mut ReadBuf,
+    ) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context, buf: &[u8]) -> Poll<io::Result<usize>> {
+        on_stream!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context,
+        bufs: &[io::IoSlice],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+async fn dial(plan: &Plan) -> Result<TokioIo<Stream>, Failure> {
     let connect = |e| fail("transport", format!("connect {}: {e}", plan.addr));
     let tcp = TcpStream::connect(&plan.addr).await.map_err(connect)?;
     // Small request/response pairs: Nagle would add delay to every exchange.
     tcp.set_nodelay(true).map_err(connect)?;
-    Ok(TokioIo::new(tcp))
+    let Some((connector, name)) = &plan.tls else {
+        return Ok(TokioIo::new(Stream::Plain(tcp)));
+    };
+    let tls = connector.connect(name.clone(), tcp).await;
+    let tls = tls.map_err(|e| fail("tls", format!("handshake with {}: {e}", plan.addr)))?;
+    Ok(TokioIo::new(Stream::Tls(Box::new(tls))))
 }
 
 type Answer = Result<Response<Incoming>, Failure>;
