@@ -21,31 +21,35 @@ ROUNDS=${ROUNDS:-5}
 D=${DURATION:-3}
 RATE=${RATE:-14000}
 KEY=compare-builds-key-0123456789
+[[ ${TLS:-} =~ ^[AB]*$ ]] || { echo "TLS names builds: A, B or AB" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The rounds run in a subshell (the left of the pipe), so the server they start is theirs to stop,
-# also when a failed run ends them.
-for round in $(seq 1 "$ROUNDS"); do
+# also when a failed run ends them (bash runs an EXIT trap of a `{ }` group there, not of a bare
+# loop).
+{
   trap '[ -z "${server:-}" ] || { kill -INT $server; wait $server; } 2>/dev/null || true' EXIT
-  for build in A B; do
-    read -r mg rr <<<"${!build}"
-    rm -rf "$work/data"
-    add_config "$work/c.toml" 18680 "$work/data" "$KEY" "$rr"
-    url=(--url http://127.0.0.1:18680/model) MG_SCHEME=http
-    if [[ ${TLS:-} == *$build* ]]; then
-      tls_config "$work/c.toml" "$work"
-      url=(--url https://127.0.0.1:18680/model --ca-cert "$work/cert.pem") MG_SCHEME=https
-    fi
-    taskset -c "${SERVER_CPUS:-0}" "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
-    server=$!
-    wait_ready 18680 "$work/log"
-    run() { bench_load "${url[@]}" --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" ${SPIN:+--spin} "$@"; }
-    printf '%s\tc1\t' "$build"; run --concurrency 1
-    printf '%s\tc16\t' "$build"; run --concurrency 16
-    printf '%s\topen\t' "$build"; run --mode open --rate "$RATE" --connections 32
-    kill -INT "$server"; wait "$server" || true; server=
+  for round in $(seq 1 "$ROUNDS"); do
+    for build in A B; do
+      read -r mg rr <<<"${!build}"
+      rm -rf "$work/data"
+      add_config "$work/c.toml" 18680 "$work/data" "$KEY" "$rr"
+      url=(--url http://127.0.0.1:18680/model) MG_SCHEME=http
+      if [[ ${TLS:-} == *$build* ]]; then
+        tls_config "$work/c.toml" "$work"
+        url=(--url https://127.0.0.1:18680/model --ca-cert "$work/cert.pem") MG_SCHEME=https
+      fi
+      taskset -c "${SERVER_CPUS:-0}" "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+      server=$!
+      wait_ready 18680 "$work/log"
+      run() { bench_load "${url[@]}" --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" ${SPIN:+--spin} "$@"; }
+      printf '%s\tc1\t' "$build"; run --concurrency 1
+      printf '%s\tc16\t' "$build"; run --concurrency 16
+      printf '%s\topen\t' "$build"; run --mode open --rate "$RATE" --connections 32
+      kill -INT "$server"; wait "$server" || true; server=
+    done
   done
-done | tee "$work/runs" >&2
+} | tee "$work/runs" >&2
 python3 - "$work/runs" "$RATE" <<'PY'
 import json, statistics, sys
 runs = {}
@@ -65,12 +69,13 @@ import os
 tls = os.environ.get("TLS", "")
 if tls:
     print("over TLS: " + ", ".join(b for b in "AB" if b in tls))
-print("| median of rounds | A | B | B / A | B better in |")
-print("|---|---|---|---|---|")
+print("| median of rounds | A | B | B / A, medians | B / A, median of rounds | B better in |")
+print("|---|---|---|---|---|---|")
 for name, what, f in rows:
     a, b = med(what, "A", f), med(what, "B", f)
     higher_better = f is rps
-    wins = sum((fb > fa) == higher_better and fb != fa
-               for fa, fb in zip((f(r) for r in runs[(what, "A")]), (f(r) for r in runs[(what, "B")])))
-    print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.2f} | {wins} of {len(runs[(what, 'A')])} rounds |")
+    pairs = list(zip((f(r) for r in runs[(what, "A")]), (f(r) for r in runs[(what, "B")])))
+    wins = sum((fb > fa) == higher_better and fb != fa for fa, fb in pairs)
+    per_round = statistics.median(fb / fa for fa, fb in pairs)
+    print(f"| {name} | {a:,.0f} | {b:,.0f} | {b / a:.2f} | {per_round:.2f} | {wins} of {len(pairs)} rounds |")
 PY

@@ -17,8 +17,9 @@
 # (`--trace-children=yes`, since the replica re-executes itself once). The slow replica makes
 # larger batches than usual, so its per-batch costs are spread thinner than at full speed.
 # RUNTIME=/absolute/path/to/another/replica-runtime counts that build of the replica instead.
-# TLS=1 serves modelgate over HTTPS (a self-signed certificate, HTTP/1.1 by ALPN; its handshakes
-# fall in the warm-up); the floors still answer plain HTTP.
+# TLS=1 serves modelgate over HTTPS (a self-signed certificate, HTTP/1.1 by ALPN); the floors
+# still answer plain HTTP. The counted loadgen run's own handshakes (its first probe and one per
+# connection: two at c=1) fall inside the count, spread over its N requests.
 # HOP_ARGS adds arguments to hop-floor (HOP_ARGS="--batch 16": the floor of modelgate's batched
 # dispatch, which side-by-side.sh compares with; by default it sends one request at a time).
 # Bounded: 2 x (WARM + N) requests (defaults 500 + 5000) at callgrind's pace, 127.0.0.1 only.
@@ -37,6 +38,7 @@ pid=
 trap '[ -z "$pid" ] || kill -TERM $pid 2>/dev/null; wait 2>/dev/null; [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"' EXIT
 runtime=${RUNTIME:-$PWD/target/release/replica-runtime}
 add_config "$work/c.toml" 18690 "$work/data" "$KEY" "$runtime"
+MG_SCHEME=http
 [ "${TLS:-0}" = 0 ] || { tls_config "$work/c.toml" "$work"; MG_SCHEME=https; }
 # origin PORT: the scheme, host and port a server on PORT answers on (modelgate's 18690 and
 # 18693 over HTTPS under TLS=1).
@@ -153,7 +155,7 @@ echo
 echo "user-space instructions per request (c=${CONC:-1}, $N requests after $WARM):"
 echo "  floor      $floor"
 echo "  hop-floor  $hop  (+$((hop - floor)) over the floor)${HOP_ARGS:+ with $HOP_ARGS}"
-echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor${HOP_ARGS:+ $HOP_ARGS})${MG_SCHEME:+, over TLS}"
+echo "  modelgate  $mg  (+$((mg - floor)) over the floor, +$((mg - hop)) over hop-floor${HOP_ARGS:+ $HOP_ARGS})$([ "${TLS:-0}" = 0 ] || echo ", over TLS")"
 if [ "${REPLICA:-0}" != 0 ]; then
   count_replica >>"$work/result"
   echo "  replica    $(awk '$1 == "replica" {print $2}' "$work/result")  (its own process: Python, the JSON conversion, the socket)"

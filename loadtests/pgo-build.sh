@@ -17,7 +17,7 @@
 # build" in docs/PERFORMANCE.md). replica-runtime is built as usual and copied beside modelgate,
 # where modelgate looks for it. The builds take the flags below, not RUSTFLAGS from the
 # environment. Bounded: three release builds (the plain one the other scripts share, the
-# instrumented one, the profile-guided one) and about 30 s of load.
+# instrumented one, the profile-guided one) and about 35 s of load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh

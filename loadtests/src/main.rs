@@ -510,11 +510,12 @@ async fn worker(plan: Arc<Plan>) {
     let mut h1 = None;
     while let Some(began) = plan.next_start().await {
         let outcome = exchange(&plan, &mut h1).await;
-        let broken = matches!(&outcome, Err(failure) if failure.kind == "transport");
+        let broken = matches!(&outcome, Err(failure) if failure.kind == "transport" || failure.kind == "tls");
         plan.record(began, outcome);
         if broken && plan.args.mode == Mode::Closed {
-            // A refused or reset connection fails in microseconds; the pause keeps a server that
-            // went away from turning the rest of the run into a connect storm.
+            // A refused or reset connection, or a refused handshake, fails in microseconds; the
+            // pause keeps a server that went away from turning the rest of the run into a
+            // connect storm.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
