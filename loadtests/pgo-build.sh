@@ -99,6 +99,15 @@ stop() {
   server=
 }
 
+# short_load: the later passes' load, a shorter run of the first pass's main parts.
+short_load() {
+  train $open --expect 8 --concurrency 1 --duration 1
+  train $open --expect 8 --concurrency 16 --duration 2
+  train $open --expect 8 --concurrency 16 --duration 1 --http2
+  train $auth --expect 8 --concurrency 16 --duration 1
+  train $echo_key --payload-bytes 100000 --expect-echo --concurrency 2 --duration 1
+}
+
 echo "== training, one runtime thread, pinned (as benchmarked)" >&2
 serve 0 1
 MODELGATE_API_KEY=$(cat "$work/data/admin-api-key")
@@ -116,20 +125,12 @@ stop
 # never ran; left out of the profile, it would be optimised for size.
 echo "== training, two runtime threads, unpinned" >&2
 serve all 2
-train $open --expect 8 --concurrency 1 --duration 1
-train $open --expect 8 --concurrency 16 --duration 2
-train $open --expect 8 --concurrency 16 --duration 1 --http2
-train $auth --expect 8 --concurrency 16 --duration 1
-train $echo_key --payload-bytes 100000 --expect-echo --concurrency 2 --duration 1
+short_load
 stop
 # TLS records, its handshakes and ALPN are code the passes above never ran.
 echo "== training over TLS, one runtime thread, pinned" >&2
 serve 0 1 tls
-train $open --expect 8 --concurrency 1 --duration 1
-train $open --expect 8 --concurrency 16 --duration 2
-train $open --expect 8 --concurrency 16 --duration 1 --http2
-train $auth --expect 8 --concurrency 16 --duration 1
-train $echo_key --payload-bytes 100000 --expect-echo --concurrency 2 --duration 1
+short_load
 stop
 ls "$raw"/*.profraw >/dev/null
 
