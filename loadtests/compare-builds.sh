@@ -5,9 +5,10 @@
 # loadgen on CPU 1, 127.0.0.1 only. Each round measures closed loop at c=1 and c=16 and an open
 # loop at RATE req/s (latency from the intended send time, 32 connections).
 #   A="/path/modelgate /path/replica-runtime" B="..." bash loadtests/compare-builds.sh
-# B defaults to this tree's release build. SPIN=1 makes the client poll (loadgen --spin). SERVER_CPUS (default 0) is the servers' CPU list.
-# TLS names the builds that serve HTTPS (a self-signed certificate; HTTP/1.1 by ALPN): TLS=AB
-# compares two builds over TLS, and A=B with TLS=B measures what TLS costs one build. Keep a build with, e.g.:
+# B defaults to this tree's release build. SPIN=1 makes the client poll (loadgen --spin).
+# SERVER_CPUS (default 0) is the servers' CPU list. TLS names the builds that serve HTTPS (a
+# self-signed certificate; HTTP/1.1 by ALPN): TLS=AB compares two builds over TLS, and A=B with
+# TLS=B measures what TLS costs one build. Keep a build with, e.g.:
 #   cargo build --release -p modelgate -p replica-runtime && mkdir -p /tmp/a &&
 #   cp target/release/{modelgate,replica-runtime} /tmp/a/
 # Bounded: ROUNDS (default 5) x 2 builds x 3 runs of 0.5 + DURATION s (default 3).

@@ -15,9 +15,9 @@ wait_ready() {
   exit 1
 }
 
-# listening_addr NAME LOG: waits up to 10 s for "NAME listening on http://ADDR" (or https://) in LOG (what
-# modelgate, floor and hop-floor print once they accept connections) and prints ADDR; if it never
-# appears, prints LOG and exits 1.
+# listening_addr NAME LOG: waits up to 10 s for "NAME listening on http://ADDR" (or https://) in
+# LOG (what modelgate, floor and hop-floor print once they accept connections) and prints ADDR; if
+# it never appears, prints LOG and exits 1.
 listening_addr() {
   local name=$1 log=$2 addr=""
   for _ in $(seq 1 200); do
