@@ -1,16 +1,17 @@
 # Helpers shared by the load scripts; sourced (`. loadtests/lib.sh`), not run. They assume the
 # working directory is the repository root and release binaries in target/release.
 
-# wait_ready PORT LOG...: waits up to 60 s for modelgate's /readyz on 127.0.0.1:PORT (over HTTPS
-# when MG_SCHEME=https, as for a config that tls_config changed); if it never answers, prints
-# the end of each LOG and exits 1.
+# wait_ready PORT|ADDR LOG...: waits up to 60 s for modelgate's /readyz on 127.0.0.1:PORT, or on
+# ADDR (host:port), over HTTPS when MG_SCHEME=https (as for a config that tls_config changed); if
+# it never answers, prints the end of each LOG and exits 1.
 wait_ready() {
-  local port=$1; shift
+  local addr=$1; shift
+  [[ $addr == *:* ]] || addr=127.0.0.1:$addr
   for _ in $(seq 1 600); do
-    curl -sfk "${MG_SCHEME:-http}://127.0.0.1:$port/readyz" >/dev/null && return 0
+    curl -sfk "${MG_SCHEME:-http}://$addr/readyz" >/dev/null && return 0
     sleep 0.1
   done
-  echo "modelgate on port $port not ready" >&2
+  echo "modelgate on $addr not ready" >&2
   for log in "$@"; do tail -30 "$log" >&2; done
   exit 1
 }
@@ -47,16 +48,23 @@ add_config() {
   } >"$file"
 }
 
-# tls_config FILE DIR: makes a self-signed certificate for 127.0.0.1 in DIR (cert.pem, key.pem,
-# with openssl) and adds it to the [server] table of the modelgate config FILE, which then serves
-# HTTPS only (HTTP/1.1 and HTTP/2 by ALPN); loadgen trusts it with --ca-cert DIR/cert.pem.
-tls_config() {
-  local file=$1 dir=$2
+# tls_cert DIR: a self-signed certificate for 127.0.0.1 in DIR (cert.pem, key.pem), made with
+# openssl unless DIR already holds one; loadgen trusts it with --ca-cert DIR/cert.pem.
+tls_cert() {
+  local dir=$1
+  [ ! -f "$dir/cert.pem" ] || return 0
   command -v openssl >/dev/null || { echo "needs openssl (apt-get install openssl)" >&2; exit 1; }
-  [ -f "$dir/cert.pem" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
     -nodes -days 2 -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
     -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
     -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+}
+
+# tls_config FILE DIR: adds tls_cert DIR's certificate to the [server] table of the modelgate
+# config FILE, which then serves HTTPS only (HTTP/1.1 and HTTP/2 by ALPN).
+tls_config() {
+  local file=$1 dir=$2
+  tls_cert "$dir"
   sed -i "/^\[server\]\$/a tls_cert = \"$dir/cert.pem\"\ntls_key = \"$dir/key.pem\"" "$file"
 }
 

@@ -35,10 +35,7 @@ cleanup() {
 trap cleanup EXIT
 
 addr=$(listening_addr modelgate "$work/out") || { cat "$work/log"; exit 1; }
-for _ in $(seq 1 200); do
-  curl -sf "http://$addr/readyz" >/dev/null && break
-  sleep 0.05
-done
+wait_ready "$addr" "$work/log"
 
 # The model has authentication on (the default): load carries the first admin's API key.
 export MODELGATE_API_KEY
@@ -59,15 +56,14 @@ tls_config "$work/tls.toml" "$work"
 ./target/debug/modelgate serve --config "$work/tls.toml" >"$work/tls-out" 2>"$work/tls-log" &
 tls_server=$!
 tls_addr=$(listening_addr modelgate "$work/tls-out") || { cat "$work/tls-log"; exit 1; }
-for _ in $(seq 1 200); do
-  curl -sfk "https://$tls_addr/readyz" >/dev/null && break
-  sleep 0.05
-done
+MG_SCHEME=https wait_ready "$tls_addr" "$work/tls-log"
+# This server's own admin key, for these runs only: the later ones load the first server.
+tls_key=$(cat "$work/tls-data/admin-api-key")
 tls=(--url "https://$tls_addr/model" --access-key "$key" --expect 8 --warmup 0.3 --duration 1)
-MODELGATE_API_KEY=$(cat "$work/tls-data/admin-api-key") ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/cert.pem" --concurrency 4
-MODELGATE_API_KEY=$(cat "$work/tls-data/admin-api-key") ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/cert.pem" --concurrency 4 --http2
+MODELGATE_API_KEY=$tls_key ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/cert.pem" --concurrency 4
+MODELGATE_API_KEY=$tls_key ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/cert.pem" --concurrency 4 --http2
 # A client that trusts another certificate gets no answer, and loadgen says why.
-mkdir "$work/other" && : >"$work/other/none.toml" && tls_config "$work/other/none.toml" "$work/other"
+mkdir "$work/other" && tls_cert "$work/other"
 if ./target/debug/loadgen "${tls[@]}" --ca-cert "$work/other/cert.pem" --concurrency 1 >"$work/untrusted" 2>&1; then
   echo "a client that does not trust the server's certificate was answered"; cat "$work/untrusted"; exit 1
 fi
