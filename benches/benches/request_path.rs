@@ -264,12 +264,39 @@ fn metrics_recording(c: &mut Criterion) {
     });
 }
 
+/// Rendering `/metrics` with 1,000 models, each with the series a model without replicas has:
+/// its five histograms, its queue depth and its requeue count (about 5 MB of exposition).
+fn metrics_render(c: &mut Criterion) {
+    use modelgate::metrics as m;
+    let (recorder, handle) = m::recorder();
+    let _kept = metrics::with_local_recorder(&recorder, || {
+        (0..1000)
+            .map(|i| {
+                let model = format!("m{i}");
+                let metrics = ModelMetrics::new(&model, &[]);
+                metrics.duration.record(0.000_3);
+                metrics.request_size.record(1024.0);
+                let label = || [("model", model.clone())];
+                let batch = metrics::histogram!(m::BATCH_SIZE, &label());
+                batch.record(1.0);
+                metrics::gauge!(m::QUEUE_DEPTH, &label()).set(0.0);
+                metrics::counter!(m::REQUEUED, &label()).increment(0);
+                (metrics, batch)
+            })
+            .collect::<Vec<_>>()
+    });
+    let bytes = handle.render().len();
+    assert!(bytes > 4_000_000, "{bytes} bytes");
+    c.bench_function("metrics_render/1000_models", |b| b.iter(|| handle.render()));
+}
+
 criterion_group!(
     benches,
     parse,
     routing,
     authentication,
     pool,
-    metrics_recording
+    metrics_recording,
+    metrics_render
 );
 criterion_main!(benches);

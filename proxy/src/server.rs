@@ -77,6 +77,38 @@ impl Future for Routed {
     }
 }
 
+/// `GET /metrics`, rendered on a blocking thread, one render at a time
+/// ([`crate::metrics::Handle::render_turn`]). Rendered on the runtime's thread, a scrape of 1,000
+/// models stalled every prediction that thread served for 30–60 ms (`loadtests/scrape-cost.sh`).
+async fn render_metrics(metrics: crate::metrics::Handle, routes: Arc<Routes>) -> Response<Body> {
+    let _turn = metrics.render_turn().await;
+    let render = {
+        let metrics = metrics.clone();
+        move || {
+            let snapshot = routes.load();
+            let mut text = metrics.render();
+            crate::metrics::render_replicas(
+                &mut text,
+                snapshot
+                    .models()
+                    .iter()
+                    .flat_map(|m| m.slots.iter().map(|s| &**s)),
+            );
+            text
+        }
+    };
+    let Ok(text) = tokio::task::spawn_blocking(render).await else {
+        // The render panicked, or the runtime is shutting down.
+        return ApiError::Internal.into_response();
+    };
+    let mut resp = Response::new(crate::body::full(text));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
 impl App {
     fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Routed {
         if cfg!(debug_assertions) && self.panic_failpoint && req.uri().path() == "/__test/panic" {
@@ -108,7 +140,10 @@ impl App {
                     crate::api::handle(&control, req, peer).await
                 }))
             }
-            (&Method::GET, "/metrics") => ready(self.render_metrics()),
+            (&Method::GET, "/metrics") => Routed::Boxed(Box::pin(render_metrics(
+                self.metrics.clone(),
+                self.routes.clone(),
+            ))),
             (&Method::GET, "/healthz") => {
                 ready(json_response(StatusCode::OK, &br#"{"status":"ok"}"#[..]))
             }
@@ -120,24 +155,6 @@ impl App {
                 ready(ApiError::NotFound(path.chars().take(200).collect()).into_response())
             }
         }
-    }
-
-    fn render_metrics(&self) -> Response<Body> {
-        let snapshot = self.routes.load();
-        let mut text = self.metrics.render();
-        crate::metrics::render_replicas(
-            &mut text,
-            snapshot
-                .models()
-                .iter()
-                .flat_map(|m| m.slots.iter().map(|s| &**s)),
-        );
-        let mut resp = Response::new(crate::body::full(text));
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        resp
     }
 
     fn readiness(&self) -> Response<Body> {

@@ -843,6 +843,64 @@ async fn metrics_count_what_was_sent() {
     );
 }
 
+/// Scrapes render one at a time off the runtime's threads: several at once must each get the
+/// whole exposition, and predictions go on meanwhile.
+#[tokio::test]
+async fn scrapes_at_once_each_get_the_whole_exposition_while_predictions_go_on() {
+    let server = Server::start("", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    assert_eq!(
+        server
+            .predict(&c, &key_for("add"), json!({"a": 1, "b": 1}))
+            .await
+            .0,
+        200
+    );
+    let scrape = || async {
+        let resp = c.get(server.url("/metrics")).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let kind = resp.headers()[reqwest::header::CONTENT_TYPE].clone();
+        (status, kind, resp.text().await.unwrap())
+    };
+    let predictions = async {
+        let mut statuses = Vec::new();
+        for i in 0..20 {
+            let (status, body) = server
+                .predict(&c, &key_for("add"), json!({"a": i, "b": 2}))
+                .await;
+            assert_eq!(body["response"], json!(i + 2), "{body}");
+            statuses.push(status);
+        }
+        statuses
+    };
+    let (scrapes, statuses) = tokio::join!(
+        futures_util::future::join_all((0..6).map(|_| scrape())),
+        predictions
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    for (status, kind, text) in scrapes {
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(kind, "text/plain; version=0.0.4; charset=utf-8");
+        let ok = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"modelgate_requests_total{model="add",replica="add-0",code="ok"}"#)
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no ok count in\n{text}"));
+        assert!(ok >= 1.0, "{ok}");
+        assert!(
+            text.contains("# TYPE modelgate_request_duration_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"modelgate_replica_busy{model="add",replica="add-0"}"#),
+            "{text}"
+        );
+    }
+}
+
 /// With nobody scraping `/metrics`, memory must not grow with traffic. The Prometheus exporter's
 /// histograms keep each sample until a scrape or an upkeep drains it (about 75 bytes a request
 /// before upkeep ran); modelgate's histograms now count samples into their buckets as they come.
