@@ -89,3 +89,10 @@ for line in open(sys.argv[1]):
     print(f"| {label} | {r['achieved_rps']:,.0f} | {fmt(l['p50'])} | {fmt(l['p99'])} | {fmt(l['p99_9'])} "
           f"| {statuses} | {r['error_total']} of {r['sent']:,} |")
 PY
+# The iris figures follow the libraries its build installed (`scikit-learn>=1.3`: the newest at the
+# time of the data directory's first run), so they go with the table.
+deps=
+for f in $(ls -t target/loadtest-data/builds/*/deps.path 2>/dev/null || true); do
+  [ -s "$f" ] && deps=$(cat "$f") && break
+done
+[ -z "$deps" ] || echo "iris's libraries: $(ls "$deps" | sed -n 's/^\(scikit_learn\|numpy\|scipy\)-\(.*\)\.dist-info$/\1 \2/p' | paste -sd, | sed 's/,/, /g')"
