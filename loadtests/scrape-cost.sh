@@ -10,8 +10,10 @@
 # MG=/path/to/modelgate measures that build (default this tree's release build); BASELINE=/path
 # adds a second build, measured in the same rounds, alternating. Both use this tree's
 # replica-runtime.
+# The scraper's curl shares CPU 1 with loadgen, which is open-loop and sleeps between sends.
 # Bounded: 1 + MODELS API calls per server, ROUNDS (default 3) x 2 runs of 0.5 + DURATION s
-# (default 5) per server, DURATION / EVERY scrapes per scraping run.
+# (default 5, whole seconds) per server, at most DURATION / EVERY scrapes per scraping run, each
+# curl at most 30 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -23,6 +25,10 @@ ROUNDS=${ROUNDS:-3}
 D=${DURATION:-5}
 EVERY=${EVERY:-0.5}
 RATE=${RATE:-2000}
+every_ns=$(awk -v e="$EVERY" 'BEGIN { printf "%d", e * 1e9 }')
+[ "$every_ns" -gt 0 ] || { echo "EVERY must be above 0" >&2; exit 1; }
+# Every curl here is bounded in time, and never goes through a proxy from the environment.
+curl() { command curl --noproxy '*' -m 30 "$@"; }
 KEY=scrape-cost-key-0123456789
 work=$(mktemp -d)
 pids=()
@@ -50,12 +56,18 @@ start() {
 run() {
   local name=$1 port=$2 scrape=$3 scraper=
   if [ "$scrape" = 1 ]; then
+    # A scrape starts every EVERY s (or as soon as the last one ends, if it took longer) during
+    # loadgen's measured window, and none after it, whatever a build's scrapes take.
     (
-      sleep 0.5 # after loadgen's warm-up
-      n=$(python3 -c "print(int($D / $EVERY))")
-      for _ in $(seq 1 "$n"); do
-        taskset -c 1 curl -sf -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$port/metrics"
-        sleep "$EVERY"
+      set +e
+      sleep 0.5 # loadgen's warm-up
+      end=$(($(date +%s%N) + ${D%.*} * 1000000000))
+      while [ "$(date +%s%N)" -lt "$end" ]; do
+        next=$(($(date +%s%N) + every_ns))
+        taskset -c 1 curl --noproxy '*' -m 30 -sf -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$port/metrics" ||
+          echo "scrape failed" >&2
+        left=$((next - $(date +%s%N)))
+        [ "$left" -le 0 ] || sleep "$(awk -v n="$left" 'BEGIN { printf "%.3f", n / 1e9 }')"
       done
     ) >>"$work/$name.scrapes" &
     scraper=$!

@@ -151,7 +151,13 @@ impl Histograms {
 
     fn render(&self, out: &mut String) {
         let help = self.help.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let by_name = self.by_name.lock().unwrap_or_else(|e| e.into_inner());
+        // Copied out, so that registering a histogram (the control plane, on a runtime thread)
+        // never waits for a render.
+        let by_name = self
+            .by_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let no_global_labels = Default::default();
         // About 80 bytes a line, reserved at once rather than grown by copying a 5 MB string.
         let lines: usize = by_name
@@ -250,10 +256,12 @@ impl Handle {
     /// Waits for the turn to render. Renders run one at a time, off the runtime's threads: with
     /// 1,000 models the exposition is about 5 MB and one render takes about 12 ms of CPU on the
     /// machine of `docs/PERFORMANCE.md`, so scrapes that arrive together wait for each other
-    /// rather than each holding a blocking thread and a 5 MB string at once.
-    pub async fn render_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+    /// rather than each holding a blocking thread and a 5 MB string at once. The render owns the
+    /// turn: a scraper that goes away while its render runs does not let the next one start.
+    pub async fn render_turn(&self) -> tokio::sync::OwnedSemaphorePermit {
         self.rendering
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .expect("the render semaphore is never closed")
     }
@@ -434,6 +442,8 @@ mod tests {
             .unwrap()
             .set_buckets_for_metric(Matcher::Full(REQUEST_SIZE.into()), SIZE_BUCKETS)
             .unwrap()
+            .set_buckets_for_metric(Matcher::Full(QUEUE_WAIT.into()), LATENCY_BUCKETS)
+            .unwrap()
             .build_recorder();
         let samples = [0.0, 0.000_05, 0.000_07, 0.3, 1.0, 59.0, 61.0, 1e9];
         for recorder in [&ours as &dyn metrics::Recorder, &theirs] {
@@ -446,6 +456,11 @@ mod tests {
                         h.record(v);
                         s.record(v * 1e6);
                     }
+                }
+                // Without labels: no braces on the sum and count lines.
+                let unlabelled = metrics::histogram!(QUEUE_WAIT);
+                for v in samples {
+                    unlabelled.record(v);
                 }
             });
         }
@@ -463,6 +478,8 @@ mod tests {
         assert!(ours
             .contains("modelgate_request_duration_seconds_bucket{model=\"a\",le=\"0.0001\"} 3\n"));
         assert!(ours.contains("modelgate_request_duration_seconds_count{model=\"b\\\"c\"} 8\n"));
+        assert!(ours.contains("\nmodelgate_queue_wait_seconds_count 8\n"));
+        assert!(ours.contains("\nmodelgate_queue_wait_seconds_bucket{le=\"+Inf\"} 8\n"));
         assert_eq!(lines(&ours), lines(&theirs));
     }
 

@@ -81,21 +81,19 @@ impl Future for Routed {
 /// ([`crate::metrics::Handle::render_turn`]). Rendered on the runtime's thread, a scrape of 1,000
 /// models stalled every prediction that thread served for 30–60 ms (`loadtests/scrape-cost.sh`).
 async fn render_metrics(metrics: crate::metrics::Handle, routes: Arc<Routes>) -> Response<Body> {
-    let _turn = metrics.render_turn().await;
-    let render = {
-        let metrics = metrics.clone();
-        move || {
-            let snapshot = routes.load();
-            let mut text = metrics.render();
-            crate::metrics::render_replicas(
-                &mut text,
-                snapshot
-                    .models()
-                    .iter()
-                    .flat_map(|m| m.slots.iter().map(|s| &**s)),
-            );
-            text
-        }
+    let turn = metrics.render_turn().await;
+    let render = move || {
+        let _turn = turn;
+        let snapshot = routes.load();
+        let mut text = metrics.render();
+        crate::metrics::render_replicas(
+            &mut text,
+            snapshot
+                .models()
+                .iter()
+                .flat_map(|m| m.slots.iter().map(|s| &**s)),
+        );
+        text
     };
     let Ok(text) = tokio::task::spawn_blocking(render).await else {
         // The render panicked, or the runtime is shutting down.
