@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Memory figures of docs/PERFORMANCE.md, on a release build, 127.0.0.1 only:
 #   1. modelgate's RSS idle (no models);
-#   2. its RSS with 1,000 models in the routing state (created through the API, no replicas);
+#   2. its RSS with 1,000 models in the routing state (created through the API, no replicas),
+#      then after 20 scrapes of their 5 MB /metrics one after another and 16 four at a time;
 #   3. the RSS of a replica of the add model against a bare python3 that imported the same module;
 #   4. what an idle keep-alive connection costs: modelgate's RSS before and after CONNS (default
 #      1,000) connections that each made one prediction and stay open;
 #   5. modelgate's RSS before and after LOAD_SECONDS (default 10) of predictions at c=16 with
 #      nobody scraping /metrics (nothing may pile up between scrapes).
 # MG (default this tree's release build) is the modelgate binary measured.
-# Bounded: one server, 1,000 API calls, one replica, CONNS connections and predictions, one
-# loadgen run of 1 + LOAD_SECONDS s.
+# Bounded: one server, 1,000 API calls, 38 scrapes, one replica, CONNS connections and
+# predictions, one loadgen run of 1 + LOAD_SECONDS s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
@@ -36,6 +37,15 @@ for i in $(seq 1 1000); do
 done
 curl -sf http://127.0.0.1:18640/metrics >/dev/null  # the exposition, rendered once
 echo "1000 models: RSS $(rss $server) kB (peak $(hwm $server) kB), $(curl -sf http://127.0.0.1:18640/metrics | wc -c) bytes of /metrics"
+# Scrapes render 5 MB each, one at a time on a blocking thread: what they leave behind.
+for _ in $(seq 1 20); do curl -sf -m 30 -o /dev/null http://127.0.0.1:18640/metrics; done
+echo "1000 models after 20 more scrapes: RSS $(rss $server) kB (peak $(hwm $server) kB)"
+for _ in 1 2 3 4; do
+  scrapers=()
+  for _ in 1 2 3 4; do curl -sf -m 30 -o /dev/null http://127.0.0.1:18640/metrics & scrapers+=($!); done
+  wait "${scrapers[@]}"
+done
+echo "1000 models after 16 more, 4 at a time: RSS $(rss $server) kB (peak $(hwm $server) kB)"
 kill -INT $server; wait $server 2>/dev/null || true
 
 # A replica of the add model against python3 with the same module imported.
