@@ -202,9 +202,10 @@ pub struct Recorder {
 }
 
 /// One sample line with an integer value, byte for byte as the exporter's `write_metric_line`
-/// writes it, from labels already sanitised and joined. A scrape of 1,000 models writes about
-/// 70,000 of these: the exporter's function formats each through `fmt` and allocates for each
-/// label, which made the render about three times slower.
+/// writes it, from labels already sanitised and joined. A scrape of 1,000 models writes 75,000 of
+/// these: the exporter's function formats each through `fmt` and allocates for each label; with
+/// it, the render took 3.6 times as long (`metrics_render` bench, together with the reserve and
+/// the joins done once per label set).
 fn write_count_line(
     out: &mut String,
     name: &str,
