@@ -68,6 +68,19 @@ tls_config() {
   sed -i "/^\[server\]\$/a tls_cert = \"$dir/cert.pem\"\ntls_key = \"$dir/key.pem\"" "$file"
 }
 
+# declare_models PORT DATA_DIR N: creates a project and N models in it (m1 to mN, no builds) on
+# the modelgate at 127.0.0.1:PORT, through its API with the admin key in DATA_DIR (curl reads
+# the header from a file there, so the key is never on a command line).
+declare_models() {
+  local api=http://127.0.0.1:$1/api/v2 auth=$2/auth-header project i
+  printf 'Authorization: Bearer %s\n' "$(cat "$2/admin-api-key")" >"$auth"
+  project=$(curl -sf -m 30 -H @"$auth" "$api/projects" -d '{"name":"many"}' |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+  for i in $(seq 1 "$3"); do
+    curl -sf -m 30 -o /dev/null -H @"$auth" "$api/projects/$project/models" -d "{\"name\":\"m$i\"}"
+  done
+}
+
 # model_toml NAME ACCESS_KEY AUTHENTICATION [DIR FILE FUNCTION]: prints a [[models]] block for
 # the config, by default of the bundled add model; AUTHENTICATION is true or false.
 model_toml() {

@@ -13,6 +13,7 @@
 # predictions, one loadgen run of 1 + LOAD_SECONDS s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 MG=${MG:-./target/release/modelgate}
 CONNS=${CONNS:-1000}
@@ -29,12 +30,7 @@ rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 sleep 1
 echo "idle: RSS $(rss $server) kB (peak $(hwm $server) kB)"
-printf 'Authorization: Bearer %s\n' "$(cat "$work/data/admin-api-key")" >"$work/auth"
-A=http://127.0.0.1:18640/api/v2
-pid=$(curl -sf -H @"$work/auth" $A/projects -d '{"name":"many"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-for i in $(seq 1 1000); do
-  curl -sf -o /dev/null -H @"$work/auth" $A/projects/$pid/models -d "{\"name\":\"m$i\"}"
-done
+declare_models 18640 "$work/data" 1000
 curl -sf http://127.0.0.1:18640/metrics >/dev/null  # the exposition, rendered once
 echo "1000 models: RSS $(rss $server) kB (peak $(hwm $server) kB), $(curl -sf http://127.0.0.1:18640/metrics | wc -c) bytes of /metrics"
 # Scrapes render 5 MB each, one at a time on a blocking thread: what they leave behind.

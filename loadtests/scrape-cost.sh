@@ -37,18 +37,12 @@ trap cleanup EXIT
 
 # start NAME BINARY PORT: a server with the add model and MODELS declared models.
 start() {
-  local name=$1 bin=$2 port=$3 project
+  local name=$1 bin=$2 port=$3
   add_config "$work/$name.toml" "$port" "$work/$name-data" "$KEY" "$PWD/target/release/replica-runtime"
   taskset -c 0 "$bin" serve --config "$work/$name.toml" >/dev/null 2>"$work/$name.log" &
   pids+=($!)
   wait_ready "$port" "$work/$name.log"
-  printf 'Authorization: Bearer %s\n' "$(cat "$work/$name-data/admin-api-key")" >"$work/$name.auth"
-  local api=http://127.0.0.1:$port/api/v2
-  project=$(curl -sf -H @"$work/$name.auth" "$api/projects" -d '{"name":"many"}' |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
-  for i in $(seq 1 "$MODELS"); do
-    curl -sf -o /dev/null -H @"$work/$name.auth" "$api/projects/$project/models" -d "{\"name\":\"m$i\"}"
-  done
+  declare_models "$port" "$work/$name-data" "$MODELS"
   echo "$name: $(curl -sf "http://127.0.0.1:$port/metrics" | wc -c) bytes of /metrics" >&2
 }
 
