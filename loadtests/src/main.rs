@@ -6,12 +6,9 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::io;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,10 +23,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", about = "Load generator for modelgate's POST /model")]
@@ -280,65 +277,8 @@ fn tls_connector(ca: &std::path::Path, http2: bool) -> Result<tokio_rustls::TlsC
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// A connection to the server, with or without TLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-macro_rules! on_stream {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Stream::Plain($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-            Stream::Tls($s) => {
-                let $s = Pin::new($s.as_mut());
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context,
-        buf: &mut ReadBuf,
-    ) -> Poll<io::Result<()>> {
-        on_stream!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context, buf: &[u8]) -> Poll<io::Result<usize>> {
-        on_stream!(self, s => s.poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context,
-        bufs: &[io::IoSlice],
-    ) -> Poll<io::Result<usize>> {
-        on_stream!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        on_stream!(self, s => s.poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        on_stream!(self, s => s.poll_shutdown(cx))
-    }
-}
+/// A connection to the server, without TLS (left) or with it (right).
+type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 async fn dial(plan: &Plan) -> Result<TokioIo<Stream>, Failure> {
     let connect = |e| fail("transport", format!("connect {}: {e}", plan.addr));
@@ -346,11 +286,11 @@ async fn dial(plan: &Plan) -> Result<TokioIo<Stream>, Failure> {
     // Small request/response pairs: Nagle would add delay to every exchange.
     tcp.set_nodelay(true).map_err(connect)?;
     let Some((connector, name)) = &plan.tls else {
-        return Ok(TokioIo::new(Stream::Plain(tcp)));
+        return Ok(TokioIo::new(Either::Left(tcp)));
     };
     let tls = connector.connect(name.clone(), tcp).await;
     let tls = tls.map_err(|e| fail("tls", format!("handshake with {}: {e}", plan.addr)))?;
-    Ok(TokioIo::new(Stream::Tls(Box::new(tls))))
+    Ok(TokioIo::new(Either::Right(Box::new(tls))))
 }
 
 type Answer = Result<Response<Incoming>, Failure>;
