@@ -10,6 +10,13 @@
 //! Payloads are JSON. A `Predict` payload is the caller's `request` value byte for byte and a
 //! `ResultOk` payload is the function's return value already encoded, so the proxy splices them into
 //! HTTP bodies without parsing them again.
+//!
+//! A replica on the proxy's machine may also offer an in-place region ([`Ready::in_place`]): a
+//! buffer in its own memory that the proxy writes a large request into directly
+//! (`process_vm_writev`, one copy), before it sends a short [`Kind::PredictInPlace`] frame that
+//! says how long the request is. The body then never crosses the socket, where it would be
+//! copied twice on the core the two processes share. The region is only written while the
+//! replica has no request left to answer, so it never changes under one being read.
 #![forbid(unsafe_code)]
 
 pub mod glibc;
@@ -57,6 +64,10 @@ pub enum Kind {
     Predict = 16,
     /// Proxy → replica: are you alive and idle? Empty payload.
     Ping = 17,
+    /// Proxy → replica: call the function with the request the proxy wrote at the start of the
+    /// replica's in-place region. Payload: the request's length, 8 bytes big-endian. Sent only
+    /// to a replica that announced a region, and only as the one request of its write.
+    PredictInPlace = 18,
 }
 
 impl Kind {
@@ -69,6 +80,7 @@ impl Kind {
             5 => Kind::Pong,
             16 => Kind::Predict,
             17 => Kind::Ping,
+            18 => Kind::PredictInPlace,
             _ => return None,
         })
     }
@@ -120,6 +132,30 @@ pub struct Ready {
     pub protocol: u32,
     pub pid: u32,
     pub python_version: String,
+    /// Where the proxy may write large requests; absent when the replica offers none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_place: Option<InPlace>,
+}
+
+/// A replica's in-place region: `len` bytes at address `addr` of its address space.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InPlace {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// Payload of [`Kind::PredictInPlace`] for a request of `len` bytes.
+pub fn encode_in_place(len: usize) -> [u8; 8] {
+    (len as u64).to_be_bytes()
+}
+
+/// The request length a [`Kind::PredictInPlace`] payload gives.
+pub fn decode_in_place(payload: &[u8]) -> Result<usize, FrameError> {
+    let bytes: [u8; 8] = payload
+        .try_into()
+        .map_err(|_| FrameError("in-place request frame is not 8 bytes"))?;
+    usize::try_from(u64::from_be_bytes(bytes))
+        .map_err(|_| FrameError("in-place request longer than memory"))
 }
 
 /// Payload of [`Kind::ResultErr`] and [`Kind::LoadFailed`].
@@ -185,6 +221,20 @@ mod tests {
     }
 
     #[test]
+    fn in_place_lengths_round_trip_and_short_payloads_are_refused() {
+        assert_eq!(decode_in_place(&encode_in_place(5 << 20)), Ok(5 << 20));
+        assert!(decode_in_place(&[0; 7]).is_err());
+    }
+
+    #[test]
+    fn a_ready_frame_without_a_region_still_parses() {
+        let old = r#"{"protocol":1,"pid":7,"python_version":"3.11.2"}"#;
+        let ready: Ready = serde_json::from_str(old).unwrap();
+        assert_eq!(ready.in_place, None);
+        assert!(!serde_json::to_string(&ready).unwrap().contains("in_place"));
+    }
+
+    #[test]
     fn unknown_kinds_are_none() {
         assert_eq!(Kind::from_u8(200), None);
         for k in [
@@ -195,6 +245,7 @@ mod tests {
             Kind::Pong,
             Kind::Predict,
             Kind::Ping,
+            Kind::PredictInPlace,
         ] {
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }

@@ -95,6 +95,7 @@ pub async fn run(
         socket_dir.clone(),
         server.replica_start_timeout(),
         limits,
+        server.max_request_bytes,
     ));
 
     let admin_id = {

@@ -41,6 +41,7 @@ pub const REPLICA_MEMORY: &str = "modelgate_replica_memory_bytes";
 pub const AUDIT_DROPPED: &str = "modelgate_audit_dropped_total";
 pub const BATCH_SIZE: &str = "modelgate_dispatch_batch_size";
 pub const REQUEUED: &str = "modelgate_requests_requeued_total";
+pub const IN_PLACE: &str = "modelgate_requests_in_place_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -355,6 +356,10 @@ fn describe() {
     describe_counter!(
         REQUEUED,
         "Requests put back at the front of the queue because their replica ended before running them"
+    );
+    describe_counter!(
+        IN_PLACE,
+        "Large requests written straight into their replica's memory (result=\"written\"), or sent over its socket because that write failed (result=\"fell_back\")"
     );
     describe_counter!(
         AUDIT_DROPPED,

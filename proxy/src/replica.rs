@@ -254,7 +254,22 @@ pub struct ReplicaConn {
     /// kept between writes (it holds at most a batch, `pool::BATCH_BYTES` and headers).
     out: Vec<u8>,
     speculation: Speculation,
+    /// The replica's in-place region, while writing there works.
+    in_place: Option<InPlaceTarget>,
 }
+
+/// Where [`ReplicaConn::send`] writes large requests: the region a replica announced, in the
+/// process the supervisor started.
+#[derive(Debug, Clone, Copy)]
+struct InPlaceTarget {
+    pid: i32,
+    addr: u64,
+    len: usize,
+}
+
+/// Requests from this size on go into the replica's in-place region, when it has one. They are
+/// also the ones written alone (`pool::BATCH_BYTES`), so a region never holds two requests.
+pub const IN_PLACE_MIN: usize = crate::pool::BATCH_BYTES + 1;
 
 /// Whether a speculative step has been paying: one that saves much when it hits and costs
 /// little when it misses. Used for reading an answer right after writing its request (before
@@ -283,6 +298,9 @@ impl Speculation {
         };
     }
 }
+
+/// Most buffers one `process_vm_writev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
 
 /// Payloads up to this size are copied next to their header so the request costs one write.
 const COALESCE_LIMIT: usize = 16 * 1024;
@@ -452,7 +470,83 @@ impl ReplicaConn {
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             out: Vec::new(),
             speculation: Speculation::default(),
+            in_place: None,
         })
+    }
+
+    /// Lets large requests go into the region the replica announced in its `Ready` frame. `pid`
+    /// is the process the supervisor started, not the one the frame names.
+    pub fn offer_in_place(&mut self, pid: i32, region: protocol::InPlace) {
+        self.in_place = usize::try_from(region.len)
+            .ok()
+            .filter(|_| pid > 0 && region.addr != 0)
+            .map(|len| InPlaceTarget {
+                pid,
+                addr: region.addr,
+                len,
+            });
+    }
+
+    /// Copies a request into the replica's in-place region (one copy, from this process's
+    /// memory into the replica's, with no socket buffer between); false when it has none, the
+    /// request does not fit, or the write failed, which also ends in-place writes to this
+    /// process. The caller only writes while the replica has no request left to answer, so the
+    /// region is not being read.
+    ///
+    /// The replica's pid is checked against its slot first: a pid whose process ended and was
+    /// reaped comes back only after the kernel has handed out every other pid, as with the
+    /// signals the slot sends to its process group.
+    fn write_in_place(&mut self, parts: &[Bytes], len: usize) -> bool {
+        let Some(target) = self.in_place else {
+            return false;
+        };
+        if len > target.len {
+            return false;
+        }
+        if !self.slot.is_current(self.generation) || self.slot.pgid() != target.pid {
+            return false;
+        }
+        let pid = nix::unistd::Pid::from_raw(target.pid);
+        let mut done = 0;
+        while done < len {
+            // The parts not yet written, from where the last (partial) write stopped.
+            let mut skip = done;
+            let local: Vec<IoSlice<'_>> = parts
+                .iter()
+                .filter_map(|p| {
+                    if skip >= p.len() {
+                        skip -= p.len();
+                        return None;
+                    }
+                    let slice = IoSlice::new(&p[skip..]);
+                    skip = 0;
+                    Some(slice)
+                })
+                .take(IOV_MAX)
+                .collect();
+            let remote = nix::sys::uio::RemoteIoVec {
+                base: (target.addr as usize) + done,
+                len: len - done,
+            };
+            match nix::sys::uio::process_vm_writev(pid, &local, &[remote]) {
+                Ok(n) if n > 0 => done += n,
+                outcome => {
+                    // Not permitted (the replica made itself undumpable, a seccomp policy), or
+                    // the process is gone: the socket carries its requests from now on.
+                    tracing::warn!(
+                        replica = %self.slot.id,
+                        "writing a request into the replica's memory failed ({outcome:?}); \
+                         its requests go over its socket"
+                    );
+                    self.in_place = None;
+                    metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back")
+                        .increment(1);
+                    return false;
+                }
+            }
+        }
+        metrics::counter!(crate::metrics::IN_PLACE, "result" => "written").increment(1);
+        true
     }
 
     /// Kills this connection's process (not a later one of the same slot).
@@ -538,7 +632,15 @@ impl ReplicaConn {
         let mut count = requests.clone();
         match (count.next(), count.next()) {
             (None, _) => return Ok(()),
-            (Some(one), None) => self.write_frame(Kind::Predict, one).await?,
+            (Some(one), None) => {
+                let len = one.iter().map(Bytes::len).sum();
+                if len >= IN_PLACE_MIN && self.write_in_place(one, len) {
+                    let payload = Bytes::copy_from_slice(&protocol::encode_in_place(len));
+                    self.write_frame(Kind::PredictInPlace, &[payload]).await?
+                } else {
+                    self.write_frame(Kind::Predict, one).await?
+                }
+            }
             (Some(_), Some(_)) => {
                 let mut buf = std::mem::take(&mut self.out);
                 buf.clear();
@@ -595,7 +697,13 @@ impl ReplicaConn {
                         .map_err(|_| CallError::Protocol("malformed error frame"))?;
                     return Ok(Reply::Err(err));
                 }
-                Some(Kind::Ready | Kind::LoadFailed | Kind::Predict | Kind::Ping) => {
+                Some(
+                    Kind::Ready
+                    | Kind::LoadFailed
+                    | Kind::Predict
+                    | Kind::Ping
+                    | Kind::PredictInPlace,
+                ) => {
                     return Err(CallError::Protocol("unexpected frame during a call"));
                 }
                 // Pong and kinds from newer replicas carry nothing for this call.
@@ -758,6 +866,127 @@ mod tests {
         let (kind, got) = reader.join().unwrap();
         assert_eq!(kind, Kind::Predict as u8);
         assert!(got == expected, "request bytes intact and in order");
+    }
+
+    /// A peer that answers each request with "1" and hands back (kind, payload) of each.
+    fn answering_peer(
+        theirs: UnixStream,
+        requests: usize,
+    ) -> std::thread::JoinHandle<Vec<(u8, Vec<u8>)>> {
+        let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        std::thread::spawn(move || {
+            (0..requests)
+                .map(|_| {
+                    let mut h = [0u8; protocol::HEADER_LEN];
+                    (&theirs).read_exact(&mut h).unwrap();
+                    let header = protocol::decode_header(h).unwrap();
+                    let mut got = vec![0u8; header.payload_len];
+                    (&theirs).read_exact(&mut got).unwrap();
+                    (&theirs).write_all(&frame(Kind::ResultOk, b"1")).unwrap();
+                    (header.kind, got)
+                })
+                .collect()
+        })
+    }
+
+    fn pieces(count: u8, size: usize) -> (Vec<Bytes>, Vec<u8>) {
+        let parts: Vec<Bytes> = (0..count)
+            .map(|i| Bytes::from(vec![b'a' + i % 26; size + i as usize]))
+            .collect();
+        let whole = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        (parts, whole)
+    }
+
+    /// The region here is a buffer of the test process itself, announced as a replica's: the
+    /// write is the same system call into the same kind of memory.
+    #[tokio::test]
+    async fn a_large_request_goes_into_the_region_and_only_its_length_over_the_socket() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut conn = conn(ours);
+        let pid = std::process::id() as i32;
+        conn.slot.begin_process(pid, conn.generation);
+        let mut region = vec![0u8; 6 << 20];
+        conn.offer_in_place(
+            pid,
+            protocol::InPlace {
+                addr: region.as_ptr() as u64,
+                len: region.len() as u64,
+            },
+        );
+        let peer = answering_peer(theirs, 3);
+        // Many slices of the body, then a shorter request over the longer one's bytes, then one
+        // the region cannot hold.
+        let (parts, whole) = pieces(40, 131_072);
+        let reply = conn.call(&parts).await.unwrap();
+        assert!(matches!(reply, Reply::Ok(b) if &b[..] == b"1"));
+        std::hint::black_box(&mut region);
+        assert!(region[..whole.len()] == whole[..], "request bytes intact");
+        let (short, short_whole) = pieces(1, 70_000);
+        conn.call(&short).await.unwrap();
+        std::hint::black_box(&mut region);
+        assert!(region[..short_whole.len()] == short_whole[..]);
+        let (huge, huge_whole) = pieces(7, 1 << 20);
+        conn.call(&huge).await.unwrap();
+        let seen = peer.join().unwrap();
+        let in_place = |len: usize| {
+            (
+                Kind::PredictInPlace as u8,
+                protocol::encode_in_place(len).to_vec(),
+            )
+        };
+        assert_eq!(seen[0], in_place(whole.len()));
+        assert_eq!(seen[1], in_place(short_whole.len()));
+        assert_eq!(seen[2].0, Kind::Predict as u8, "too large for the region");
+        assert!(seen[2].1 == huge_whole);
+    }
+
+    #[tokio::test]
+    async fn a_region_that_cannot_be_written_is_given_up_for_the_socket() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut conn = conn(ours);
+        let pid = std::process::id() as i32;
+        conn.slot.begin_process(pid, conn.generation);
+        // The first page is never mapped: the write fails without touching anything.
+        conn.offer_in_place(
+            pid,
+            protocol::InPlace {
+                addr: 4096,
+                len: 1 << 20,
+            },
+        );
+        let peer = answering_peer(theirs, 2);
+        let (parts, whole) = pieces(3, 100_000);
+        conn.call(&parts).await.unwrap();
+        conn.call(&parts).await.unwrap();
+        for (kind, payload) in peer.join().unwrap() {
+            assert_eq!(kind, Kind::Predict as u8);
+            assert!(payload == whole);
+        }
+        assert!(conn.in_place.is_none());
+    }
+
+    #[tokio::test]
+    async fn no_region_is_written_once_its_process_is_not_the_slots() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut conn = conn(ours);
+        let pid = std::process::id() as i32;
+        conn.slot.begin_process(pid, conn.generation + 1);
+        let region = vec![0u8; 1 << 20];
+        conn.offer_in_place(
+            pid,
+            protocol::InPlace {
+                addr: region.as_ptr() as u64,
+                len: region.len() as u64,
+            },
+        );
+        let peer = answering_peer(theirs, 1);
+        let (parts, whole) = pieces(1, 100_000);
+        conn.call(&parts).await.unwrap();
+        let seen = peer.join().unwrap();
+        assert_eq!(seen[0].0, Kind::Predict as u8);
+        assert!(seen[0].1 == whole);
+        assert!(region.iter().all(|&b| b == 0), "the region was left alone");
     }
 
     #[tokio::test]

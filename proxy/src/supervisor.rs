@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use modelgate_protocol::{Kind, ModelError};
+use modelgate_protocol::{Kind, ModelError, Ready};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
@@ -51,6 +51,8 @@ pub struct ReplicaSettings {
     pub start_timeout: Duration,
     /// How memory and CPU limits are enforced.
     pub limits: Limits,
+    /// Size of the in-place region each replica is asked to offer: the largest request body.
+    pub in_place_bytes: u64,
     next_socket: AtomicU64,
 }
 
@@ -60,12 +62,14 @@ impl ReplicaSettings {
         socket_dir: PathBuf,
         start_timeout: Duration,
         limits: Limits,
+        in_place_bytes: u64,
     ) -> Self {
         ReplicaSettings {
             runtime,
             socket_dir,
             start_timeout,
             limits,
+            in_place_bytes,
             next_socket: AtomicU64::new(0),
         }
     }
@@ -310,6 +314,8 @@ async fn run_in_cgroup(
         .arg(&spec.file)
         .arg("--function")
         .arg(&spec.function)
+        .arg("--in-place-bytes")
+        .arg(settings.in_place_bytes.to_string())
         .args(
             spec.python_path
                 .iter()
@@ -398,7 +404,21 @@ async fn run_in_cgroup(
             return Outcome::StartFailed(format!("handshake: {err}"));
         }
         Ok(Ok((conn, kind, payload))) => match Kind::from_u8(kind) {
-            Some(Kind::Ready) => conn,
+            Some(Kind::Ready) => {
+                let mut conn = conn;
+                match serde_json::from_slice::<Ready>(&payload) {
+                    Ok(Ready {
+                        in_place: Some(region),
+                        ..
+                    }) => conn.offer_in_place(pid, region),
+                    Ok(_) => {}
+                    // An unreadable Ready still means ready: it only offers no region.
+                    Err(err) => {
+                        tracing::warn!(replica = %slot.id, generation, "unreadable Ready frame: {err}")
+                    }
+                }
+                conn
+            }
             Some(Kind::LoadFailed) => {
                 let why = serde_json::from_slice::<ModelError>(&payload)
                     .map(|e| format!("{}: {}", e.exception, e.message))

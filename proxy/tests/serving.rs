@@ -368,6 +368,45 @@ async fn default_cap_is_5mb() {
         assert_eq!(v["replicaId"], "echo-0");
         close_h2(c).await;
     }
+    // Both went into the replica's memory, not over its socket.
+    assert_eq!(
+        server
+            .metric("modelgate_requests_in_place_total{result=\"written\"}")
+            .await,
+        Some(2.0)
+    );
+}
+
+/// Requests over 64 KB are written into the replica's in-place region, one after another over
+/// the same bytes: each must be read at its own length, whatever a longer one left behind, and
+/// smaller requests still go over the socket.
+#[tokio::test]
+async fn large_requests_of_any_size_are_read_whole_from_the_replicas_memory() {
+    let server = Server::start("", &[model("echo", "echo", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let written = "modelgate_requests_in_place_total{result=\"written\"}";
+    let sizes = [3_000_000, 200_000, 70_000, 1_000, 1_500_000, 65_600];
+    for (round, size) in sizes.into_iter().enumerate() {
+        let pad: String = (0..size / 8).map(|i| format!("{round}{i:07}")).collect();
+        let (status, body) = server
+            .predict(&c, &key_for("echo"), json!({"pad": pad}))
+            .await;
+        assert_eq!(status, 200, "{size}");
+        assert!(
+            body["response"]["pad"].as_str() == Some(pad.as_str()),
+            "echo of {size} bytes differs"
+        );
+    }
+    // The 1 KB request went over the socket; the other five, even the 65,600-byte one (its JSON
+    // text is just over 64 KB), into the region.
+    assert_eq!(server.metric(written).await, Some(5.0));
+    assert_eq!(
+        server
+            .metric("modelgate_requests_in_place_total{result=\"fell_back\"}")
+            .await,
+        None
+    );
 }
 
 #[tokio::test]

@@ -41,6 +41,10 @@ enum Command {
         /// proxy's per-replica memory and CPU limits); repeatable, one per hierarchy.
         #[arg(long = "join-cgroup")]
         join_cgroup: Vec<PathBuf>,
+        /// Size of the in-place region offered to the proxy in `Ready`: a buffer it writes large
+        /// requests into directly (the proxy's largest request). 0 offers none.
+        #[arg(long, default_value_t = 0)]
+        in_place_bytes: usize,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -99,7 +103,7 @@ const RESTARTED: &str = "MODELGATE_REPLICA_MALLOC_SET";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { model } => match load(&model) {
+        Command::Check { model } => match load(&model, 0) {
             Ok(_) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("replica-runtime: {}: {}", err.exception, err.message);
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
         Command::Serve {
             connect,
             join_cgroup,
+            in_place_bytes,
             model,
         } => {
             // Whoever starts replicas (the proxy, the load tests, a container) need not know;
@@ -136,7 +141,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match serve(stream, &model) {
+            match serve(stream, &model, in_place_bytes) {
                 Ok(code) => code,
                 Err(err) => {
                     eprintln!("replica-runtime: connection to proxy failed: {err}");
@@ -153,9 +158,13 @@ fn main() -> ExitCode {
 /// moment to align it, and shares an existing arena if that fails).
 const RUNTIME_ADDRESS_SPACE: u64 = 64 << 20;
 
-fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {
+/// `reserved` is address space the runtime already took for itself (the in-place region), added
+/// to the limit like [`RUNTIME_ADDRESS_SPACE`].
+fn load(model: &ModelArgs, reserved: usize) -> Result<python::Model, ModelError> {
     if let Some(limit) = model.memory_limit_bytes {
-        let limit = limit.saturating_add(RUNTIME_ADDRESS_SPACE);
+        let limit = limit
+            .saturating_add(RUNTIME_ADDRESS_SPACE)
+            .saturating_add(reserved as u64);
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
             .map_err(|err| ModelError {
                 kind: protocol::ModelErrorKind::Load,
@@ -177,11 +186,20 @@ fn load(model: &ModelArgs) -> Result<python::Model, ModelError> {
     python::Model::load(&path, &model.file, &model.function)
 }
 
-fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
+fn serve(
+    stream: UnixStream,
+    model_args: &ModelArgs,
+    in_place_bytes: usize,
+) -> io::Result<ExitCode> {
     let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone()?);
     let writer = Outbox::new(stream)?;
 
-    let model = match load(model_args) {
+    // The in-place region, taken before the memory limit is set. A zeroed allocation this large
+    // is fresh memory the allocator does not write to, so its pages cost nothing until the proxy
+    // writes a request there; from then on they stay, as the socket's request buffer would.
+    // It never grows, so its address holds for the life of the process.
+    let mut region = vec![0u8; in_place_bytes];
+    let model = match load(model_args, region.len()) {
         Ok(m) => m,
         Err(err) => {
             write_json_frame(&writer, Kind::LoadFailed, &err)?;
@@ -192,6 +210,10 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
         protocol: protocol::PROTOCOL_VERSION,
         pid: std::process::id(),
         python_version: model.python_version(),
+        in_place: (!region.is_empty()).then_some(protocol::InPlace {
+            addr: region.as_ptr() as u64,
+            len: region.len() as u64,
+        }),
     };
     write_json_frame(&writer, Kind::Ready, &ready)?;
 
@@ -217,27 +239,48 @@ fn serve(stream: UnixStream, model_args: &ModelArgs) -> io::Result<ExitCode> {
         }
         let payload = &mut buffer[..header.payload_len];
         reader.read_exact(payload)?;
-        match Kind::from_u8(header.kind) {
-            Some(Kind::Predict) => match model.predict(payload) {
-                // Held while the next request can start at once: the proxy wrote the requests
-                // waiting for this replica together, and reads their answers together.
-                Ok(response) if outbox::starts_with_whole_frame(reader.buffer()) => {
-                    writer.hold(Kind::ResultOk, &response)?
+        let request: &[u8] = match Kind::from_u8(header.kind) {
+            Some(Kind::Predict) => payload,
+            Some(Kind::PredictInPlace) => match protocol::decode_in_place(payload) {
+                Ok(len) if len <= region.len() => {
+                    // The proxy wrote the request into the region from outside this process
+                    // before it sent this frame: nothing here may assume the bytes unchanged.
+                    std::hint::black_box(&mut region);
+                    &region[..len]
                 }
-                Ok(response) => writer.send(Kind::ResultOk, &response)?,
-                Err(err) if err.kind == protocol::ModelErrorKind::OutOfMemory => {
+                _ => {
+                    let err = ModelError {
+                        kind: protocol::ModelErrorKind::BadRequest,
+                        exception: "ValueError".into(),
+                        message: "in-place request frame does not fit the region".into(),
+                    };
                     write_json_frame(&writer, Kind::ResultErr, &err)?;
-                    // The interpreter's state is suspect and the proxy replaces this process:
-                    // requests it already sent behind this one must not run here (they go to
-                    // the replacement), so read and drop the rest until the proxy hangs up.
-                    io::copy(&mut reader, &mut io::sink())?;
-                    return Ok(ExitCode::FAILURE);
+                    continue;
                 }
-                Err(err) => write_json_frame(&writer, Kind::ResultErr, &err)?,
             },
-            Some(Kind::Ping) => writer.send(Kind::Pong, &[])?,
+            Some(Kind::Ping) => {
+                writer.send(Kind::Pong, &[])?;
+                continue;
+            }
             // Unknown frames are skipped so newer proxies can add messages.
-            _ => {}
+            _ => continue,
+        };
+        match model.predict(request) {
+            // Held while the next request can start at once: the proxy wrote the requests
+            // waiting for this replica together, and reads their answers together.
+            Ok(response) if outbox::starts_with_whole_frame(reader.buffer()) => {
+                writer.hold(Kind::ResultOk, &response)?
+            }
+            Ok(response) => writer.send(Kind::ResultOk, &response)?,
+            Err(err) if err.kind == protocol::ModelErrorKind::OutOfMemory => {
+                write_json_frame(&writer, Kind::ResultErr, &err)?;
+                // The interpreter's state is suspect and the proxy replaces this process:
+                // requests it already sent behind this one must not run here (they go to
+                // the replacement), so read and drop the rest until the proxy hangs up.
+                io::copy(&mut reader, &mut io::sink())?;
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(err) => write_json_frame(&writer, Kind::ResultErr, &err)?,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::read_frame;
-use modelgate_protocol::{encode_header, Kind};
+use modelgate_protocol::{encode_header, encode_in_place, InPlace, Kind, Ready};
 
 /// A replica of `funcs.slow`, connected and ready.
 fn slow_replica(name: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
@@ -20,6 +20,16 @@ fn slow_replica(name: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
 
 /// A replica of `function` in `funcs.py`, connected and ready.
 fn replica(name: &str, function: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
+    let (child, stream, _, dir) = replica_with(name, function, &[]);
+    (child, stream, dir)
+}
+
+/// Same, with more arguments to `serve`; also returns the `Ready` frame.
+fn replica_with(
+    name: &str,
+    function: &str,
+    extra: &[&str],
+) -> (Child, UnixStream, Ready, tempfile_dir::Dir) {
     let dir = tempfile_dir::Dir::new(name);
     let sock = dir.0.join("r.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -31,6 +41,7 @@ fn replica(name: &str, function: &str) -> (Child, UnixStream, tempfile_dir::Dir)
         .arg("--dir")
         .arg(&models)
         .args(["--file", "funcs.py", "--function", function])
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -38,8 +49,10 @@ fn replica(name: &str, function: &str) -> (Child, UnixStream, tempfile_dir::Dir)
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
-    assert_eq!(read_frame(&mut stream).0, Some(Kind::Ready));
-    (child, stream, dir)
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::Ready));
+    let ready = serde_json::from_slice(&payload).unwrap();
+    (child, stream, ready, dir)
 }
 
 /// Three requests in one write, as the proxy sends a batch.
@@ -145,6 +158,63 @@ fn an_answer_held_behind_a_slow_request_is_sent_within_milliseconds() {
     // Without the flusher the first answer waits for the second request's 1.5 s.
     assert!(first_after < Duration::from_millis(700), "{first_after:?}");
     assert!(sent.elapsed() >= Duration::from_millis(1500));
+}
+
+/// Writes `request` into the replica's region from this process, as the proxy does.
+fn write_region(child: &Child, region: InPlace, request: &[u8]) {
+    let written = nix::sys::uio::process_vm_writev(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        &[std::io::IoSlice::new(request)],
+        &[nix::sys::uio::RemoteIoVec {
+            base: region.addr as usize,
+            len: request.len(),
+        }],
+    )
+    .unwrap();
+    assert_eq!(written, request.len());
+}
+
+fn send_in_place(stream: &mut UnixStream, payload: &[u8]) {
+    let mut out = encode_header(Kind::PredictInPlace, payload.len()).to_vec();
+    out.extend_from_slice(payload);
+    stream.write_all(&out).unwrap();
+}
+
+#[test]
+fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
+    let (mut child, mut stream, ready, _dir) =
+        replica_with("in-place", "echo", &["--in-place-bytes", "1048576"]);
+    let region = ready.in_place.expect("a region is offered");
+    assert_eq!(region.len, 1 << 20);
+    // Without the flag there is none.
+    let (mut plain, _, plain_ready, _plain_dir) = replica_with("no-region", "echo", &[]);
+    assert_eq!(plain_ready.in_place, None);
+    let _ = plain.kill();
+    let _ = plain.wait();
+
+    // A long request, then a shorter one over its bytes: each read at its own length.
+    for n in [900_000, 70_000] {
+        let request = format!(r#"{{"n":{n},"pad":"{}"}}"#, "z".repeat(n));
+        write_region(&child, region, request.as_bytes());
+        send_in_place(&mut stream, &encode_in_place(request.len()));
+        let (kind, payload) = read_frame(&mut stream);
+        assert_eq!(kind, Some(Kind::ResultOk));
+        assert!(payload == request.as_bytes(), "echo of {n}");
+    }
+    // Lengths past the region, and payloads that are not 8 bytes, are refused; the replica
+    // goes on serving.
+    send_in_place(&mut stream, &encode_in_place((1 << 20) + 1));
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultErr));
+    assert!(String::from_utf8_lossy(&payload).contains("bad_request"));
+    send_in_place(&mut stream, b"1234");
+    assert_eq!(read_frame(&mut stream).0, Some(Kind::ResultErr));
+    send(&mut stream, br#"{"after":1}"#);
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultOk));
+    assert_eq!(payload, br#"{"after":1}"#);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 mod tempfile_dir {
