@@ -256,6 +256,8 @@ pub struct ReplicaConn {
     speculation: Speculation,
     /// The replica's in-place region, while writing there works.
     in_place: Option<InPlaceTarget>,
+    /// Writing into the region failed: large requests go over the socket, counted as such.
+    in_place_failed: bool,
 }
 
 /// Where [`ReplicaConn::send`] writes large requests: the region a replica announced, in the
@@ -301,6 +303,40 @@ impl Speculation {
 
 /// Most buffers one `process_vm_writev` takes (Linux's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
+
+/// Writes the `len` bytes of `parts` at the start of `target`'s region, in as many calls as it
+/// takes (each takes at most [`IOV_MAX`] slices, and may write less than it was given).
+fn copy_into(target: InPlaceTarget, parts: &[Bytes], len: usize) -> Result<(), String> {
+    let pid = nix::unistd::Pid::from_raw(target.pid);
+    let mut done = 0;
+    while done < len {
+        // The parts not yet written, from where the last call stopped.
+        let mut skip = done;
+        let local: Vec<IoSlice<'_>> = parts
+            .iter()
+            .filter_map(|p| {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    return None;
+                }
+                let slice = IoSlice::new(&p[skip..]);
+                skip = 0;
+                Some(slice)
+            })
+            .take(IOV_MAX)
+            .collect();
+        let remote = nix::sys::uio::RemoteIoVec {
+            base: (target.addr as usize) + done,
+            len: len - done,
+        };
+        match nix::sys::uio::process_vm_writev(pid, &local, &[remote]) {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) => return Err(format!("nothing written at byte {done} of {len}")),
+            Err(errno) => return Err(format!("{errno} at byte {done} of {len}")),
+        }
+    }
+    Ok(())
+}
 
 /// Payloads up to this size are copied next to their header so the request costs one write.
 const COALESCE_LIMIT: usize = 16 * 1024;
@@ -471,6 +507,7 @@ impl ReplicaConn {
             out: Vec::new(),
             speculation: Speculation::default(),
             in_place: None,
+            in_place_failed: false,
         })
     }
 
@@ -493,60 +530,51 @@ impl ReplicaConn {
     /// process. The caller only writes while the replica has no request left to answer, so the
     /// region is not being read.
     ///
-    /// The replica's pid is checked against its slot first: a pid whose process ended and was
-    /// reaped comes back only after the kernel has handed out every other pid, as with the
-    /// signals the slot sends to its process group.
-    fn write_in_place(&mut self, parts: &[Bytes], len: usize) -> bool {
+    /// The copy runs on a blocking thread, not the runtime's: it faults in the replica's pages,
+    /// which takes as long as the replica's memory makes it (a first touch, reclaim at its
+    /// memory limit, or a mapping the model put there that never answers). Whoever awaits this
+    /// bounds it (the dispatcher, by the request's timeout, after which it kills the replica;
+    /// the copy then fails as the process goes).
+    ///
+    /// The pid is the supervisor's child, which cannot be reused before the supervisor reaps
+    /// it; the check against the slot, just before, covers the moments between that reaping and
+    /// the slot forgetting the process.
+    async fn write_in_place(&mut self, parts: &[Bytes], len: usize) -> bool {
         let Some(target) = self.in_place else {
+            if self.in_place_failed {
+                metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back").increment(1);
+            }
             return false;
         };
-        if len > target.len {
+        if len > target.len
+            || !self.slot.is_current(self.generation)
+            || self.slot.pgid() != target.pid
+        {
             return false;
         }
-        if !self.slot.is_current(self.generation) || self.slot.pgid() != target.pid {
-            return false;
-        }
-        let pid = nix::unistd::Pid::from_raw(target.pid);
-        let mut done = 0;
-        while done < len {
-            // The parts not yet written, from where the last (partial) write stopped.
-            let mut skip = done;
-            let local: Vec<IoSlice<'_>> = parts
-                .iter()
-                .filter_map(|p| {
-                    if skip >= p.len() {
-                        skip -= p.len();
-                        return None;
-                    }
-                    let slice = IoSlice::new(&p[skip..]);
-                    skip = 0;
-                    Some(slice)
-                })
-                .take(IOV_MAX)
-                .collect();
-            let remote = nix::sys::uio::RemoteIoVec {
-                base: (target.addr as usize) + done,
-                len: len - done,
-            };
-            match nix::sys::uio::process_vm_writev(pid, &local, &[remote]) {
-                Ok(n) if n > 0 => done += n,
-                outcome => {
-                    // Not permitted (the replica made itself undumpable, a seccomp policy), or
-                    // the process is gone: the socket carries its requests from now on.
-                    tracing::warn!(
-                        replica = %self.slot.id,
-                        "writing a request into the replica's memory failed ({outcome:?}); \
-                         its requests go over its socket"
-                    );
-                    self.in_place = None;
-                    metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back")
-                        .increment(1);
-                    return false;
-                }
+        let parts = parts.to_vec();
+        let copied = tokio::task::spawn_blocking(move || copy_into(target, &parts, len))
+            .await
+            .unwrap_or_else(|err| Err(format!("the copy did not finish: {err}")));
+        match copied {
+            Ok(()) => {
+                metrics::counter!(crate::metrics::IN_PLACE, "result" => "written").increment(1);
+                true
+            }
+            Err(why) => {
+                // Not permitted (the replica made itself undumpable, a seccomp policy), or the
+                // region or the process is gone: the socket carries its requests from now on.
+                tracing::warn!(
+                    replica = %self.slot.id,
+                    "writing a request into the replica's memory failed ({why}); \
+                     its requests go over its socket"
+                );
+                self.in_place = None;
+                self.in_place_failed = true;
+                metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back").increment(1);
+                false
             }
         }
-        metrics::counter!(crate::metrics::IN_PLACE, "result" => "written").increment(1);
-        true
     }
 
     /// Kills this connection's process (not a later one of the same slot).
@@ -634,7 +662,7 @@ impl ReplicaConn {
             (None, _) => return Ok(()),
             (Some(one), None) => {
                 let len = one.iter().map(Bytes::len).sum();
-                if len >= IN_PLACE_MIN && self.write_in_place(one, len) {
+                if len >= IN_PLACE_MIN && self.write_in_place(one, len).await {
                     let payload = Bytes::copy_from_slice(&protocol::encode_in_place(len));
                     self.write_frame(Kind::PredictInPlace, &[payload]).await?
                 } else {
@@ -968,11 +996,40 @@ mod tests {
 
     #[tokio::test]
     async fn no_region_is_written_once_its_process_is_not_the_slots() {
+        let pid = std::process::id() as i32;
+        // The slot moved on to another generation, or to another process.
+        for (slot_pid, generation) in [(pid, 2), (pid + 1, 1)] {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let mut conn = conn(ours);
+            conn.slot.begin_process(slot_pid, generation);
+            let mut region = vec![0u8; 1 << 20];
+            conn.offer_in_place(
+                pid,
+                protocol::InPlace {
+                    addr: region.as_ptr() as u64,
+                    len: region.len() as u64,
+                },
+            );
+            let peer = answering_peer(theirs, 1);
+            let (parts, whole) = pieces(1, 100_000);
+            conn.call(&parts).await.unwrap();
+            let seen = peer.join().unwrap();
+            assert_eq!(seen[0].0, Kind::Predict as u8);
+            assert!(seen[0].1 == whole);
+            std::hint::black_box(&mut region);
+            assert!(region.iter().all(|&b| b == 0), "the region was left alone");
+        }
+    }
+
+    /// More slices than one `process_vm_writev` takes: the rest go in further calls, each
+    /// resuming where the last stopped.
+    #[tokio::test]
+    async fn a_request_in_more_slices_than_one_write_takes_arrives_whole() {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let mut conn = conn(ours);
         let pid = std::process::id() as i32;
-        conn.slot.begin_process(pid, conn.generation + 1);
-        let region = vec![0u8; 1 << 20];
+        conn.slot.begin_process(pid, conn.generation);
+        let mut region = vec![0u8; 1 << 20];
         conn.offer_in_place(
             pid,
             protocol::InPlace {
@@ -981,12 +1038,16 @@ mod tests {
             },
         );
         let peer = answering_peer(theirs, 1);
-        let (parts, whole) = pieces(1, 100_000);
+        let parts: Vec<Bytes> = (0..2_500u32)
+            .map(|i| Bytes::from(format!("{i:05}").repeat(7 + (i % 5) as usize)))
+            .collect();
+        let whole: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        assert!(parts.len() > 2 * IOV_MAX && whole.len() >= IN_PLACE_MIN);
         conn.call(&parts).await.unwrap();
         let seen = peer.join().unwrap();
-        assert_eq!(seen[0].0, Kind::Predict as u8);
-        assert!(seen[0].1 == whole);
-        assert!(region.iter().all(|&b| b == 0), "the region was left alone");
+        assert_eq!(seen[0].0, Kind::PredictInPlace as u8);
+        std::hint::black_box(&mut region);
+        assert!(region[..whole.len()] == whole[..], "every slice, in order");
     }
 
     #[tokio::test]

@@ -314,8 +314,6 @@ async fn run_in_cgroup(
         .arg(&spec.file)
         .arg("--function")
         .arg(&spec.function)
-        .arg("--in-place-bytes")
-        .arg(settings.in_place_bytes.to_string())
         .args(
             spec.python_path
                 .iter()
@@ -333,6 +331,11 @@ async fn run_in_cgroup(
             ]
         }))
         .envs(&spec.env)
+        // A variable, not an argument: a runtime from before in-place regions ignores it.
+        .env(
+            "MODELGATE_IN_PLACE_BYTES",
+            settings.in_place_bytes.to_string(),
+        )
         .env("PYTHONUNBUFFERED", "1")
         .env("MODELGATE_MODEL", &*spec.name)
         .env("MODELGATE_REPLICA_ID", &*task.slot.id)

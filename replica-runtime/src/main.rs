@@ -42,8 +42,9 @@ enum Command {
         #[arg(long = "join-cgroup")]
         join_cgroup: Vec<PathBuf>,
         /// Size of the in-place region offered to the proxy in `Ready`: a buffer it writes large
-        /// requests into directly (the proxy's largest request). 0 offers none.
-        #[arg(long, default_value_t = 0)]
+        /// requests into directly (the proxy's largest request). 0 offers none. The proxy sets
+        /// the variable, which runtimes from before the region ignore.
+        #[arg(long, env = "MODELGATE_IN_PLACE_BYTES", default_value_t = 0)]
         in_place_bytes: usize,
         #[command(flatten)]
         model: ModelArgs,
@@ -197,8 +198,8 @@ fn serve(
     // The in-place region, mapped before the memory limit is set. Its pages cost nothing until
     // the proxy writes a request there; from then on they stay, as the socket's request buffer
     // would. It is never remapped, so its address holds for the life of the process.
-    let mut region = in_place_region(in_place_bytes);
-    let model = match load(model_args, region.len()) {
+    let region = Region::map(in_place_bytes);
+    let model = match load(model_args, region.as_ref().map_or(0, |r| r.map.len())) {
         Ok(m) => m,
         Err(err) => {
             write_json_frame(&writer, Kind::LoadFailed, &err)?;
@@ -209,10 +210,7 @@ fn serve(
         protocol: protocol::PROTOCOL_VERSION,
         pid: std::process::id(),
         python_version: model.python_version(),
-        in_place: (!region.is_empty()).then_some(protocol::InPlace {
-            addr: region.as_ptr() as u64,
-            len: region.len() as u64,
-        }),
+        in_place: region.as_ref().map(Region::announce),
     };
     write_json_frame(&writer, Kind::Ready, &ready)?;
 
@@ -240,13 +238,10 @@ fn serve(
         reader.read_exact(payload)?;
         let request: &[u8] = match Kind::from_u8(header.kind) {
             Some(Kind::Predict) => payload,
-            Some(Kind::PredictInPlace) => match protocol::decode_in_place(payload) {
-                Ok(len) if len <= region.len() => {
-                    // The proxy wrote the request into the region from outside this process
-                    // before it sent this frame: nothing here may assume the bytes unchanged.
-                    std::hint::black_box(&mut region);
-                    &region[..len]
-                }
+            // The proxy wrote the request there before it sent this frame, and writes again only
+            // once this request is answered.
+            Some(Kind::PredictInPlace) => match (protocol::decode_in_place(payload), &region) {
+                (Ok(len), Some(region)) if len > 0 && len <= region.len => region.request(len),
                 _ => {
                     let err = ModelError {
                         kind: protocol::ModelErrorKind::BadRequest,
@@ -304,29 +299,50 @@ fn wait_readable(stream: &UnixStream) -> io::Result<()> {
 /// The size of a transparent huge page on x86-64 and most arm64 kernels.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// An anonymous private mapping of at least `len` bytes (empty when `len` is 0 or the mapping fails:
-/// the proxy then sends every request over the socket). Transparent huge pages are asked for:
-/// the proxy's write into it pins each page of the region, and the function reads it all, so
-/// 2 MiB pages halve the write of a 5 MB request on the machine of `docs/PERFORMANCE.md`.
-/// Less than 2 MiB of the region stays resident beyond the largest request written there.
-fn in_place_region(len: usize) -> memmap2::MmapMut {
-    let empty = || memmap2::MmapMut::map_anon(0).expect("an empty mapping");
-    if len == 0 {
-        return empty();
+/// The in-place region: `len` bytes from `start` in an anonymous private mapping.
+///
+/// Transparent huge pages are asked for there: the proxy's write into it pins each page it
+/// writes, and 2 MiB pages halved that write for a 5 MB request on the machine of
+/// `docs/PERFORMANCE.md`. The region starts at a 2 MiB boundary (the mapping is 2 MiB longer,
+/// as not every kernel aligns large mappings) and is a whole number of huge pages, so less than
+/// 2 MiB of it stays resident beyond the largest request written there.
+struct Region {
+    map: memmap2::MmapMut,
+    start: usize,
+    len: usize,
+}
+
+impl Region {
+    /// A region of at least `len` bytes; none when `len` is 0 or it cannot be mapped (the proxy
+    /// then sends every request over the socket).
+    fn map(len: usize) -> Option<Region> {
+        if len == 0 {
+            return None;
+        }
+        let len = len.checked_next_multiple_of(HUGE_PAGE)?;
+        let map = match memmap2::MmapMut::map_anon(len.checked_add(HUGE_PAGE)?) {
+            Ok(map) => map,
+            Err(err) => {
+                eprintln!("replica-runtime: no in-place region of {len} bytes: {err}");
+                return None;
+            }
+        };
+        let addr = map.as_ptr() as usize;
+        let start = addr.next_multiple_of(HUGE_PAGE) - addr;
+        // Only a hint: without huge pages (disabled, or none free) it works the same.
+        let _ = map.advise_range(memmap2::Advice::HugePage, start, len);
+        Some(Region { map, start, len })
     }
-    // Whole huge pages, so that the region's last part gets one too (Linux places anonymous
-    // mappings of 2 MiB and more at a 2 MiB boundary).
-    let len = len.next_multiple_of(HUGE_PAGE);
-    match memmap2::MmapMut::map_anon(len) {
-        Ok(map) => {
-            // Only a hint: without huge pages (disabled, or none free) it still works.
-            let _ = map.advise(memmap2::Advice::HugePage);
-            map
+
+    fn announce(&self) -> protocol::InPlace {
+        protocol::InPlace {
+            addr: (self.map.as_ptr() as usize + self.start) as u64,
+            len: self.len as u64,
         }
-        Err(err) => {
-            eprintln!("replica-runtime: no in-place region of {len} bytes: {err}");
-            empty()
-        }
+    }
+
+    fn request(&self, len: usize) -> &[u8] {
+        &self.map[self.start..self.start + len]
     }
 }
 

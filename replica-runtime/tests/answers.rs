@@ -185,7 +185,12 @@ fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
     let (mut child, mut stream, ready, _dir) =
         replica_with("in-place", "echo", &["--in-place-bytes", "1048576"]);
     let region = ready.in_place.expect("a region is offered");
-    assert_eq!(region.len, 1 << 20);
+    // Whole 2 MiB pages, at a 2 MiB boundary.
+    assert!(
+        region.len >= 1 << 20 && region.len % (2 << 20) == 0,
+        "{region:?}"
+    );
+    assert_eq!(region.addr % (2 << 20), 0, "{region:?}");
     // Without the flag there is none.
     let (mut plain, _, plain_ready, _plain_dir) = replica_with("no-region", "echo", &[]);
     assert_eq!(plain_ready.in_place, None);
@@ -201,12 +206,14 @@ fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
         assert_eq!(kind, Some(Kind::ResultOk));
         assert!(payload == request.as_bytes(), "echo of {n}");
     }
-    // Lengths past the region, and payloads that are not 8 bytes, are refused; the replica
+    // Lengths past the region or of 0, and payloads that are not 8 bytes, are refused; the replica
     // goes on serving.
-    send_in_place(&mut stream, &encode_in_place((1 << 20) + 1));
-    let (kind, payload) = read_frame(&mut stream);
-    assert_eq!(kind, Some(Kind::ResultErr));
-    assert!(String::from_utf8_lossy(&payload).contains("bad_request"));
+    for len in [region.len as usize + 1, 0] {
+        send_in_place(&mut stream, &encode_in_place(len));
+        let (kind, payload) = read_frame(&mut stream);
+        assert_eq!(kind, Some(Kind::ResultErr), "{len}");
+        assert!(String::from_utf8_lossy(&payload).contains("does not fit the region"));
+    }
     send_in_place(&mut stream, b"1234");
     assert_eq!(read_frame(&mut stream).0, Some(Kind::ResultErr));
     send(&mut stream, br#"{"after":1}"#);
