@@ -926,15 +926,12 @@ mod tests {
         (parts, whole)
     }
 
-    /// The region here is a buffer of the test process itself, announced as a replica's: the
-    /// write is the same system call into the same kind of memory.
-    #[tokio::test]
-    async fn a_large_request_goes_into_the_region_and_only_its_length_over_the_socket() {
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let mut conn = conn(ours);
+    /// A connection whose replica is this test process, with `region` as its in-place region:
+    /// the write is the same system call into the same kind of memory.
+    fn conn_into(stream: UnixStream, region: &[u8]) -> ReplicaConn {
+        let mut conn = conn(stream);
         let pid = std::process::id() as i32;
         conn.slot.begin_process(pid, conn.generation);
-        let mut region = vec![0u8; 6 << 20];
         conn.offer_in_place(
             pid,
             protocol::InPlace {
@@ -942,6 +939,14 @@ mod tests {
                 len: region.len() as u64,
             },
         );
+        conn
+    }
+
+    #[tokio::test]
+    async fn a_large_request_goes_into_the_region_and_only_its_length_over_the_socket() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut region = vec![0u8; 6 << 20];
+        let mut conn = conn_into(ours, &region);
         let peer = answering_peer(theirs, 3);
         // Many slices of the body, then a shorter request over the longer one's bytes, then one
         // the region cannot hold.
@@ -1000,16 +1005,9 @@ mod tests {
         // The slot moved on to another generation, or to another process.
         for (slot_pid, generation) in [(pid, 2), (pid + 1, 1)] {
             let (ours, theirs) = UnixStream::pair().unwrap();
-            let mut conn = conn(ours);
-            conn.slot.begin_process(slot_pid, generation);
             let mut region = vec![0u8; 1 << 20];
-            conn.offer_in_place(
-                pid,
-                protocol::InPlace {
-                    addr: region.as_ptr() as u64,
-                    len: region.len() as u64,
-                },
-            );
+            let mut conn = conn_into(ours, &region);
+            conn.slot.begin_process(slot_pid, generation);
             let peer = answering_peer(theirs, 1);
             let (parts, whole) = pieces(1, 100_000);
             conn.call(&parts).await.unwrap();
@@ -1026,17 +1024,8 @@ mod tests {
     #[tokio::test]
     async fn a_request_in_more_slices_than_one_write_takes_arrives_whole() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let mut conn = conn(ours);
-        let pid = std::process::id() as i32;
-        conn.slot.begin_process(pid, conn.generation);
         let mut region = vec![0u8; 1 << 20];
-        conn.offer_in_place(
-            pid,
-            protocol::InPlace {
-                addr: region.as_ptr() as u64,
-                len: region.len() as u64,
-            },
-        );
+        let mut conn = conn_into(ours, &region);
         let peer = answering_peer(theirs, 1);
         let parts: Vec<Bytes> = (0..2_500u32)
             .map(|i| Bytes::from(format!("{i:05}").repeat(7 + (i % 5) as usize)))
