@@ -929,16 +929,15 @@ mod tests {
     /// A connection whose replica is this test process, with `region` as its in-place region:
     /// the write is the same system call into the same kind of memory.
     fn conn_into(stream: UnixStream, region: &[u8]) -> ReplicaConn {
+        conn_offering(stream, region.as_ptr() as u64, region.len() as u64)
+    }
+
+    /// Same, with the region this test process announces at `addr`.
+    fn conn_offering(stream: UnixStream, addr: u64, len: u64) -> ReplicaConn {
         let mut conn = conn(stream);
         let pid = std::process::id() as i32;
         conn.slot.begin_process(pid, conn.generation);
-        conn.offer_in_place(
-            pid,
-            protocol::InPlace {
-                addr: region.as_ptr() as u64,
-                len: region.len() as u64,
-            },
-        );
+        conn.offer_in_place(pid, protocol::InPlace { addr, len });
         conn
     }
 
@@ -977,17 +976,8 @@ mod tests {
     #[tokio::test]
     async fn a_region_that_cannot_be_written_is_given_up_for_the_socket() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let mut conn = conn(ours);
-        let pid = std::process::id() as i32;
-        conn.slot.begin_process(pid, conn.generation);
         // The first page is never mapped: the write fails without touching anything.
-        conn.offer_in_place(
-            pid,
-            protocol::InPlace {
-                addr: 4096,
-                len: 1 << 20,
-            },
-        );
+        let mut conn = conn_offering(ours, 4096, 1 << 20);
         let peer = answering_peer(theirs, 2);
         let (parts, whole) = pieces(3, 100_000);
         conn.call(&parts).await.unwrap();

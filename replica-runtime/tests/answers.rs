@@ -73,7 +73,11 @@ fn seq_of(payload: &[u8]) -> u64 {
 
 /// Writes `payload` as one prediction request.
 fn send(stream: &mut UnixStream, payload: &[u8]) {
-    let mut out = encode_header(Kind::Predict, payload.len()).to_vec();
+    send_frame(stream, Kind::Predict, payload);
+}
+
+fn send_frame(stream: &mut UnixStream, kind: Kind, payload: &[u8]) {
+    let mut out = encode_header(kind, payload.len()).to_vec();
     out.extend_from_slice(payload);
     stream.write_all(&out).unwrap();
 }
@@ -174,12 +178,6 @@ fn write_region(child: &Child, region: InPlace, request: &[u8]) {
     assert_eq!(written, request.len());
 }
 
-fn send_in_place(stream: &mut UnixStream, payload: &[u8]) {
-    let mut out = encode_header(Kind::PredictInPlace, payload.len()).to_vec();
-    out.extend_from_slice(payload);
-    stream.write_all(&out).unwrap();
-}
-
 #[test]
 fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
     let (mut child, mut stream, ready, _dir) =
@@ -201,7 +199,11 @@ fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
     for n in [900_000, 70_000] {
         let request = format!(r#"{{"n":{n},"pad":"{}"}}"#, "z".repeat(n));
         write_region(&child, region, request.as_bytes());
-        send_in_place(&mut stream, &encode_in_place(request.len()));
+        send_frame(
+            &mut stream,
+            Kind::PredictInPlace,
+            &encode_in_place(request.len()),
+        );
         let (kind, payload) = read_frame(&mut stream);
         assert_eq!(kind, Some(Kind::ResultOk));
         assert!(payload == request.as_bytes(), "echo of {n}");
@@ -209,12 +211,12 @@ fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
     // Lengths past the region or of 0, and payloads that are not 8 bytes, are refused; the replica
     // goes on serving.
     for len in [region.len as usize + 1, 0] {
-        send_in_place(&mut stream, &encode_in_place(len));
+        send_frame(&mut stream, Kind::PredictInPlace, &encode_in_place(len));
         let (kind, payload) = read_frame(&mut stream);
         assert_eq!(kind, Some(Kind::ResultErr), "{len}");
         assert!(String::from_utf8_lossy(&payload).contains("does not fit the region"));
     }
-    send_in_place(&mut stream, b"1234");
+    send_frame(&mut stream, Kind::PredictInPlace, b"1234");
     assert_eq!(read_frame(&mut stream).0, Some(Kind::ResultErr));
     send(&mut stream, br#"{"after":1}"#);
     let (kind, payload) = read_frame(&mut stream);
