@@ -329,8 +329,16 @@ async fn send(plan: &Plan, h1: &mut H1, req: Request<Full<Bytes>>) -> Answer {
     tx.send_request(req).await.map_err(transport)
 }
 
-/// Sends one request and checks the answer; `Ok` carries the (accepted) status.
-async fn exchange(plan: &Plan, h1: &mut H1) -> Result<u16, Failure> {
+/// Sends one request and checks the answer; `Ok` carries the (accepted) status. Also returns
+/// when the exchange ended: the answer's last byte, or the failure. Checking the answer comes
+/// after that instant, so a large answer's parse is not counted as the server's latency.
+async fn exchange(plan: &Plan, h1: &mut H1) -> (Result<u16, Failure>, Instant) {
+    let mut done = None;
+    let outcome = exchange_at(plan, h1, &mut done).await;
+    (outcome, done.unwrap_or_else(Instant::now))
+}
+
+async fn exchange_at(plan: &Plan, h1: &mut H1, done: &mut Option<Instant>) -> Result<u16, Failure> {
     let mut req = Request::new(Full::new(plan.body.clone()));
     *req.method_mut() = hyper::Method::POST;
     *req.uri_mut() = plan.uri.clone();
@@ -339,6 +347,7 @@ async fn exchange(plan: &Plan, h1: &mut H1) -> Result<u16, Failure> {
         let resp = send(plan, h1, req).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await;
+        *done = Some(Instant::now());
         Ok((status, body.map_err(|e| fail("transport", e))?.to_bytes()))
     };
     let timeout = plan.args.timeout;
@@ -396,8 +405,7 @@ const WINDOW: Duration = Duration::from_millis(100);
 impl Plan {
     /// `began` is when the request was *meant* to start: in the open loop that is its slot in
     /// the schedule, so time spent waiting for a free connection counts as latency.
-    fn record(&self, began: Instant, outcome: Result<u16, Failure>) {
-        let done = Instant::now();
+    fn record(&self, began: Instant, (outcome, done): (Result<u16, Failure>, Instant)) {
         let measured = began >= self.measure_start;
         let mut stats = self.stats.lock().expect("no panic while recording");
         stats.attempted += 1;
@@ -450,7 +458,7 @@ async fn worker(plan: Arc<Plan>) {
     let mut h1 = None;
     while let Some(began) = plan.next_start().await {
         let outcome = exchange(&plan, &mut h1).await;
-        let broken = matches!(&outcome, Err(failure) if failure.kind == "transport" || failure.kind == "tls");
+        let broken = matches!(&outcome.0, Err(failure) if failure.kind == "transport" || failure.kind == "tls");
         plan.record(began, outcome);
         if broken && plan.args.mode == Mode::Closed {
             // A refused or reset connection, or a refused handshake, fails in microseconds; the
