@@ -331,14 +331,22 @@ async fn send(plan: &Plan, h1: &mut H1, req: Request<Full<Bytes>>) -> Answer {
 
 /// Sends one request and checks the answer; `Ok` carries the (accepted) status. Also returns
 /// when the exchange ended: the answer's last byte, or the failure. Checking the answer comes
-/// after that instant, so a large answer's parse is not counted as the server's latency.
+/// after that instant, so with one request in flight a large answer's parse is not counted as
+/// the server's latency (with more, one worker's check can still delay reading another's answer
+/// on the client's CPU).
 async fn exchange(plan: &Plan, h1: &mut H1) -> (Result<u16, Failure>, Instant) {
-    let mut done = None;
-    let outcome = exchange_at(plan, h1, &mut done).await;
-    (outcome, done.unwrap_or_else(Instant::now))
+    match fetch(plan, h1).await {
+        Ok((status, body, done)) => (check(plan, status, &body), done),
+        Err(failure) => {
+            // A failed or abandoned exchange may leave the connection mid-request: never reuse it.
+            *h1 = None;
+            (Err(failure), Instant::now())
+        }
+    }
 }
 
-async fn exchange_at(plan: &Plan, h1: &mut H1, done: &mut Option<Instant>) -> Result<u16, Failure> {
+/// Sends one request and reads its whole answer: status, body, and when its last byte came.
+async fn fetch(plan: &Plan, h1: &mut H1) -> Result<(u16, Bytes, Instant), Failure> {
     let mut req = Request::new(Full::new(plan.body.clone()));
     *req.method_mut() = hyper::Method::POST;
     *req.uri_mut() = plan.uri.clone();
@@ -347,22 +355,29 @@ async fn exchange_at(plan: &Plan, h1: &mut H1, done: &mut Option<Instant>) -> Re
         let resp = send(plan, h1, req).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await;
-        *done = Some(Instant::now());
-        Ok((status, body.map_err(|e| fail("transport", e))?.to_bytes()))
+        let done = Instant::now();
+        Ok((
+            status,
+            body.map_err(|e| fail("transport", e))?.to_bytes(),
+            done,
+        ))
     };
     let timeout = plan.args.timeout;
-    let outcome = match tokio::time::timeout(timeout, attempt).await {
+    match tokio::time::timeout(timeout, attempt).await {
         Ok(outcome) => outcome,
         Err(_) => Err(fail("timeout", format!("no answer in {timeout:?}"))),
-    };
-    // A failed or abandoned exchange may leave the connection mid-request: never reuse it.
-    let (status, body) = outcome.inspect_err(|_| *h1 = None)?;
-    let text = || String::from_utf8_lossy(&body).into_owned();
+    }
+}
+
+/// Whether an answer is one the run expects: an accepted status and, for a 200, `success: true`
+/// with the expected `response`.
+fn check(plan: &Plan, status: u16, body: &Bytes) -> Result<u16, Failure> {
+    let text = || String::from_utf8_lossy(body).into_owned();
     if !plan.args.expect_status.contains(&status) {
         return Err(fail(format!("status_{status}"), text()));
     }
     if status == 200 {
-        let answer: Value = serde_json::from_slice(&body)
+        let answer: Value = serde_json::from_slice(body)
             .map_err(|e| fail("wrong_answer", format!("{e}: {}", text())))?;
         let expected = |want: &Value| answer["response"] == *want;
         if answer["success"] != true || !plan.args.expect.as_ref().is_none_or(expected) {
@@ -404,8 +419,9 @@ const WINDOW: Duration = Duration::from_millis(100);
 
 impl Plan {
     /// `began` is when the request was *meant* to start: in the open loop that is its slot in
-    /// the schedule, so time spent waiting for a free connection counts as latency.
-    fn record(&self, began: Instant, (outcome, done): (Result<u16, Failure>, Instant)) {
+    /// the schedule, so time spent waiting for a free connection counts as latency. `done` is
+    /// when its answer's last byte arrived (or it failed); its latency is the time between.
+    fn record(&self, began: Instant, outcome: Result<u16, Failure>, done: Instant) {
         let measured = began >= self.measure_start;
         let mut stats = self.stats.lock().expect("no panic while recording");
         stats.attempted += 1;
@@ -432,7 +448,8 @@ impl Plan {
             }
         }
         if measured {
-            stats.last_done = Some(done);
+            // Workers record in the order their checks finish, not their answers'.
+            stats.last_done = stats.last_done.max(Some(done));
         }
     }
 
@@ -457,9 +474,9 @@ impl Plan {
 async fn worker(plan: Arc<Plan>) {
     let mut h1 = None;
     while let Some(began) = plan.next_start().await {
-        let outcome = exchange(&plan, &mut h1).await;
-        let broken = matches!(&outcome.0, Err(failure) if failure.kind == "transport" || failure.kind == "tls");
-        plan.record(began, outcome);
+        let (outcome, done) = exchange(&plan, &mut h1).await;
+        let broken = matches!(&outcome, Err(f) if f.kind == "transport" || f.kind == "tls");
+        plan.record(began, outcome, done);
         if broken && plan.args.mode == Mode::Closed {
             // A refused or reset connection, or a refused handshake, fails in microseconds; the
             // pause keeps a server that went away from turning the rest of the run into a
