@@ -14,9 +14,11 @@
 # docs/PERFORMANCE.md). ROUNDS=N (default 1) measures every server N times, round by round, and
 # prints medians and each round's ratios: this machine's run-to-run noise is larger than some of
 # the differences the targets ask about. The open loops run after every round's closed loops, at
-# 80 % of each server's median c=16 rate. All four servers run for the whole run; each sits idle
-# while another is measured. MG=/path/to/modelgate measures that build instead (e.g. the
-# profile-guided one of loadtests/pgo-build.sh). Bounded: ROUNDS x about 12 runs of 1 + DURATION s.
+# 80 % of each server's median c=16 rate, and the bare floor runs an open loop at modelgate's
+# rate: the tail this host gives a server that forwards nothing, at the same load (a host that
+# stalls its vCPU for milliseconds puts every server's p99 over 1 ms). All four servers run for
+# the whole run; each sits idle while another is measured. MG=/path/to/modelgate measures that build instead (e.g. the
+# profile-guided one of loadtests/pgo-build.sh). Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -77,6 +79,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "== open loop, round $round of $ROUNDS" >&2
   load "mg-open80-r$round" http://127.0.0.1:18600/model 1 --mode open --rate "$mg_rate" --connections 32
   load "hop-open80-r$round" http://127.0.0.1:18903/model 1 --mode open --rate "$hop_rate" --connections 32
+  load "floor-openmg-r$round" http://127.0.0.1:18901/model 1 --mode open --rate "$mg_rate" --connections 32
 done
 
 echo "modelgate: $mg"
@@ -99,8 +102,9 @@ for name, a, b in rows:
     c16 = f"{med(b, rps):>11.0f} {med(b, q('p50')):>7.0f}us {med(b, q('p99')):>7.0f}us" if b else f"{'-':>11} {'-':>9} {'-':>9}"
     print(f"{name:28} {med(a, rps):>10.0f} {med(a, q('p50')):>6.0f}us {med(a, q('p99')):>6.0f}us {c16}")
 print()
-for name, key in [("modelgate", "mg-open80"), ("hop-floor", "hop-open80")]:
-    print(f"{name} open loop at 80% of its median c=16 rate (client {'polling' if os.environ.get('SPIN') else 'sleeping'}), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
+for name, key, what in [("modelgate", "mg-open80", "80% of its"), ("hop-floor", "hop-open80", "80% of its"),
+                        ("floor (bare hyper)", "floor-openmg", "80% of modelgate's")]:
+    print(f"{name} open loop at {what} median c=16 rate (client {'polling' if os.environ.get('SPIN') else 'sleeping'}), median of rounds: rate {med(key, lambda r: r['target_rps']):.0f} req/s, "
           f"p50 {med(key, q('p50')):.0f}us p99 {med(key, q('p99')):.0f}us p99.9 {med(key, q('p99_9')):.0f}us")
 def ratio(a, b, f=rps):
     per = [f(runs[a][i]) / f(runs[b][i]) for i in rounds]
