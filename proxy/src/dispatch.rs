@@ -110,7 +110,8 @@ async fn serve(
     let write_deadline = taken_at + batch[0].timeout;
     let mut rest = batch.drain(..);
     let requests = rest.as_slice().iter().map(|p| &p.request[..]);
-    match tokio::time::timeout_at(write_deadline, conn.send(requests)).await {
+    let ahead = rest.as_slice().first().and_then(|p| p.ahead.as_deref());
+    match tokio::time::timeout_at(write_deadline, conn.send(requests, ahead)).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
             // The stream is broken or out of step: the replica goes. Answers it wrote before

@@ -205,6 +205,17 @@ impl Scanner {
         Ok(())
     }
 
+    /// `accessKey`, once its string has been read.
+    pub fn access_key(&self) -> Option<&str> {
+        self.access_key.as_ref()?.as_deref()
+    }
+
+    /// The pieces of the request's text kept so far, in order. Pieces are only ever added (the
+    /// last, and any small ones, when the body ends), never changed.
+    pub fn request_so_far(&self) -> &[Bytes] {
+        &self.request
+    }
+
     /// Ends the body: the envelope, or why it is not one.
     pub fn finish(mut self) -> Result<Envelope, EnvelopeError> {
         let at = self.offset;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod drain;
+pub mod early;
 pub mod envelope;
 pub mod error;
 #[doc(hidden)]

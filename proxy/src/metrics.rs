@@ -359,7 +359,7 @@ fn describe() {
     );
     describe_counter!(
         IN_PLACE,
-        "Requests over 64 KB written straight into their replica's memory (result=\"written\"), or sent over its socket because writing into that replica's memory failed (result=\"fell_back\")"
+        "Requests over 64 KB written straight into their replica's memory after their body arrived (result=\"written\") or partly while it arrived (result=\"written_ahead\"), or sent over its socket because writing into that replica's memory failed (result=\"fell_back\")"
     );
     describe_counter!(
         AUDIT_DROPPED,

@@ -23,6 +23,7 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
+use crate::early::{Ahead, EarlyRegion};
 use crate::error::ApiError;
 use crate::replica::{ReplicaConn, Reply, Slot, Speculation};
 
@@ -114,6 +115,8 @@ pub struct Pending {
     /// Goes to its replica in a batch of its own: it was in a batch whose replica died before
     /// answering it, and may not be the request that ended the process ([`Pool::requeue_alone`]).
     alone: bool,
+    /// What its upload wrote ahead into a replica's region ([`crate::early`]).
+    pub ahead: Option<Box<Ahead>>,
     tx: oneshot::Sender<Result<Served, AcquireError>>,
 }
 
@@ -159,6 +162,8 @@ pub struct Pool {
 /// A dispatcher as the pool sees it: woken for work, or told to stop.
 pub struct Dispatcher {
     pub(crate) wake: tokio::sync::Notify,
+    /// Where an upload may write ahead for this dispatcher's replica.
+    region: Option<EarlyRegion>,
     /// Set (under the pool's lock, then `wake`) when its process has ended or no replica of the
     /// model is worth waiting for: an idle dispatcher ends at once, a busy one after its batch.
     pub(crate) stop: std::sync::atomic::AtomicBool,
@@ -344,6 +349,26 @@ impl Pool {
         request: Vec<Bytes>,
         request_timeout: Duration,
     ) -> Result<Served, AcquireError> {
+        self.call_with(request, None, request_timeout).await
+    }
+
+    /// The replica a request would go to now, if it went now, when it could write ahead into
+    /// its region ([`crate::early`]): the first idle one while nothing waits.
+    pub fn early_region(&self) -> Option<EarlyRegion> {
+        let st = self.lock();
+        if !st.waiters.is_empty() {
+            return None;
+        }
+        st.idle.front()?.region.clone()
+    }
+
+    /// [`Self::call`] for a request whose upload wrote `ahead` into a replica's region.
+    pub async fn call_with(
+        self: &Arc<Self>,
+        request: Vec<Bytes>,
+        ahead: Option<Box<Ahead>>,
+        request_timeout: Duration,
+    ) -> Result<Served, AcquireError> {
         // Requests of clients that went away, dropped (with their bodies) after the lock.
         let mut abandoned = VecDeque::new();
         let (rx, start, sweeper) = {
@@ -372,6 +397,7 @@ impl Pool {
                 queue_deadline,
                 timeout: request_timeout,
                 alone: false,
+                ahead,
                 tx,
             });
             self.queue_depth.set(st.waiters.len() as f64);
@@ -437,6 +463,7 @@ impl Pool {
     pub fn release(self: &Arc<Self>, conn: ReplicaConn) -> Arc<Dispatcher> {
         let d = Arc::new(Dispatcher {
             wake: tokio::sync::Notify::new(),
+            region: conn.early_region(),
             stop: std::sync::atomic::AtomicBool::new(false),
             woken: std::sync::atomic::AtomicBool::new(false),
         });
@@ -823,6 +850,7 @@ mod tests {
                 queue_deadline: enqueued + Duration::from_secs(10),
                 timeout: Duration::from_secs(1),
                 alone: false,
+                ahead: None,
                 tx,
             }
         };

@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::auth::{Action, Auth};
+use crate::early::{Ahead, EarlyRegion, EarlyWriter, EARLY_MIN_BODY};
 use crate::envelope::{Envelope, Scanner};
 use crate::error::{json_response, ApiError, Body};
 use crate::pool::AcquireError;
@@ -147,15 +148,17 @@ async fn phases(
     started: Instant,
     reached: &mut Reached,
 ) -> Result<Response<Body>, ApiError> {
-    // Phase 1: read and parse.
-    let envelope = tokio::time::timeout_at(
-        started + limits.body_timeout,
-        read_envelope(body, head, limits.max_request_bytes),
-    )
-    .await
-    .map_err(|_| ApiError::BodyTimeout {
-        secs: limits.body_timeout.as_secs_f64(),
-    })??;
+    // Phase 1: read and parse; a large request may be written ahead into its replica (boxed:
+    // its state stays out of every request's future).
+    let (envelope, ahead) = if head.content_length.is_some_and(|len| len >= EARLY_MIN_BODY) {
+        read_ahead(routes, auth, limits, head, body, started).await?
+    } else {
+        let read = read_envelope(body, head, limits.max_request_bytes, |_| {});
+        let envelope = tokio::time::timeout_at(started + limits.body_timeout, read)
+            .await
+            .map_err(body_timeout(limits))??;
+        (envelope, None)
+    };
 
     // Phase 2: route.
     let entry = routes
@@ -175,7 +178,7 @@ async fn phases(
     // Phases 3 and 4: queue, then the call, both driven by the model's pool.
     let served = route
         .pool
-        .call(envelope.request, limits.request_timeout)
+        .call_with(envelope.request, ahead, limits.request_timeout)
         .await
         .map_err(|e| not_acquired(e, &route.name, route.pool.queue_timeout()))?;
     route
@@ -274,10 +277,88 @@ fn model_failed(err: modelgate_protocol::ModelError) -> ApiError {
     }
 }
 
+/// The error of a body not read within the body timeout.
+fn body_timeout(limits: &PredictLimits) -> impl FnOnce(tokio::time::error::Elapsed) -> ApiError {
+    let secs = limits.body_timeout.as_secs_f64();
+    move |_| ApiError::BodyTimeout { secs }
+}
+
+/// What reading a large body gives: the envelope, and what was written ahead.
+type ReadAhead<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<(Envelope, Option<Box<Ahead>>), ApiError>>
+            + Send
+            + 'a,
+    >,
+>;
+
+/// Reads a large body, writing its request ahead into its replica when it can: once the body
+/// has named a model the caller may call, and that model's next request would go to a replica
+/// that takes requests in its memory ([`crate::early`]). Nothing is recorded on the way: the
+/// checks that count come after the body, as for every request.
+fn read_ahead<'a>(
+    routes: &'a Routes,
+    auth: &'a Auth,
+    limits: &'a PredictLimits,
+    head: &'a Head,
+    body: Incoming,
+    started: Instant,
+) -> ReadAhead<'a> {
+    Box::pin(async move {
+        // Looked for once `accessKey` and the request's first piece have arrived.
+        let mut looked = false;
+        let mut writer: Option<EarlyWriter> = None;
+        let after_frame = |scanner: &Scanner| {
+            if !looked {
+                let (Some(key), false) =
+                    (scanner.access_key(), scanner.request_so_far().is_empty())
+                else {
+                    return;
+                };
+                looked = true;
+                writer = early_region(routes, auth, head, key).map(EarlyWriter::new);
+            }
+            if writer
+                .as_mut()
+                .is_some_and(|w| !w.offer(scanner.request_so_far()))
+            {
+                writer = None;
+            }
+        };
+        let read = read_envelope(body, head, limits.max_request_bytes, after_frame);
+        let envelope = tokio::time::timeout_at(started + limits.body_timeout, read)
+            .await
+            .map_err(body_timeout(limits))??;
+        let written = match writer {
+            Some(writer) => writer.finish().await.map(Box::new),
+            None => None,
+        };
+        Ok((envelope, written))
+    })
+}
+
+/// The region of the replica the model's next request would go to, if the caller may call it.
+fn early_region(routes: &Routes, auth: &Auth, head: &Head, key: &str) -> Option<EarlyRegion> {
+    let routes = routes.load();
+    let entry = routes.by_access_key(key)?;
+    let permitted = !entry.authenticate
+        || auth.permits(
+            head.authorization.as_ref(),
+            entry.project_id,
+            Action::Predict,
+        );
+    permitted.then(|| entry.route.pool.early_region()).flatten()
+}
+
 /// Reads the body frame by frame into the envelope parser. A body that is too large is refused
 /// as such even when it is also malformed, so the rest is still read (and dropped) after a parse
-/// error, up to the limit.
-async fn read_envelope(body: Incoming, head: &Head, limit: u64) -> Result<Envelope, ApiError> {
+/// error, up to the limit. `after_frame` sees the parser after every frame it parsed.
+async fn read_envelope(
+    body: Incoming,
+    head: &Head,
+    limit: u64,
+    mut after_frame: impl FnMut(&Scanner),
+) -> Result<Envelope, ApiError> {
     let content_length = head.content_length;
     if content_length.is_some_and(|len| len > limit) {
         return Err(ApiError::TooLarge { limit });
@@ -309,6 +390,9 @@ async fn read_envelope(body: Incoming, head: &Head, limit: u64) -> Result<Envelo
         }
         if invalid.is_none() {
             invalid = scanner.feed(&data).err();
+            if invalid.is_none() {
+                after_frame(&scanner);
+            }
         }
     }
     match invalid {

@@ -13,6 +13,7 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use crate::cgroup::ReplicaCgroup;
+use crate::early::{Ahead, EarlyRegion, RegionLease};
 
 /// Why a replica process was killed by the proxy (label `reason` of the restart counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,15 +259,20 @@ pub struct ReplicaConn {
     in_place: Option<InPlaceTarget>,
     /// Writing into the region failed: large requests go over the socket, counted as such.
     in_place_failed: bool,
+    /// Who writes the region: this connection's dispatcher, or an upload ahead of it
+    /// ([`crate::early`]).
+    lease: Arc<RegionLease>,
+    /// A request sent into the region is not answered yet (its lease is marked serving).
+    region_serving: bool,
 }
 
 /// Where [`ReplicaConn::send`] writes large requests: the region a replica announced, in the
 /// process the supervisor started.
 #[derive(Debug, Clone, Copy)]
-struct InPlaceTarget {
-    pid: i32,
+pub(crate) struct InPlaceTarget {
+    pub(crate) pid: i32,
     addr: u64,
-    len: usize,
+    pub(crate) len: usize,
 }
 
 /// Requests from this size on go into the replica's in-place region, when it has one. They are
@@ -304,9 +310,15 @@ impl Speculation {
 /// Most buffers one `process_vm_writev` takes (Linux's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
-/// Writes the `len` bytes of `parts` at the start of `target`'s region, in as many calls as it
-/// takes (each takes at most [`IOV_MAX`] slices, and may write less than it was given).
-fn copy_into(target: InPlaceTarget, parts: &[Bytes], len: usize) -> Result<(), String> {
+/// Writes the `len` bytes of `parts` at `offset` in `target`'s region, in as many calls as it
+/// takes (each takes at most [`IOV_MAX`] slices, and may write less than it was given). The
+/// caller has checked that they fit.
+pub(crate) fn copy_into(
+    target: InPlaceTarget,
+    offset: usize,
+    parts: &[Bytes],
+    len: usize,
+) -> Result<(), String> {
     let pid = nix::unistd::Pid::from_raw(target.pid);
     let mut done = 0;
     while done < len {
@@ -326,7 +338,7 @@ fn copy_into(target: InPlaceTarget, parts: &[Bytes], len: usize) -> Result<(), S
             .take(IOV_MAX)
             .collect();
         let remote = nix::sys::uio::RemoteIoVec {
-            base: (target.addr as usize) + done,
+            base: (target.addr as usize) + offset + done,
             len: len - done,
         };
         match nix::sys::uio::process_vm_writev(pid, &local, &[remote]) {
@@ -508,6 +520,8 @@ impl ReplicaConn {
             speculation: Speculation::default(),
             in_place: None,
             in_place_failed: false,
+            lease: Arc::default(),
+            region_serving: false,
         })
     }
 
@@ -522,6 +536,17 @@ impl ReplicaConn {
                 addr: region.addr,
                 len,
             });
+    }
+
+    /// Where an upload may write ahead into this replica's region ([`crate::early`]); `None`
+    /// when large requests do not go into its memory.
+    pub fn early_region(&self) -> Option<EarlyRegion> {
+        self.in_place.map(|target| EarlyRegion {
+            lease: self.lease.clone(),
+            target,
+            slot: self.slot.clone(),
+            generation: self.generation,
+        })
     }
 
     /// Copies a request into the replica's in-place region (one copy, from this process's
@@ -539,7 +564,11 @@ impl ReplicaConn {
     /// The pid is the supervisor's child, which cannot be reused before the supervisor reaps
     /// it; the check against the slot, just before, covers the moments between that reaping and
     /// the slot forgetting the process.
-    async fn write_in_place(&mut self, parts: &[Bytes], len: usize) -> bool {
+    ///
+    /// The region is marked serving (under its lease) until the replica answers, so no upload
+    /// writes ahead into it meanwhile; when `ahead` is what the region's upload wrote, only the
+    /// rest is copied.
+    async fn write_in_place(&mut self, parts: &[Bytes], len: usize, ahead: Option<&Ahead>) -> bool {
         let Some(target) = self.in_place else {
             if self.in_place_failed {
                 metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back").increment(1);
@@ -553,12 +582,18 @@ impl ReplicaConn {
             return false;
         }
         let parts = parts.to_vec();
-        let copied = tokio::task::spawn_blocking(move || copy_into(target, &parts, len))
-            .await
-            .unwrap_or_else(|err| Err(format!("the copy did not finish: {err}")));
+        let (lease, ahead) = (self.lease.clone(), ahead.map(Ahead::key));
+        self.region_serving = true;
+        let copied = tokio::task::spawn_blocking(move || {
+            let (pieces, bytes) = lease.serve(ahead.as_ref());
+            copy_into(target, bytes, &parts[pieces..], len - bytes).map(|()| bytes > 0)
+        })
+        .await
+        .unwrap_or_else(|err| Err(format!("the copy did not finish: {err}")));
         match copied {
-            Ok(()) => {
-                metrics::counter!(crate::metrics::IN_PLACE, "result" => "written").increment(1);
+            Ok(reused) => {
+                let result = if reused { "written_ahead" } else { "written" };
+                metrics::counter!(crate::metrics::IN_PLACE, "result" => result).increment(1);
                 true
             }
             Err(why) => {
@@ -571,9 +606,19 @@ impl ReplicaConn {
                 );
                 self.in_place = None;
                 self.in_place_failed = true;
+                self.region_serving = false;
+                self.lease.served();
                 metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back").increment(1);
                 false
             }
+        }
+    }
+
+    /// The replica answered its oldest request: if that one was in the region, the region is
+    /// free again for uploads to write ahead (requests in the region are sent alone).
+    fn answered(&mut self) {
+        if std::mem::take(&mut self.region_serving) {
+            self.lease.served();
         }
     }
 
@@ -652,8 +697,9 @@ impl ReplicaConn {
     /// Writes requests (each one's JSON text as slices) as `Predict` frames, in order: one alone
     /// as [`Self::write_frame`] does, several copied together into one write. Their answers are
     /// then read, in the same order, with [`Self::finish_call`]. Not cancel-safe: a write cut
-    /// short leaves the stream out of step.
-    pub async fn send<'a, I>(&mut self, requests: I) -> Result<(), CallError>
+    /// short leaves the stream out of step. `ahead` is what an upload wrote into the replica's
+    /// region ahead of a request sent alone ([`crate::early`]).
+    pub async fn send<'a, I>(&mut self, requests: I, ahead: Option<&Ahead>) -> Result<(), CallError>
     where
         I: Iterator<Item = &'a [Bytes]> + Clone,
     {
@@ -662,7 +708,7 @@ impl ReplicaConn {
             (None, _) => return Ok(()),
             (Some(one), None) => {
                 let len = one.iter().map(Bytes::len).sum();
-                if len >= IN_PLACE_MIN && self.write_in_place(one, len).await {
+                if len >= IN_PLACE_MIN && self.write_in_place(one, len, ahead).await {
                     let payload = Bytes::copy_from_slice(&protocol::encode_in_place(len));
                     self.write_frame(Kind::PredictInPlace, &[payload]).await?
                 } else {
@@ -704,7 +750,17 @@ impl ReplicaConn {
     /// dispatcher uses [`Self::send`] and [`Self::finish_call`]; this is their pairing for tests.
     #[cfg(test)]
     pub async fn call(&mut self, parts: &[Bytes]) -> Result<Reply, CallError> {
-        self.send(std::iter::once(parts)).await?;
+        self.call_ahead(parts, None).await
+    }
+
+    /// [`Self::call`] for a request an upload wrote `ahead` of.
+    #[cfg(test)]
+    pub async fn call_ahead(
+        &mut self,
+        parts: &[Bytes],
+        ahead: Option<&Ahead>,
+    ) -> Result<Reply, CallError> {
+        self.send(std::iter::once(parts), ahead).await?;
         self.finish_call().await
     }
 
@@ -718,9 +774,11 @@ impl ReplicaConn {
             let (kind, payload) = self.read_frame().await?;
             match Kind::from_u8(kind) {
                 Some(Kind::ResultOk) => {
+                    self.answered();
                     return Ok(Reply::Ok(payload));
                 }
                 Some(Kind::ResultErr) => {
+                    self.answered();
                     let err: ModelError = serde_json::from_slice(&payload)
                         .map_err(|_| CallError::Protocol("malformed error frame"))?;
                     return Ok(Reply::Err(err));
@@ -971,6 +1029,97 @@ mod tests {
         assert_eq!(seen[1], in_place(short_whole.len()));
         assert_eq!(seen[2].0, Kind::Predict as u8, "too large for the region");
         assert!(seen[2].1 == huge_whole);
+    }
+
+    /// Writes `parts` but the last ahead, as an upload would while they arrive, one copy at a
+    /// time; returns what it wrote.
+    async fn write_ahead(conn: &ReplicaConn, parts: &[Bytes]) -> Option<Ahead> {
+        let mut writer = crate::early::EarlyWriter::new(conn.early_region().expect("a region"));
+        for n in 1..parts.len() {
+            if !writer.offer(&parts[..n]) {
+                return None;
+            }
+            // Offered while a copy runs, the pieces wait for the next offer.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.finish().await
+    }
+
+    #[tokio::test]
+    async fn a_request_written_ahead_is_completed_and_not_copied_again() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut region = vec![0u8; 6 << 20];
+        let mut conn = conn_into(ours, &region);
+        let peer = answering_peer(theirs, 1);
+        let (parts, whole) = pieces(6, 600_000);
+        let ahead = write_ahead(&conn, &parts).await.expect("written ahead");
+        std::hint::black_box(&mut region);
+        assert!(
+            region[..600_000] == whole[..600_000],
+            "the first piece, ahead"
+        );
+        assert!(region[whole.len() - 1000..whole.len()]
+            .iter()
+            .all(|&b| b == 0));
+        // Copied again, this byte would be the request's.
+        region[0] = b'#';
+        conn.call_ahead(&parts, Some(&ahead)).await.unwrap();
+        std::hint::black_box(&mut region);
+        assert_eq!(
+            region[0], b'#',
+            "what was written ahead is not copied again"
+        );
+        assert!(region[1..whole.len()] == whole[1..], "the rest was copied");
+        let seen = peer.join().unwrap();
+        let frame = (
+            Kind::PredictInPlace as u8,
+            protocol::encode_in_place(whole.len()).to_vec(),
+        );
+        assert_eq!(seen, [frame]);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_region_was_taken_meanwhile_is_copied_whole() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut region = vec![0u8; 6 << 20];
+        let mut conn = conn_into(ours, &region);
+        let peer = answering_peer(theirs, 2);
+        let (parts, whole) = pieces(4, 600_000);
+        let ahead = write_ahead(&conn, &parts).await.expect("written ahead");
+        // Another request goes into the region before this one.
+        let other = [Bytes::from(vec![b'z'; 2_500_000])];
+        conn.call(&other).await.unwrap();
+        std::hint::black_box(&mut region);
+        assert!(region[..2_500_000].iter().all(|&b| b == b'z'));
+        conn.call_ahead(&parts, Some(&ahead)).await.unwrap();
+        std::hint::black_box(&mut region);
+        assert!(region[..whole.len()] == whole[..], "copied whole");
+        assert_eq!(peer.join().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn no_upload_writes_into_a_region_the_replica_is_reading() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut region = vec![0u8; 6 << 20];
+        let mut conn = conn_into(ours, &region);
+        let peer = answering_peer(theirs, 1);
+        let other = [Bytes::from(vec![b'z'; 3_000_000])];
+        conn.send(std::iter::once(&other[..]), None).await.unwrap();
+        // Sent and not answered: the replica may be reading it.
+        let (parts, whole) = pieces(4, 600_000);
+        assert!(write_ahead(&conn, &parts).await.is_none());
+        std::hint::black_box(&mut region);
+        assert!(region[..3_000_000].iter().all(|&b| b == b'z'), "left alone");
+        conn.finish_call().await.unwrap();
+        // Answered: the region is free again, and given up by an upload that went away.
+        drop(write_ahead(&conn, &parts).await.expect("written ahead"));
+        let ahead = write_ahead(&conn, &parts)
+            .await
+            .expect("written ahead again");
+        std::hint::black_box(&mut region);
+        assert!(region[..600_000] == whole[..600_000]);
+        drop(ahead);
+        peer.join().unwrap();
     }
 
     #[tokio::test]

@@ -240,6 +240,13 @@ fn raw_exchange(addr: &str, head: &str, body_chunks: Vec<Vec<u8>>) -> (u16, Stri
             }
         }
     });
+    let answer = read_answer(stream);
+    let _ = sender.join();
+    answer
+}
+
+/// Reads an answer to its end (by its Content-Length) and returns its status and body.
+fn read_answer(mut stream: TcpStream) -> (u16, String) {
     let mut response = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -265,7 +272,6 @@ fn raw_exchange(addr: &str, head: &str, body_chunks: Vec<Vec<u8>>) -> (u16, Stri
         }
     }
     drop(stream);
-    let _ = sender.join();
     let text = String::from_utf8_lossy(&response).into_owned();
     let status = text
         .split_whitespace()
@@ -369,12 +375,94 @@ async fn default_cap_is_5mb() {
         close_h2(c).await;
     }
     // Both went into the replica's memory, not over its socket.
-    assert_eq!(
-        server
-            .metric("modelgate_requests_in_place_total{result=\"written\"}")
-            .await,
-        Some(2.0)
+    assert_eq!(in_place(&server).await, 2.0);
+}
+
+/// Requests written into their replica's memory, whether all at once after the body or partly
+/// while it arrived (`written_ahead`).
+async fn in_place(server: &Server) -> f64 {
+    let mut sum = 0.0;
+    for result in ["written", "written_ahead"] {
+        let name = format!("modelgate_requests_in_place_total{{result=\"{result}\"}}");
+        sum += server.metric(&name).await.unwrap_or(0.0);
+    }
+    sum
+}
+
+/// A large request whose replica is idle is written into its memory while the body arrives
+/// (the dispatcher then copies only the rest); several at once to one replica each reach the
+/// model whole and get their own answer, whichever of them wrote ahead.
+#[tokio::test]
+async fn large_requests_written_while_they_arrive_each_reach_the_model_whole() {
+    let server = Server::start("", &[model("echo", "echo", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let echo = |tag: usize| {
+        let pad: String = (0..2_000_000 / 8).map(|i| format!("{tag}{i:07}")).collect();
+        let (server, c) = (&server, &c);
+        async move {
+            let (status, body) = server
+                .predict(c, &key_for("echo"), json!({"pad": pad}))
+                .await;
+            assert_eq!(status, 200, "{tag}");
+            assert!(
+                body["response"]["pad"].as_str() == Some(pad.as_str()),
+                "echo {tag} differs"
+            );
+        }
+    };
+    for tag in 0..3 {
+        echo(tag).await;
+    }
+    let ahead = "modelgate_requests_in_place_total{result=\"written_ahead\"}";
+    let one_by_one = server.metric(ahead).await.unwrap_or(0.0);
+    assert!(one_by_one >= 1.0, "{one_by_one} of 3 written ahead");
+    futures_util::future::join_all((3..9).map(echo)).await;
+    assert_eq!(in_place(&server).await, 9.0);
+}
+
+/// An upload that wrote ahead into a replica's memory, overtaken there by another request, is
+/// copied whole when its turn comes (what it wrote is gone).
+#[tokio::test]
+async fn a_request_overtaken_while_it_wrote_ahead_reaches_the_model_whole() {
+    let server = Server::start("", &[model("echo", "echo", 1)]);
+    server.wait_ready().await;
+    let pad: String = (0..3_000_000 / 8).map(|i| format!("s{i:07}")).collect();
+    let body = json!({"accessKey": key_for("echo"), "request": {"pad": pad}}).to_string();
+    let head = format!(
+        "POST /model HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
     );
+    let mut slow = TcpStream::connect(&server.addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    slow.write_all(head.as_bytes()).unwrap();
+    // All but the last 300 KB: too little to be written ahead once the upload resumes, so the
+    // request goes with what it wrote before.
+    let split = body.len() - 300_000;
+    slow.write_all(&body.as_bytes()[..split]).unwrap();
+    // Long enough for the proxy to write what arrived into the idle replica's memory.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile another large request reaches the replica first, through its memory.
+    let other: String = (0..1_200_000 / 8).map(|i| format!("o{i:07}")).collect();
+    let (status, answer) = server
+        .predict(&client(), &key_for("echo"), json!({"pad": other}))
+        .await;
+    assert_eq!(status, 200);
+    assert!(answer["response"]["pad"].as_str() == Some(other.as_str()));
+    slow.write_all(&body.as_bytes()[split..]).unwrap();
+    let (status, answer) = tokio::task::spawn_blocking(move || read_answer(slow))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        answer["response"]["pad"].as_str() == Some(pad.as_str()),
+        "the overtaken request differs"
+    );
+    // Neither had anything of its own left in the region when it was sent.
+    let written = "modelgate_requests_in_place_total{result=\"written\"}";
+    assert_eq!(server.metric(written).await, Some(2.0));
 }
 
 /// Requests over 64 KB are written into the replica's in-place region, one after another over
@@ -385,7 +473,6 @@ async fn large_requests_of_any_size_are_read_whole_from_the_replicas_memory() {
     let server = Server::start("", &[model("echo", "echo", 1)]);
     server.wait_ready().await;
     let c = client();
-    let written = "modelgate_requests_in_place_total{result=\"written\"}";
     let sizes = [3_000_000, 200_000, 70_000, 1_000, 1_500_000, 65_600];
     for (round, size) in sizes.into_iter().enumerate() {
         let pad: String = (0..size / 8).map(|i| format!("{round}{i:07}")).collect();
@@ -400,7 +487,7 @@ async fn large_requests_of_any_size_are_read_whole_from_the_replicas_memory() {
     }
     // The 1 KB request went over the socket; the other five, even the 65,600-byte one (its JSON
     // text is just over 64 KB), into the region.
-    assert_eq!(server.metric(written).await, Some(5.0));
+    assert_eq!(in_place(&server).await, 5.0);
     assert_eq!(
         server
             .metric("modelgate_requests_in_place_total{result=\"fell_back\"}")

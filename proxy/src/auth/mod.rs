@@ -245,6 +245,20 @@ impl Auth {
         }
     }
 
+    /// Whether a request with this `Authorization` may do `action` on a project, recording
+    /// nothing: for work done ahead of the checks that count ([`crate::early`]).
+    pub fn permits(
+        &self,
+        authorization: Option<&HeaderValue>,
+        project_id: i64,
+        action: Action,
+    ) -> bool {
+        let index = self.load();
+        index
+            .authenticate(authorization, now_unix())
+            .is_ok_and(|who| index.allowed(&who, project_id, action))
+    }
+
     /// Authenticates a request, recording a failure in the audit trail.
     pub fn authenticate(
         &self,
