@@ -8,23 +8,25 @@
 //! for the network. The request then goes through the queue as every request does; the
 //! dispatcher that takes it copies only what was not written ahead, if the region still holds
 //! that prefix, and all of it otherwise. Writing ahead never changes which replica serves a
-//! request or when: it only saves the copy when the guess was right.
+//! request: it saves the copy when the guess was right, and costs a dispatcher at most the wait
+//! for one upload copy in progress when it was wrong.
 //!
-//! Who writes a region is decided under its [`RegionLease`], held across each copy:
-//! - the dispatcher marks the region *serving* before it writes a request there, and clears the
-//!   mark when the replica has answered that request; nothing else writes a serving region, so
-//!   a region never changes under a request being read;
-//! - an upload writes only into a region that is not serving and that holds no other upload's
-//!   prefix, and only after the bytes before;
+//! Who writes a region is decided under its [`RegionLease`]:
+//! - the dispatcher marks the region *serving* under the lease before it writes a request there,
+//!   and clears the mark when the replica has answered that request; nothing else writes a
+//!   serving region, so a region never changes under a request being read;
+//! - an upload copies while it holds the lease, and only into a region that is not serving and
+//!   holds no prefix of another upload still under way, and only after the bytes before;
 //! - the dispatcher always wins: writing a request, it takes the region from whatever upload
 //!   held it, so a slow client never holds a replica or its region.
 //!
 //! An upload writes ahead only for a model it has passed routing and authentication for
 //! (checked again, as for every request, once the body has ended), and only into a process of
-//! that model's own replicas, through the same checks as the dispatcher's writes.
+//! that model's own replicas: the slot's current process, checked under the lease just before
+//! each copy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use std::future::Future;
 
@@ -48,8 +50,20 @@ pub struct RegionLease(Mutex<Lease>);
 struct Lease {
     /// The dispatcher wrote a request into the region and the replica has not answered it.
     serving: bool,
-    /// The upload whose request's first bytes the region holds: its id and how many bytes.
-    early: Option<(u64, usize)>,
+    /// Writing into the region failed: its process's requests go over the socket, and nothing
+    /// is written ahead there any more.
+    disabled: bool,
+    /// The upload whose request's first bytes the region holds.
+    early: Option<Claim>,
+}
+
+/// An upload's prefix in a region: its id, how many bytes, and whether the upload still wants
+/// them (an upload that went away gives the region up without taking the lease).
+#[derive(Debug)]
+struct Claim {
+    id: u64,
+    bytes: usize,
+    live: Weak<()>,
 }
 
 impl RegionLease {
@@ -63,14 +77,14 @@ impl RegionLease {
     /// Waits for an upload's copy in progress, so it is called on a blocking thread.
     pub(crate) fn serve(self: &Arc<Self>, ahead: Option<&AheadKey>) -> (usize, usize) {
         let mut lease = self.lock();
-        let written = match (ahead, lease.early) {
-            (Some(a), Some((id, bytes)))
+        let written = match (ahead, &lease.early) {
+            (Some(a), Some(claim))
                 if Arc::ptr_eq(&a.lease, self)
-                    && a.id == id
-                    && a.bytes == bytes
+                    && a.id == claim.id
+                    && a.bytes == claim.bytes
                     && !lease.serving =>
             {
-                (a.pieces, bytes)
+                (a.pieces, claim.bytes)
             }
             _ => (0, 0),
         };
@@ -82,6 +96,13 @@ impl RegionLease {
     /// The replica answered the request in the region (or it was never sent there).
     pub(crate) fn served(&self) {
         self.lock().serving = false;
+    }
+
+    /// Writing into the region failed: no upload writes there any more.
+    pub(crate) fn disable(&self) {
+        let mut lease = self.lock();
+        lease.disabled = true;
+        lease.serving = false;
     }
 }
 
@@ -95,13 +116,11 @@ pub struct EarlyRegion {
 }
 
 /// What an upload wrote ahead, handed to the dispatcher with its request. Dropped unused, it
-/// gives the region up for the next upload.
+/// gives the region up for the next upload (its claim's `live` goes with it).
 #[derive(Debug)]
 pub struct Ahead {
     lease: Arc<RegionLease>,
-    /// Whether it is still wanted, for copies still running when it goes: let go under the
-    /// lease's lock, so no copy claims the region after that.
-    live: Option<Arc<()>>,
+    live: Arc<()>,
     id: u64,
     /// The request's first `pieces` pieces, `bytes` long, are in the region.
     pieces: usize,
@@ -128,16 +147,6 @@ impl Ahead {
     }
 }
 
-impl Drop for Ahead {
-    fn drop(&mut self) {
-        let mut lease = self.lease.lock();
-        self.live = None;
-        if lease.early.is_some_and(|(id, _)| id == self.id) {
-            lease.early = None;
-        }
-    }
-}
-
 /// Writes one upload's request into a region as its pieces arrive. Each copy runs on a blocking
 /// thread while the upload goes on reading; the next waits for it.
 pub struct EarlyWriter {
@@ -152,7 +161,7 @@ impl EarlyWriter {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let ahead = Ahead {
             lease: region.lease.clone(),
-            live: Some(Arc::new(())),
+            live: Arc::new(()),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             pieces: 0,
             bytes: 0,
@@ -191,33 +200,44 @@ impl EarlyWriter {
         }
         let region = &self.region;
         let offset = self.ahead.bytes;
-        if offset + len > region.target.len
-            || !region.slot.is_current(region.generation)
-            || region.slot.pgid() != region.target.pid
-        {
+        if offset + len > region.target.len {
             return false;
         }
-        let (lease, id, target, parts) = (
+        let (lease, slot, generation, target) = (
             region.lease.clone(),
-            self.ahead.id,
+            region.slot.clone(),
+            region.generation,
             region.target,
+        );
+        let (id, live, parts) = (
+            self.ahead.id,
+            Arc::downgrade(&self.ahead.live),
             new.to_vec(),
         );
-        let live = self.ahead.live.as_ref().map(Arc::downgrade);
         let copy = tokio::task::spawn_blocking(move || {
             let mut held = lease.lock();
-            let ours = match held.early {
-                None => offset == 0,
-                Some((owner, bytes)) => owner == id && bytes == offset,
+            // Whose prefix the region holds; one of an upload that went away counts as none.
+            let ours = match &held.early {
+                Some(claim) if claim.live.strong_count() > 0 => {
+                    claim.id == id && claim.bytes == offset
+                }
+                _ => offset == 0,
             };
-            let wanted = live.is_some_and(|live| live.strong_count() > 0);
-            if held.serving || !ours || !wanted {
+            // The slot's current process, just before the write: the pid is the supervisor's
+            // child, not reused before the supervisor reaps it, and the slot forgets it then.
+            let current = slot.is_current(generation) && slot.pgid() == target.pid;
+            let wanted = live.strong_count() > 0;
+            if held.serving || held.disabled || !ours || !current || !wanted {
                 return false;
             }
             // A failed copy may have written part of its bytes: the prefix before them is intact.
             let ok = copy_into(target, offset, &parts, len).is_ok();
             if ok {
-                held.early = Some((id, offset + len));
+                held.early = Some(Claim {
+                    id,
+                    bytes: offset + len,
+                    live,
+                });
             }
             ok
         });
@@ -237,11 +257,11 @@ impl EarlyWriter {
     }
 
     /// What was written ahead, for the dispatcher, once the copy in progress has ended; `None`
-    /// when nothing was.
-    pub async fn finish(mut self) -> Option<Ahead> {
+    /// when nothing was, or when that copy has not ended by `deadline` (the body's).
+    pub async fn finish(mut self, deadline: tokio::time::Instant) -> Option<Ahead> {
         if let Some((copy, ..)) = &mut self.copying {
-            let ok = copy.await.unwrap_or(false);
-            self.copied(ok);
+            let ok = tokio::time::timeout_at(deadline, copy).await.ok()?;
+            self.copied(ok.unwrap_or(false));
         }
         (self.ahead.bytes > 0).then_some(self.ahead)
     }

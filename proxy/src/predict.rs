@@ -330,7 +330,10 @@ fn read_ahead<'a>(
             .await
             .map_err(body_timeout(limits))??;
         let written = match writer {
-            Some(writer) => writer.finish().await.map(Box::new),
+            Some(writer) => writer
+                .finish(started + limits.body_timeout)
+                .await
+                .map(Box::new),
             None => None,
         };
         Ok((envelope, written))

@@ -607,7 +607,7 @@ impl ReplicaConn {
                 self.in_place = None;
                 self.in_place_failed = true;
                 self.region_serving = false;
-                self.lease.served();
+                self.lease.disable();
                 metrics::counter!(crate::metrics::IN_PLACE, "result" => "fell_back").increment(1);
                 false
             }
@@ -1042,7 +1042,9 @@ mod tests {
             // Offered while a copy runs, the pieces wait for the next offer.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        writer.finish().await
+        writer
+            .finish(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await
     }
 
     #[tokio::test]
