@@ -73,18 +73,16 @@ impl RegionLease {
 
     /// For the dispatcher, about to write a request into the region: marks it serving (from
     /// then on no upload writes there), and returns how many of the request's pieces and bytes
-    /// are already there: both 0 unless `ahead` is what this region's current upload wrote.
-    /// Waits for an upload's copy in progress, so it is called on a blocking thread.
-    pub(crate) fn serve(self: &Arc<Self>, ahead: Option<&AheadKey>) -> (usize, usize) {
+    /// are already there: both 0 unless `ahead` ([`Ahead::key`]) is what this region's current
+    /// upload wrote. Waits for an upload's copy in progress, so it is called on a blocking
+    /// thread.
+    pub(crate) fn serve(&self, ahead: Option<AheadKey>) -> (usize, usize) {
         let mut lease = self.lock();
         let written = match (ahead, &lease.early) {
             (Some(a), Some(claim))
-                if Arc::ptr_eq(&a.lease, self)
-                    && a.id == claim.id
-                    && a.bytes == claim.bytes
-                    && !lease.serving =>
+                if a.id == claim.id && a.bytes == claim.bytes && !lease.serving =>
             {
-                (a.pieces, claim.bytes)
+                (a.pieces, a.bytes)
             }
             _ => (0, 0),
         };
@@ -128,22 +126,21 @@ pub struct Ahead {
 }
 
 /// What the dispatcher needs of an [`Ahead`] on its blocking thread.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct AheadKey {
-    lease: Arc<RegionLease>,
     id: u64,
     pieces: usize,
     bytes: usize,
 }
 
 impl Ahead {
-    pub(crate) fn key(&self) -> AheadKey {
-        AheadKey {
-            lease: self.lease.clone(),
+    /// For [`RegionLease::serve`] of `lease`; `None` when it was written into another region.
+    pub(crate) fn key(&self, lease: &Arc<RegionLease>) -> Option<AheadKey> {
+        Arc::ptr_eq(&self.lease, lease).then_some(AheadKey {
             id: self.id,
             pieces: self.pieces,
             bytes: self.bytes,
-        }
+        })
     }
 }
 

@@ -582,10 +582,11 @@ impl ReplicaConn {
             return false;
         }
         let parts = parts.to_vec();
-        let (lease, ahead) = (self.lease.clone(), ahead.map(Ahead::key));
+        let ahead = ahead.and_then(|a| a.key(&self.lease));
+        let lease = self.lease.clone();
         self.region_serving = true;
         let copied = tokio::task::spawn_blocking(move || {
-            let (pieces, bytes) = lease.serve(ahead.as_ref());
+            let (pieces, bytes) = lease.serve(ahead);
             copy_into(target, bytes, &parts[pieces..], len - bytes).map(|()| bytes > 0)
         })
         .await
