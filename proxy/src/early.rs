@@ -23,7 +23,7 @@
 //! An upload writes ahead only for a model it has passed routing and authentication for
 //! (checked again, as for every request, once the body has ended), and only into a process of
 //! that model's own replicas: the slot's current process, checked under the lease just before
-//! each copy.
+//! each copy and kept so until it ends ([`Slot::while_current`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -220,15 +220,18 @@ impl EarlyWriter {
                 }
                 _ => offset == 0,
             };
-            // The slot's current process, just before the write: the pid is the supervisor's
-            // child, not reused before the supervisor reaps it, and the slot forgets it then.
-            let current = slot.is_current(generation) && slot.pgid() == target.pid;
             let wanted = live.strong_count() > 0;
-            if held.serving || held.disabled || !ours || !current || !wanted {
+            if held.serving || held.disabled || !ours || !wanted {
                 return false;
             }
-            // A failed copy may have written part of its bytes: the prefix before them is intact.
-            let ok = copy_into(target, offset, &parts, len).is_ok();
+            // Only into the slot's current process, kept so for the write (the supervisor
+            // forgets a process before reaping it, so its pid is not another's meanwhile). A
+            // failed copy may have written part of its bytes: the prefix before them is intact.
+            let ok = slot
+                .while_current(generation, target.pid, || {
+                    copy_into(target, offset, &parts, len).is_ok()
+                })
+                .unwrap_or(false);
             if ok {
                 held.early = Some(Claim {
                     id,

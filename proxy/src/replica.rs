@@ -1,7 +1,7 @@
 //! One connection to one replica process, and the shared record of the replica slot it belongs to.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use std::io::{IoSlice, Read, Write};
 
@@ -45,6 +45,11 @@ pub struct Slot {
     pub model: Arc<str>,
     /// Process group of the running process, 0 when none.
     pgid: AtomicI32,
+    /// Held shared by every write into the running process's memory, from the check that the
+    /// process is still the slot's to the end of the write, and taken exclusively to forget the
+    /// process, which the supervisor does before it reaps it: no write starts or is still under
+    /// way once the pid may be another process's ([`Slot::while_current`]).
+    writes: RwLock<()>,
     kill_reason: AtomicU8,
     /// Generation of the current process (see [`ReplicaConn::generation`]).
     generation: AtomicU64,
@@ -87,6 +92,7 @@ impl Slot {
             id,
             model,
             pgid: AtomicI32::new(0),
+            writes: RwLock::new(()),
             kill_reason: AtomicU8::new(0),
             generation: AtomicU64::new(0),
             died_mid_batch: AtomicU64::new(0),
@@ -145,9 +151,26 @@ impl Slot {
         Some(why)
     }
 
-    /// Forgets the process group once its leader has been reaped.
+    /// Forgets the process group: once its leader has ended and before it is reaped, so its
+    /// pid is still its own. Waits for a write into its memory still under way, which ends soon
+    /// after the process has (its pages go with it).
     pub fn end_process(&self) {
+        let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
         self.pgid.store(0, Ordering::SeqCst);
+    }
+
+    /// Runs `write`, a write into process `pid`'s memory, if that process is the slot's current
+    /// one (of generation `generation`), and keeps it so until `write` returns: the supervisor
+    /// forgets a process before reaping it and waits for this, so the pid cannot have been
+    /// reused by another process meanwhile. `None` when the process is not the slot's.
+    pub(crate) fn while_current<T>(
+        &self,
+        generation: u64,
+        pid: i32,
+        write: impl FnOnce() -> T,
+    ) -> Option<T> {
+        let _held = self.writes.read().unwrap_or_else(|p| p.into_inner());
+        (self.is_current(generation) && self.pgid() == pid).then(write)
     }
 
     pub fn pgid(&self) -> i32 {
@@ -561,9 +584,9 @@ impl ReplicaConn {
     /// bounds it (the dispatcher, by the request's timeout, after which it kills the replica;
     /// the copy then fails as the process goes).
     ///
-    /// The pid is the supervisor's child, which cannot be reused before the supervisor reaps
-    /// it; the check against the slot, just before, covers the moments between that reaping and
-    /// the slot forgetting the process.
+    /// The pid is the supervisor's child, which cannot be reused before the supervisor reaps it,
+    /// and the supervisor forgets it in the slot first: the write runs only while the slot still
+    /// holds this process ([`Slot::while_current`]), checked on the blocking thread.
     ///
     /// The region is marked serving (under its lease) until the replica answers, so no upload
     /// writes ahead into it meanwhile; when `ahead` is what the region's upload wrote, only the
@@ -583,11 +606,15 @@ impl ReplicaConn {
         }
         let parts = parts.to_vec();
         let ahead = ahead.and_then(|a| a.key(&self.lease));
-        let lease = self.lease.clone();
+        let (lease, slot, generation) = (self.lease.clone(), self.slot.clone(), self.generation);
         self.region_serving = true;
         let copied = tokio::task::spawn_blocking(move || {
             let (pieces, bytes) = lease.serve(ahead);
-            copy_into(target, bytes, &parts[pieces..], len - bytes).map(|()| bytes > 0)
+            slot.while_current(generation, target.pid, || {
+                copy_into(target, bytes, &parts[pieces..], len - bytes)
+            })
+            .unwrap_or_else(|| Err("its process is no longer the slot's".into()))
+            .map(|()| bytes > 0)
         })
         .await
         .unwrap_or_else(|err| Err(format!("the copy did not finish: {err}")));
@@ -1159,6 +1186,40 @@ mod tests {
             std::hint::black_box(&mut region);
             assert!(region.iter().all(|&b| b == 0), "the region was left alone");
         }
+    }
+
+    /// The supervisor forgets a process before it reaps it: a write into its memory that found
+    /// it current finishes first, and none starts after.
+    #[test]
+    fn a_process_is_not_forgotten_while_its_memory_is_written() {
+        let slot = Arc::new(Slot::new("m".into(), 0));
+        let pid = std::process::id() as i32;
+        slot.begin_process(pid, 1);
+        let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (started, start) = std::sync::mpsc::channel();
+        let writer = {
+            let (slot, written) = (slot.clone(), written.clone());
+            std::thread::spawn(move || {
+                slot.while_current(1, pid, || {
+                    started.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                    written.store(true, Ordering::SeqCst);
+                })
+            })
+        };
+        start.recv().unwrap();
+        slot.end_process();
+        assert!(
+            written.load(Ordering::SeqCst),
+            "forgotten while the write was under way"
+        );
+        assert!(writer.join().unwrap().is_some());
+        assert!(slot.while_current(1, pid, || ()).is_none(), "written after");
+        // Another generation, or another process, is not written either.
+        slot.begin_process(pid, 2);
+        assert!(slot.while_current(1, pid, || ()).is_none());
+        assert!(slot.while_current(2, pid + 1, || ()).is_none());
+        assert!(slot.while_current(2, pid, || ()).is_some());
     }
 
     /// More slices than one `process_vm_writev` takes: the rest go in further calls, each

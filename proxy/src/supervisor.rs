@@ -373,8 +373,7 @@ async fn run_in_cgroup(
     };
     let handshake = tokio::select! {
         r = tokio::time::timeout(settings.start_timeout, handshake) => r,
-        status = child.wait() => {
-            slot.end_process();
+        status = reap(slot, &mut child) => {
             if let Some(outcome) = killed_before_ready(slot, generation, &status) {
                 return outcome;
             }
@@ -388,19 +387,19 @@ async fn run_in_cgroup(
     let conn = match handshake {
         Err(_elapsed) => {
             slot.kill(KillReason::ProtocolError);
-            let _ = child.wait().await;
-            slot.end_process();
+            let _ = reap(slot, &mut child).await;
             return Outcome::StartFailed(format!("not ready within {:?}", settings.start_timeout));
         }
         Ok(Err(err)) => {
-            // Usually the process died: give it a moment to be reaped, to tell how.
-            let died = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            // Usually the process died: give it a moment to end, to tell how.
+            let died = tokio::time::timeout(Duration::from_secs(1), ended(&mut child))
+                .await
+                .is_ok();
             // Whatever it left in its group goes too.
             slot.kill(KillReason::ProtocolError);
-            let _ = child.wait().await;
-            slot.end_process();
-            if let Ok(status) = &died {
-                if let Some(outcome) = killed_before_ready(slot, generation, status) {
+            let status = reap(slot, &mut child).await;
+            if died {
+                if let Some(outcome) = killed_before_ready(slot, generation, &status) {
                     return outcome;
                 }
             }
@@ -427,16 +426,14 @@ async fn run_in_cgroup(
                     .map(|e| format!("{}: {}", e.exception, e.message))
                     .unwrap_or_else(|_| "unreadable load error".into());
                 tracing::error!(replica = %slot.id, generation, "model failed to load: {why}");
-                let _ = tokio::time::timeout(STOP_GRACE, child.wait()).await;
+                let _ = tokio::time::timeout(STOP_GRACE, ended(&mut child)).await;
                 slot.kill(KillReason::Shutdown);
-                let _ = child.wait().await;
-                slot.end_process();
+                let _ = reap(slot, &mut child).await;
                 return Outcome::LoadFailed;
             }
             _ => {
                 slot.kill(KillReason::ProtocolError);
-                let _ = child.wait().await;
-                slot.end_process();
+                let _ = reap(slot, &mut child).await;
                 return Outcome::StartFailed("first frame was not Ready".into());
             }
         },
@@ -450,10 +447,8 @@ async fn run_in_cgroup(
     let ready_at = Instant::now();
 
     tokio::select! {
-        status = child.wait() => {
+        status = reap(slot, &mut child) => {
             let idle = task.pool.process_ended(&dispatcher);
-            crate::metrics::retire_replica_cpu(slot);
-            slot.end_process();
             let reason = match slot.take_kill_reason() {
                 KillReason::Timeout => "timeout",
                 KillReason::ProtocolError => "protocol_error",
@@ -481,17 +476,47 @@ async fn stop_process(slot: &Slot, child: &mut Child) {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    if tokio::time::timeout(STOP_GRACE, child.wait())
+    if tokio::time::timeout(STOP_GRACE, ended(child))
         .await
         .is_err()
     {
         slot.kill(KillReason::Shutdown);
-        let _ = child.wait().await;
     }
-    // Whatever else the model left in its group goes too.
+    // Whatever else the model left in its group goes too (while its leader is not reaped, the
+    // group's id is still its own).
     slot.kill(KillReason::Shutdown);
+    let _ = reap(slot, child).await;
+}
+
+/// Resolves once the child has ended: without reaping it where the kernel gives a pidfd (Linux
+/// 5.3 on), so its pid stays its own until [`reap`]; by reaping it otherwise.
+async fn ended(child: &mut Child) {
+    let pidfd = child.id().map(|pid| {
+        let pid = rustix::process::Pid::from_raw(pid as i32)
+            .ok_or_else(|| std::io::Error::other("pid 0"))?;
+        let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+        // Deprecated because a type could hand out a different descriptor over time; an
+        // `OwnedFd` owns its one descriptor for its whole life, which is the sound case (the
+        // replacement is an `unsafe fn`, and this crate forbids `unsafe`).
+        #[allow(deprecated)]
+        tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+    });
+    match pidfd {
+        // Readable once the process has ended.
+        Some(Ok(fd)) => drop(fd.readable().await),
+        _ => drop(child.wait().await),
+    }
+}
+
+/// Waits for the child to end and reaps it. In between, while its pid cannot yet be another
+/// process's, the slot takes its last CPU reading and forgets it, which waits for any write into
+/// its memory still under way ([`Slot::end_process`]), so none can reach a process that reuses
+/// the pid.
+async fn reap(slot: &Slot, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+    ended(child).await;
     crate::metrics::retire_replica_cpu(slot);
     slot.end_process();
+    child.wait().await
 }
 
 /// Why process `generation` died of a SIGKILL the proxy did not send (its own kills carry a

@@ -496,6 +496,47 @@ async fn large_requests_of_any_size_are_read_whole_from_the_replicas_memory() {
     );
 }
 
+/// A replica whose memory the proxy may not write (here its region is made read-only as it
+/// starts, as a hardened process's could be) still gets every large request whole: the first
+/// failed write sends that request over the socket, and the replica's later ones go there too.
+#[tokio::test]
+async fn large_requests_reach_a_replica_whose_memory_cannot_be_written() {
+    let server = Server::start(
+        "",
+        &[common::model_at(
+            "sealed",
+            &common::fixtures(),
+            "sealed.py",
+            "predict",
+        )],
+    );
+    server.wait_ready().await;
+    let c = client();
+    let key = key_for("sealed");
+    let (status, body) = server.predict(&c, &key, json!({"small": 1})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["response"]["sealed"].is_u64(),
+        "the region was not sealed, so nothing is tested: {body}"
+    );
+    for round in 0..3 {
+        let pad: String = (0..2_000_000 / 8)
+            .map(|i| format!("{round}{i:07}"))
+            .collect();
+        let (status, body) = server.predict(&c, &key, json!({"pad": pad})).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+        assert!(
+            body["response"]["echo"]["pad"].as_str() == Some(pad.as_str()),
+            "round {round}: the echo differs"
+        );
+    }
+    // Every large request went over the socket, none into the region.
+    let fell_back = "modelgate_requests_in_place_total{result=\"fell_back\"}";
+    assert_eq!(server.metric(fell_back).await, Some(3.0));
+    assert_eq!(in_place(&server).await, 0.0);
+    assert!(server.logs().contains("its requests go over its socket"));
+}
+
 #[tokio::test]
 async fn busy_model_answers_429_with_retry_after() {
     let server = Server::start(
