@@ -2,7 +2,7 @@
 //!
 //! Every message is one frame: a 4-byte big-endian length `N`, then `N` bytes made of a one-byte
 //! [`Kind`] and the payload. The proxy sends one [`Kind::Predict`] and waits for exactly one
-//! terminal answer ([`Kind::ResultOk`] or [`Kind::ResultErr`]) before it sends anything else, so a
+//! terminal answer ([`Kind::ResultOk`], [`Kind::ResultLent`] or [`Kind::ResultErr`]) before it sends anything else, so a
 //! replica never holds two requests. Frames of kinds a peer does not know are skipped, which lets
 //! later versions add replica-to-proxy messages (model metrics) before the terminal answer without
 //! breaking older proxies.
@@ -17,6 +17,12 @@
 //! says how long the request is. The body then never crosses the socket, where it would be
 //! copied twice on the core the two processes share. The region is only written while the
 //! replica has no request left to answer, so it never changes under one being read.
+//!
+//! The other way, a replica the proxy told it can read its memory ([`Kind::Lend`]) *lends* a
+//! large answer: it sends a short [`Kind::ResultLent`] frame with the answer's address and
+//! length, and keeps those bytes as they are until the proxy, having copied them out
+//! (`process_vm_readv`), sends [`Kind::Taken`]. One answer at most is lent at a time; the others
+//! go over the socket.
 #![forbid(unsafe_code)]
 
 pub mod glibc;
@@ -60,6 +66,10 @@ pub enum Kind {
     ResultErr = 4,
     /// Replica → proxy: answer to [`Kind::Ping`]. Empty payload.
     Pong = 5,
+    /// Replica → proxy: the function returned; its JSON-encoded value is in the replica's memory,
+    /// unchanged until the proxy sends [`Kind::Taken`]. Payload: [`encode_lent`]. Sent only
+    /// after [`Kind::Lend`], and only while no other answer is lent.
+    ResultLent = 6,
     /// Proxy → replica: call the function. Payload: the JSON request object.
     Predict = 16,
     /// Proxy → replica: are you alive and idle? Empty payload.
@@ -68,6 +78,38 @@ pub enum Kind {
     /// replica's in-place region. Payload: the request's length, 8 bytes big-endian. Sent only
     /// to a replica that announced a region, and only as the one request of its write.
     PredictInPlace = 18,
+    /// Proxy → replica: the proxy can read this replica's memory, so answers of [`LEND_MIN`]
+    /// bytes or more may be lent ([`Kind::ResultLent`]). Empty payload.
+    Lend = 19,
+    /// Proxy → replica: the lent answer has been copied out (or given up); its bytes are the
+    /// replica's again. Empty payload.
+    Taken = 20,
+}
+
+/// Answers from this size on are lent when the proxy allows it: below it, the socket's two
+/// copies cost less than the frames and the wake-up lending takes.
+pub const LEND_MIN: usize = 64 * 1024;
+
+/// Payload of [`Kind::ResultLent`]: the answer's address and length, 8 bytes each, big-endian.
+pub fn encode_lent(addr: u64, len: usize) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&addr.to_be_bytes());
+    out[8..].copy_from_slice(&(len as u64).to_be_bytes());
+    out
+}
+
+/// The address and length a [`Kind::ResultLent`] payload gives; a length over
+/// [`MAX_FRAME_BYTES`] is refused, as a frame that long would be.
+pub fn decode_lent(payload: &[u8]) -> Result<(u64, usize), FrameError> {
+    let bytes: [u8; 16] = payload
+        .try_into()
+        .map_err(|_| FrameError("lent answer frame is not 16 bytes"))?;
+    let addr = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let len = u64::from_be_bytes(bytes[8..].try_into().expect("8 bytes"));
+    match usize::try_from(len) {
+        Ok(len) if len <= MAX_FRAME_BYTES => Ok((addr, len)),
+        _ => Err(FrameError("lent answer larger than the protocol allows")),
+    }
 }
 
 impl Kind {
@@ -78,9 +120,12 @@ impl Kind {
             3 => Kind::ResultOk,
             4 => Kind::ResultErr,
             5 => Kind::Pong,
+            6 => Kind::ResultLent,
             16 => Kind::Predict,
             17 => Kind::Ping,
             18 => Kind::PredictInPlace,
+            19 => Kind::Lend,
+            20 => Kind::Taken,
             _ => return None,
         })
     }
@@ -227,6 +272,17 @@ mod tests {
     }
 
     #[test]
+    fn lent_answer_frames_round_trip_and_refuse_what_no_frame_could_carry() {
+        let addr = 0x7f00_1234_5000;
+        assert_eq!(
+            decode_lent(&encode_lent(addr, 5 << 20)),
+            Ok((addr, 5 << 20))
+        );
+        assert!(decode_lent(&encode_lent(addr, MAX_FRAME_BYTES + 1)).is_err());
+        assert!(decode_lent(&[0; 15]).is_err());
+    }
+
+    #[test]
     fn a_ready_frame_without_a_region_still_parses() {
         let old = r#"{"protocol":1,"pid":7,"python_version":"3.11.2"}"#;
         let ready: Ready = serde_json::from_str(old).unwrap();
@@ -246,6 +302,9 @@ mod tests {
             Kind::Predict,
             Kind::Ping,
             Kind::PredictInPlace,
+            Kind::ResultLent,
+            Kind::Lend,
+            Kind::Taken,
         ] {
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }

@@ -42,6 +42,7 @@ pub const AUDIT_DROPPED: &str = "modelgate_audit_dropped_total";
 pub const BATCH_SIZE: &str = "modelgate_dispatch_batch_size";
 pub const REQUEUED: &str = "modelgate_requests_requeued_total";
 pub const IN_PLACE: &str = "modelgate_requests_in_place_total";
+pub const ANSWERS_IN_PLACE: &str = "modelgate_answers_in_place_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -360,6 +361,10 @@ fn describe() {
     describe_counter!(
         IN_PLACE,
         "Requests over 64 KB written straight into their replica's memory after their body arrived (result=\"written\") or partly while it arrived (result=\"written_ahead\"), or sent over its socket because writing into that replica's memory failed (result=\"fell_back\")"
+    );
+    describe_counter!(
+        ANSWERS_IN_PLACE,
+        "Answers of 64 KB or more copied straight out of their replica's memory instead of read from its socket"
     );
     describe_counter!(
         AUDIT_DROPPED,

@@ -287,6 +287,9 @@ pub struct ReplicaConn {
     lease: Arc<RegionLease>,
     /// A request sent into the region is not answered yet (its lease is marked serving).
     region_serving: bool,
+    /// The process whose large answers are copied out of its memory ([`Kind::Lend`]), when
+    /// this proxy can read it.
+    lending: Option<i32>,
 }
 
 /// Where [`ReplicaConn::send`] writes large requests: the region a replica announced, in the
@@ -371,6 +374,62 @@ pub(crate) fn copy_into(
         }
     }
     Ok(())
+}
+
+/// Buffers that large answers were read into, kept for the next ones once sent: reading into
+/// memory that already holds bytes needs no zeroing first (safe code cannot read into memory
+/// that holds none), and its pages are already there. At most [`SPARE_ANSWERS`] of them, each at
+/// most [`SPARE_ANSWER_BYTES`] long.
+static SPARE_ANSWERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+const SPARE_ANSWERS_KEPT: usize = 2;
+const SPARE_ANSWER_BYTES: usize = 8 << 20;
+
+/// An answer's bytes, given back to [`SPARE_ANSWERS`] once the response has been sent.
+struct Spare(Vec<u8>);
+
+impl AsRef<[u8]> for Spare {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if self.0.capacity() <= SPARE_ANSWER_BYTES {
+            let mut spare = SPARE_ANSWERS.lock().unwrap_or_else(|p| p.into_inner());
+            if spare.len() < SPARE_ANSWERS_KEPT {
+                spare.push(std::mem::take(&mut self.0));
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes at `addr` of process `pid`'s memory, in as many calls as it takes (each may
+/// read less than it was asked), into a spare buffer when there is one.
+pub(crate) fn copy_from(pid: i32, addr: u64, len: usize) -> Result<Bytes, String> {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let spare = SPARE_ANSWERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop();
+    let mut out = spare.unwrap_or_default();
+    // Only what the buffer did not hold yet is zeroed.
+    out.resize(len.max(out.len()), 0);
+    out.truncate(len);
+    let mut done = 0;
+    while done < len {
+        let remote = nix::sys::uio::RemoteIoVec {
+            base: (addr as usize) + done,
+            len: len - done,
+        };
+        let mut local = [std::io::IoSliceMut::new(&mut out[done..])];
+        match nix::sys::uio::process_vm_readv(pid, &mut local, &[remote]) {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) => return Err(format!("nothing read at byte {done} of {len}")),
+            Err(errno) => return Err(format!("{errno} at byte {done} of {len}")),
+        }
+    }
+    Ok(Bytes::from_owner(Spare(out)))
 }
 
 /// Payloads up to this size are copied next to their header so the request costs one write.
@@ -545,6 +604,7 @@ impl ReplicaConn {
             in_place_failed: false,
             lease: Arc::default(),
             region_serving: false,
+            lending: None,
         })
     }
 
@@ -559,6 +619,63 @@ impl ReplicaConn {
                 addr: region.addr,
                 len,
             });
+    }
+
+    /// Lets the replica lend its large answers ([`Kind::Lend`]) when this process can read its
+    /// memory, tried on the first byte of the region it announced (in-place requests and lent
+    /// answers both need the proxy to reach the replica's memory; a replica without a region
+    /// sends every answer over the socket).
+    pub async fn accept_lent_answers(&mut self) -> Result<(), CallError> {
+        let Some(target) = self.in_place else {
+            return Ok(());
+        };
+        let probe = tokio::task::spawn_blocking(move || copy_from(target.pid, target.addr, 1));
+        match tokio::time::timeout(std::time::Duration::from_secs(1), probe).await {
+            Ok(Ok(Ok(_))) => {
+                self.write_frame(Kind::Lend, &[]).await?;
+                self.lending = Some(target.pid);
+            }
+            outcome => tracing::warn!(
+                replica = %self.slot.id,
+                "the replica's memory cannot be read ({outcome:?}); its answers come over its socket"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Copies an answer the replica lent out of its memory, then gives it back
+    /// ([`Kind::Taken`]). One copy, where the socket made two on the core the two processes
+    /// share. A replica that lends without leave, or lends what cannot be read (it unmapped or
+    /// protected the bytes), has broken the protocol: the call fails and it is replaced.
+    async fn take_lent(&mut self, payload: &[u8]) -> Result<Bytes, CallError> {
+        let (addr, len) = protocol::decode_lent(payload).map_err(|e| CallError::Protocol(e.0))?;
+        let Some(pid) = self.lending else {
+            return Err(CallError::Protocol("answer lent without leave"));
+        };
+        let (slot, generation) = (self.slot.clone(), self.generation);
+        // On a blocking thread, as writes into the replica's memory are: it faults the pages in.
+        let copied = tokio::task::spawn_blocking(move || {
+            slot.while_current(generation, pid, || copy_from(pid, addr, len))
+                .unwrap_or_else(|| Err("its process is no longer the slot's".into()))
+        })
+        .await
+        .unwrap_or_else(|err| Err(format!("the copy did not finish: {err}")));
+        match copied {
+            Ok(answer) => {
+                self.write_frame(Kind::Taken, &[]).await?;
+                metrics::counter!(crate::metrics::ANSWERS_IN_PLACE).increment(1);
+                Ok(answer)
+            }
+            Err(why) => {
+                tracing::warn!(
+                    replica = %self.slot.id,
+                    "reading an answer from the replica's memory failed ({why})"
+                );
+                Err(CallError::Protocol(
+                    "its answer could not be read from its memory",
+                ))
+            }
+        }
     }
 
     /// Where an upload may write ahead into this replica's region ([`crate::early`]); `None`
@@ -805,6 +922,10 @@ impl ReplicaConn {
                     self.answered();
                     return Ok(Reply::Ok(payload));
                 }
+                Some(Kind::ResultLent) => {
+                    self.answered();
+                    return Ok(Reply::Ok(self.take_lent(&payload).await?));
+                }
                 Some(Kind::ResultErr) => {
                     self.answered();
                     let err: ModelError = serde_json::from_slice(&payload)
@@ -816,7 +937,9 @@ impl ReplicaConn {
                     | Kind::LoadFailed
                     | Kind::Predict
                     | Kind::Ping
-                    | Kind::PredictInPlace,
+                    | Kind::PredictInPlace
+                    | Kind::Lend
+                    | Kind::Taken,
                 ) => {
                     return Err(CallError::Protocol("unexpected frame during a call"));
                 }
@@ -1185,6 +1308,99 @@ mod tests {
             assert!(seen[0].1 == whole);
             std::hint::black_box(&mut region);
             assert!(region.iter().all(|&b| b == 0), "the region was left alone");
+        }
+    }
+
+    /// A peer that reads one frame at a time and answers each request with `answers`' next
+    /// frame; returns the kinds of the frames it read.
+    fn scripted_peer(
+        theirs: UnixStream,
+        reads: usize,
+        mut answers: Vec<Vec<u8>>,
+    ) -> std::thread::JoinHandle<Vec<u8>> {
+        let theirs = theirs.into_std().unwrap();
+        theirs.set_nonblocking(false).unwrap();
+        answers.reverse();
+        std::thread::spawn(move || {
+            (0..reads)
+                .map(|_| {
+                    let mut h = [0u8; protocol::HEADER_LEN];
+                    (&theirs).read_exact(&mut h).unwrap();
+                    let header = protocol::decode_header(h).unwrap();
+                    let mut got = vec![0u8; header.payload_len];
+                    (&theirs).read_exact(&mut got).unwrap();
+                    if header.kind == Kind::Predict as u8 {
+                        (&theirs).write_all(&answers.pop().unwrap()).unwrap();
+                    }
+                    header.kind
+                })
+                .collect()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_lent_answer_is_copied_out_of_the_replicas_memory_and_given_back() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let region = vec![0u8; 1 << 20];
+        let mut conn = conn_into(ours, &region);
+        let answer: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let lent = frame(
+            Kind::ResultLent,
+            &protocol::encode_lent(answer.as_ptr() as u64, answer.len()),
+        );
+        let small = frame(Kind::ResultOk, b"7");
+        // A shorter one after, read into the first one's buffer once that is given back.
+        let shorter = vec![b'#'; 100_000];
+        let lent_shorter = frame(
+            Kind::ResultLent,
+            &protocol::encode_lent(shorter.as_ptr() as u64, shorter.len()),
+        );
+        // Lend, a request answered by lending, Taken, a request answered over the socket, one
+        // answered by lending, Taken.
+        let peer = scripted_peer(theirs, 6, vec![lent, small, lent_shorter]);
+        conn.accept_lent_answers().await.unwrap();
+        let request = [Bytes::from_static(b"{}")];
+        let reply = conn.call(&request).await.unwrap();
+        assert!(
+            matches!(reply, Reply::Ok(ref b) if b[..] == answer[..]),
+            "copied whole"
+        );
+        drop(reply);
+        let reply = conn.call(&request).await.unwrap();
+        assert!(matches!(reply, Reply::Ok(ref b) if &b[..] == b"7"));
+        let reply = conn.call(&request).await.unwrap();
+        assert!(
+            matches!(reply, Reply::Ok(ref b) if b[..] == shorter[..]),
+            "only its own bytes"
+        );
+        let kinds = peer.join().unwrap();
+        let want = [
+            Kind::Lend,
+            Kind::Predict,
+            Kind::Taken,
+            Kind::Predict,
+            Kind::Predict,
+            Kind::Taken,
+        ];
+        assert_eq!(kinds, want.map(|k| k as u8));
+    }
+
+    #[tokio::test]
+    async fn an_answer_lent_without_leave_or_unreadable_fails_the_call() {
+        for leave in [false, true] {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let region = vec![0u8; 1 << 20];
+            let mut conn = conn_into(ours, &region);
+            // The first page is never mapped.
+            let lent = frame(Kind::ResultLent, &protocol::encode_lent(4096, 100_000));
+            let peer = scripted_peer(theirs, 1 + leave as usize, vec![lent]);
+            if leave {
+                conn.accept_lent_answers().await.unwrap();
+            }
+            let request = [Bytes::from_static(b"{}")];
+            let err = conn.call(&request).await.unwrap_err();
+            assert!(matches!(err, CallError::Protocol(_)), "{err}");
+            peer.join().unwrap();
         }
     }
 

@@ -412,7 +412,12 @@ async fn run_in_cgroup(
                     Ok(Ready {
                         in_place: Some(region),
                         ..
-                    }) => conn.offer_in_place(pid, region),
+                    }) => {
+                        conn.offer_in_place(pid, region);
+                        if let Err(err) = conn.accept_lent_answers().await {
+                            tracing::warn!(replica = %slot.id, generation, "telling the replica to lend answers: {err}");
+                        }
+                    }
                     Ok(_) => {}
                     // An unreadable Ready still means ready: it only offers no region.
                     Err(err) => {

@@ -374,8 +374,50 @@ async fn default_cap_is_5mb() {
         assert_eq!(v["replicaId"], "echo-0");
         close_h2(c).await;
     }
-    // Both went into the replica's memory, not over its socket.
+    // Both went into the replica's memory, not over its socket, and both answers came out of
+    // it.
     assert_eq!(in_place(&server).await, 2.0);
+    assert_eq!(server.metric(ANSWERS_LENT).await, Some(2.0));
+}
+
+const ANSWERS_LENT: &str = "modelgate_answers_in_place_total";
+
+/// Large answers are copied out of the replica's memory, one lent at a time: answers to small
+/// requests written together (a batch) each reach their own caller whole, whichever of them was
+/// lent and whichever came over the socket.
+#[tokio::test]
+async fn large_answers_come_out_of_the_replicas_memory_each_to_its_own_caller() {
+    let server = Server::start("", &[model("grow", "grow", 1)]);
+    server.wait_ready().await;
+    let c = client();
+    let ask = |seq: usize, times: usize| {
+        let (server, c) = (&server, &c);
+        async move {
+            let chunk = format!("{seq:07}|");
+            let (status, body) = server
+                .predict(
+                    c,
+                    &key_for("grow"),
+                    json!({"seq": seq, "chunk": chunk, "times": times}),
+                )
+                .await;
+            assert_eq!(status, 200, "{seq}");
+            assert_eq!(body["response"]["seq"], seq);
+            assert!(
+                body["response"]["pad"].as_str() == Some(chunk.repeat(times).as_str()),
+                "answer {seq} differs"
+            );
+        }
+    };
+    // One by one: 800 KB, then 80 bytes (over the socket), then 2.4 MB.
+    ask(0, 100_000).await;
+    ask(1, 10).await;
+    ask(2, 300_000).await;
+    assert_eq!(server.metric(ANSWERS_LENT).await, Some(2.0));
+    // Twelve at once: those that queue while one runs are written to the replica together.
+    futures_util::future::join_all((3..15).map(|seq| ask(seq, 20_000 + seq * 1_000))).await;
+    let lent = server.metric(ANSWERS_LENT).await.unwrap_or(0.0);
+    assert!((3.0..=14.0).contains(&lent), "{lent} lent");
 }
 
 /// Requests written into their replica's memory, whether all at once after the body or partly

@@ -217,6 +217,10 @@ fn serve(
     // Only grows, and is zeroed only as it grows: a large request is read over the bytes of the
     // last one instead of being zeroed first (a 5 MB memset per request otherwise).
     let mut buffer = Vec::new();
+    // Whether the proxy reads large answers from this process's memory, and the one lent to it
+    // that it has not yet copied out: kept, unchanged, until it says so.
+    let mut lend = false;
+    let mut lent: Option<Vec<u8>> = None;
     loop {
         if reader.buffer().is_empty() {
             writer.flush()?;
@@ -256,16 +260,40 @@ fn serve(
                 writer.send(Kind::Pong, &[])?;
                 continue;
             }
+            Some(Kind::Lend) => {
+                lend = true;
+                continue;
+            }
+            Some(Kind::Taken) => {
+                lent = None;
+                continue;
+            }
             // Unknown frames are skipped so newer proxies can add messages.
             _ => continue,
         };
         match model.predict(request) {
-            // Held while the next request can start at once: the proxy wrote the requests
-            // waiting for this replica together, and reads their answers together.
-            Ok(response) if outbox::starts_with_whole_frame(reader.buffer()) => {
-                writer.hold(Kind::ResultOk, &response)?
+            Ok(response) => {
+                // A large answer is lent when none is: the proxy copies it out of this process's
+                // memory, and it stays here, unchanged, until the proxy has.
+                let lending = lend && lent.is_none() && response.len() >= protocol::LEND_MIN;
+                let frame;
+                let (kind, payload): (Kind, &[u8]) = if lending {
+                    frame = protocol::encode_lent(response.as_ptr() as u64, response.len());
+                    (Kind::ResultLent, &frame)
+                } else {
+                    (Kind::ResultOk, &response)
+                };
+                // Held while the next request can start at once: the proxy wrote the requests
+                // waiting for this replica together, and reads their answers together.
+                if outbox::starts_with_whole_frame(reader.buffer()) {
+                    writer.hold(kind, payload)?
+                } else {
+                    writer.send(kind, payload)?
+                }
+                if lending {
+                    lent = Some(response);
+                }
             }
-            Ok(response) => writer.send(Kind::ResultOk, &response)?,
             Err(err) if err.kind == protocol::ModelErrorKind::OutOfMemory => {
                 write_json_frame(&writer, Kind::ResultErr, &err)?;
                 // The interpreter's state is suspect and the proxy replaces this process:

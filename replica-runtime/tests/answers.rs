@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::read_frame;
-use modelgate_protocol::{encode_header, encode_in_place, InPlace, Kind, Ready};
+use modelgate_protocol::{decode_lent, encode_header, encode_in_place, InPlace, Kind, Ready};
 
 /// A replica of `funcs.slow`, connected and ready.
 fn slow_replica(name: &str) -> (Child, UnixStream, tempfile_dir::Dir) {
@@ -222,6 +222,65 @@ fn requests_written_into_the_region_are_read_at_the_length_the_frame_gives() {
     let (kind, payload) = read_frame(&mut stream);
     assert_eq!(kind, Some(Kind::ResultOk));
     assert_eq!(payload, br#"{"after":1}"#);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Reads a lent answer out of the replica's memory from this process, as the proxy does.
+fn read_lent(child: &Child, payload: &[u8]) -> Vec<u8> {
+    let (addr, len) = decode_lent(payload).unwrap();
+    let mut out = vec![0u8; len];
+    let read = nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        &mut [std::io::IoSliceMut::new(&mut out)],
+        &[nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len,
+        }],
+    )
+    .unwrap();
+    assert_eq!(read, len);
+    out
+}
+
+/// Told it may, a replica lends large answers, one at a time: the one lent stays as it was until
+/// the proxy says it has taken it, and meanwhile large answers come over the socket.
+#[test]
+fn large_answers_are_lent_one_at_a_time_and_kept_until_taken() {
+    let (mut child, mut stream, _dir) = replica("lend", "echo");
+    let big = |tag: char| format!(r#"{{"pad":"{}"}}"#, tag.to_string().repeat(100_000));
+    // Not told yet: over the socket.
+    send(&mut stream, big('a').as_bytes());
+    assert_eq!(
+        read_frame(&mut stream),
+        (Some(Kind::ResultOk), big('a').into_bytes())
+    );
+    send_frame(&mut stream, Kind::Lend, &[]);
+    // Lent; the next large one (before Taken) and a small one come over the socket, and the lent
+    // bytes are still the first answer's.
+    send(&mut stream, big('b').as_bytes());
+    let (kind, lent) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultLent));
+    send(&mut stream, big('c').as_bytes());
+    assert_eq!(
+        read_frame(&mut stream),
+        (Some(Kind::ResultOk), big('c').into_bytes())
+    );
+    send(&mut stream, br#"{"small":1}"#);
+    assert_eq!(
+        read_frame(&mut stream),
+        (Some(Kind::ResultOk), br#"{"small":1}"#.to_vec())
+    );
+    assert!(
+        read_lent(&child, &lent) == big('b').as_bytes(),
+        "the lent answer changed"
+    );
+    // Taken: the next large answer is lent again.
+    send_frame(&mut stream, Kind::Taken, &[]);
+    send(&mut stream, big('d').as_bytes());
+    let (kind, lent) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultLent));
+    assert!(read_lent(&child, &lent) == big('d').as_bytes());
     let _ = child.kill();
     let _ = child.wait();
 }
