@@ -62,13 +62,10 @@ done | tee "$work/runs" >&2
 echo "answers lent by modelgate's replica: $(curl -s http://127.0.0.1:18635/metrics |
   sed -n 's/^modelgate_answers_in_place_total //p')"
 python3 - "$work/runs" <<'PY'
-import json, statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    who, n, j = line.rstrip("\n").split("\t", 2)
-    r = json.loads(j)
-    assert r["error_total"] == 0, line
-    runs.setdefault((int(n), who), []).append(r["latency_us"]["p50"])
+import statistics, sys
+sys.path.insert(0, "loadtests")
+import rounds
+runs = rounds.p50_by_size(sys.argv[1])
 sizes = sorted({n for n, _ in runs})
 whos = [w for w in ("floor", "modelgate", "baseline", "direct") if any(who == w for _, who in runs)]
 med = {k: statistics.median(v) for k, v in runs.items()}

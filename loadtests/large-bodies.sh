@@ -91,13 +91,10 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done | tee "$work/runs" >&2
 python3 - "$work/runs" <<'PY'
-import json, statistics, sys
-runs = {}
-for line in open(sys.argv[1]):
-    who, n, j = line.rstrip("\n").split("\t", 2)
-    r = json.loads(j)
-    assert r["error_total"] == 0, line
-    runs.setdefault((int(n), who), []).append(r["latency_us"]["p50"])
+import statistics, sys
+sys.path.insert(0, "loadtests")
+import rounds
+runs = rounds.p50_by_size(sys.argv[1])
 sizes = sorted({n for n, _ in runs})
 med = {k: statistics.median(v) for k, v in runs.items()}
 fmt = lambda us: f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"

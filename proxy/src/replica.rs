@@ -1105,6 +1105,16 @@ mod tests {
         assert!(got == expected, "request bytes intact and in order");
     }
 
+    /// Reads one frame as a replica does: its kind byte and payload.
+    fn read_one(theirs: &std::os::unix::net::UnixStream) -> (u8, Vec<u8>) {
+        let mut h = [0u8; protocol::HEADER_LEN];
+        (&*theirs).read_exact(&mut h).unwrap();
+        let header = protocol::decode_header(h).unwrap();
+        let mut got = vec![0u8; header.payload_len];
+        (&*theirs).read_exact(&mut got).unwrap();
+        (header.kind, got)
+    }
+
     /// A peer that answers each request with "1" and hands back (kind, payload) of each.
     fn answering_peer(
         theirs: UnixStream,
@@ -1115,13 +1125,9 @@ mod tests {
         std::thread::spawn(move || {
             (0..requests)
                 .map(|_| {
-                    let mut h = [0u8; protocol::HEADER_LEN];
-                    (&theirs).read_exact(&mut h).unwrap();
-                    let header = protocol::decode_header(h).unwrap();
-                    let mut got = vec![0u8; header.payload_len];
-                    (&theirs).read_exact(&mut got).unwrap();
+                    let got = read_one(&theirs);
                     (&theirs).write_all(&frame(Kind::ResultOk, b"1")).unwrap();
-                    (header.kind, got)
+                    got
                 })
                 .collect()
         })
@@ -1324,15 +1330,11 @@ mod tests {
         std::thread::spawn(move || {
             (0..reads)
                 .map(|_| {
-                    let mut h = [0u8; protocol::HEADER_LEN];
-                    (&theirs).read_exact(&mut h).unwrap();
-                    let header = protocol::decode_header(h).unwrap();
-                    let mut got = vec![0u8; header.payload_len];
-                    (&theirs).read_exact(&mut got).unwrap();
-                    if header.kind == Kind::Predict as u8 {
+                    let (kind, _) = read_one(&theirs);
+                    if kind == Kind::Predict as u8 {
                         (&theirs).write_all(&answers.pop().unwrap()).unwrap();
                     }
-                    header.kind
+                    kind
                 })
                 .collect()
         })
