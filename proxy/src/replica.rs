@@ -378,8 +378,8 @@ pub(crate) fn copy_into(
 
 /// Buffers that large answers were read into, kept for the next ones once sent: reading into
 /// memory that already holds bytes needs no zeroing first (safe code cannot read into memory
-/// that holds none), and its pages are already there. At most [`SPARE_ANSWERS`] of them, each at
-/// most [`SPARE_ANSWER_BYTES`] long.
+/// that holds none), and its pages are already there. At most [`SPARE_ANSWERS_KEPT`] of them,
+/// none larger than [`SPARE_ANSWER_BYTES`].
 static SPARE_ANSWERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 const SPARE_ANSWERS_KEPT: usize = 2;
 const SPARE_ANSWER_BYTES: usize = 8 << 20;
@@ -404,10 +404,30 @@ impl Drop for Spare {
     }
 }
 
-/// Reads `len` bytes at `addr` of process `pid`'s memory, in as many calls as it takes (each may
-/// read less than it was asked), into a spare buffer when there is one.
-pub(crate) fn copy_from(pid: i32, addr: u64, len: usize) -> Result<Bytes, String> {
+/// Fills `into` from `addr` of process `pid`'s memory, in as many calls as it takes (each may
+/// read less than it was asked).
+pub(crate) fn copy_from(pid: i32, addr: u64, into: &mut [u8]) -> Result<(), String> {
     let pid = nix::unistd::Pid::from_raw(pid);
+    let len = into.len();
+    let mut done = 0;
+    while done < len {
+        let remote = nix::sys::uio::RemoteIoVec {
+            base: (addr as usize) + done,
+            len: len - done,
+        };
+        let mut local = [std::io::IoSliceMut::new(&mut into[done..])];
+        match nix::sys::uio::process_vm_readv(pid, &mut local, &[remote]) {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) => return Err(format!("nothing read at byte {done} of {len}")),
+            Err(errno) => return Err(format!("{errno} at byte {done} of {len}")),
+        }
+    }
+    Ok(())
+}
+
+/// A lent answer: `len` bytes at `addr` of process `pid`'s memory, read into a spare buffer when
+/// there is one.
+fn read_answer(pid: i32, addr: u64, len: usize) -> Result<Bytes, String> {
     let spare = SPARE_ANSWERS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -416,19 +436,7 @@ pub(crate) fn copy_from(pid: i32, addr: u64, len: usize) -> Result<Bytes, String
     // Only what the buffer did not hold yet is zeroed.
     out.resize(len.max(out.len()), 0);
     out.truncate(len);
-    let mut done = 0;
-    while done < len {
-        let remote = nix::sys::uio::RemoteIoVec {
-            base: (addr as usize) + done,
-            len: len - done,
-        };
-        let mut local = [std::io::IoSliceMut::new(&mut out[done..])];
-        match nix::sys::uio::process_vm_readv(pid, &mut local, &[remote]) {
-            Ok(n) if n > 0 => done += n,
-            Ok(_) => return Err(format!("nothing read at byte {done} of {len}")),
-            Err(errno) => return Err(format!("{errno} at byte {done} of {len}")),
-        }
-    }
+    copy_from(pid, addr, &mut out)?;
     Ok(Bytes::from_owner(Spare(out)))
 }
 
@@ -629,7 +637,8 @@ impl ReplicaConn {
         let Some(target) = self.in_place else {
             return Ok(());
         };
-        let probe = tokio::task::spawn_blocking(move || copy_from(target.pid, target.addr, 1));
+        let probe =
+            tokio::task::spawn_blocking(move || copy_from(target.pid, target.addr, &mut [0u8]));
         match tokio::time::timeout(std::time::Duration::from_secs(1), probe).await {
             Ok(Ok(Ok(_))) => {
                 self.write_frame(Kind::Lend, &[]).await?;
@@ -655,7 +664,7 @@ impl ReplicaConn {
         let (slot, generation) = (self.slot.clone(), self.generation);
         // On a blocking thread, as writes into the replica's memory are: it faults the pages in.
         let copied = tokio::task::spawn_blocking(move || {
-            slot.while_current(generation, pid, || copy_from(pid, addr, len))
+            slot.while_current(generation, pid, || read_answer(pid, addr, len))
                 .unwrap_or_else(|| Err("its process is no longer the slot's".into()))
         })
         .await
