@@ -391,10 +391,10 @@ fn proc_stats(pid: i32) -> Option<(f64, f64)> {
     Some(((utime + stime) / ticks, rss_pages * page))
 }
 
-/// Called when a slot's process ends: folds its last observed CPU time into the slot's total,
-/// so the counter never goes backwards across restarts.
-pub fn retire_replica_cpu(slot: &Slot) {
-    let pgid = slot.pgid();
+/// Called when a slot's process `pgid` (0: none) has ended, and the slot has forgotten it: folds
+/// its last CPU time (read while it is not yet reaped) into the slot's total, so the counter
+/// never goes backwards across restarts.
+pub fn retire_replica_cpu(slot: &Slot, pgid: i32) {
     let now = if pgid > 0 {
         proc_stats(pgid).map(|s| s.0)
     } else {

@@ -290,6 +290,19 @@ pub struct ReplicaConn {
     /// The process whose large answers are copied out of its memory ([`Kind::Lend`]), when
     /// this proxy can read it.
     lending: Option<i32>,
+    /// The answer to the oldest request, lent and not yet handed on: a call dropped while
+    /// taking it (at its deadline) leaves it here, and the next call resumes it rather than
+    /// read the next request's answer.
+    lent: Option<LentAnswer>,
+}
+
+/// A lent answer, taken in two steps ([`ReplicaConn::take_lent`]).
+#[derive(Debug)]
+enum LentAnswer {
+    /// `len` bytes at `addr` of the replica's memory, not copied yet.
+    At { addr: u64, len: usize },
+    /// Copied out; the replica has not been told yet.
+    Copied(Bytes),
 }
 
 /// Where [`ReplicaConn::send`] writes large requests: the region a replica announced, in the
@@ -405,8 +418,8 @@ impl Drop for Spare {
 }
 
 /// Fills `into` from `addr` of process `pid`'s memory, in as many calls as it takes (each may
-/// read less than it was asked).
-pub(crate) fn copy_from(pid: i32, addr: u64, into: &mut [u8]) -> Result<(), String> {
+/// read less than it was asked). A read of nothing counts as `EFAULT`.
+pub(crate) fn copy_from(pid: i32, addr: u64, into: &mut [u8]) -> Result<(), nix::errno::Errno> {
     let pid = nix::unistd::Pid::from_raw(pid);
     let len = into.len();
     let mut done = 0;
@@ -416,28 +429,27 @@ pub(crate) fn copy_from(pid: i32, addr: u64, into: &mut [u8]) -> Result<(), Stri
             len: len - done,
         };
         let mut local = [std::io::IoSliceMut::new(&mut into[done..])];
-        match nix::sys::uio::process_vm_readv(pid, &mut local, &[remote]) {
-            Ok(n) if n > 0 => done += n,
-            Ok(_) => return Err(format!("nothing read at byte {done} of {len}")),
-            Err(errno) => return Err(format!("{errno} at byte {done} of {len}")),
+        match nix::sys::uio::process_vm_readv(pid, &mut local, &[remote])? {
+            0 => return Err(nix::errno::Errno::EFAULT),
+            n => done += n,
         }
     }
     Ok(())
 }
 
 /// A lent answer: `len` bytes at `addr` of process `pid`'s memory, read into a spare buffer when
-/// there is one.
-fn read_answer(pid: i32, addr: u64, len: usize) -> Result<Bytes, String> {
+/// there is one (which goes back to the spares if the read fails).
+fn read_answer(pid: i32, addr: u64, len: usize) -> Result<Bytes, nix::errno::Errno> {
     let spare = SPARE_ANSWERS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .pop();
-    let mut out = spare.unwrap_or_default();
+    let mut out = Spare(spare.unwrap_or_default());
     // Only what the buffer did not hold yet is zeroed.
-    out.resize(len.max(out.len()), 0);
-    out.truncate(len);
-    copy_from(pid, addr, &mut out)?;
-    Ok(Bytes::from_owner(Spare(out)))
+    out.0.resize(len.max(out.0.len()), 0);
+    out.0.truncate(len);
+    copy_from(pid, addr, &mut out.0)?;
+    Ok(Bytes::from_owner(out))
 }
 
 /// Payloads up to this size are copied next to their header so the request costs one write.
@@ -613,6 +625,7 @@ impl ReplicaConn {
             lease: Arc::default(),
             region_serving: false,
             lending: None,
+            lent: None,
         })
     }
 
@@ -652,38 +665,60 @@ impl ReplicaConn {
         Ok(())
     }
 
-    /// Copies an answer the replica lent out of its memory, then gives it back
-    /// ([`Kind::Taken`]). One copy, where the socket made two on the core the two processes
-    /// share. A replica that lends without leave, or lends what cannot be read (it unmapped or
-    /// protected the bytes), has broken the protocol: the call fails and it is replaced.
-    async fn take_lent(&mut self, payload: &[u8]) -> Result<Bytes, CallError> {
-        let (addr, len) = protocol::decode_lent(payload).map_err(|e| CallError::Protocol(e.0))?;
-        let Some(pid) = self.lending else {
-            return Err(CallError::Protocol("answer lent without leave"));
-        };
-        let (slot, generation) = (self.slot.clone(), self.generation);
-        // On a blocking thread, as writes into the replica's memory are: it faults the pages in.
-        let copied = tokio::task::spawn_blocking(move || {
-            slot.while_current(generation, pid, || read_answer(pid, addr, len))
-                .unwrap_or_else(|| Err("its process is no longer the slot's".into()))
-        })
-        .await
-        .unwrap_or_else(|err| Err(format!("the copy did not finish: {err}")));
-        match copied {
-            Ok(answer) => {
-                self.write_frame(Kind::Taken, &[]).await?;
+    /// Copies the answer the replica lent ([`Self::lent`]) out of its memory, then gives it
+    /// back ([`Kind::Taken`]). One copy, where the socket made two on the core the two processes
+    /// share. Cancel-safe: a call dropped at an await resumes where it stopped. The process gone
+    /// (killed at a timeout, say) counts as a closed socket; a replica that lent what cannot be
+    /// read (it unmapped or protected the bytes) has broken the protocol: the call fails and it
+    /// is replaced.
+    async fn take_lent(&mut self) -> Result<Bytes, CallError> {
+        if let Some(LentAnswer::At { addr, len }) = self.lent {
+            let Some(pid) = self.lending else {
+                self.lent = None;
+                return Err(CallError::Protocol("answer lent without leave"));
+            };
+            let (slot, generation) = (self.slot.clone(), self.generation);
+            // On a blocking thread, as writes into the replica's memory are: it faults pages in.
+            let copied = tokio::task::spawn_blocking(move || {
+                slot.while_current(generation, pid, || read_answer(pid, addr, len))
+            })
+            .await;
+            match copied {
+                Ok(Some(Ok(answer))) => self.lent = Some(LentAnswer::Copied(answer)),
+                Ok(None | Some(Err(nix::errno::Errno::ESRCH))) => {
+                    self.lent = None;
+                    return Err(CallError::Closed);
+                }
+                Ok(Some(Err(errno))) => {
+                    self.lent = None;
+                    tracing::warn!(
+                        replica = %self.slot.id,
+                        "reading an answer from the replica's memory failed: {errno}"
+                    );
+                    return Err(CallError::Protocol(
+                        "its answer could not be read from its memory",
+                    ));
+                }
+                Err(err) => {
+                    self.lent = None;
+                    tracing::warn!(replica = %self.slot.id, "copying an answer failed: {err}");
+                    return Err(CallError::Protocol(
+                        "its answer could not be read from its memory",
+                    ));
+                }
+            }
+        }
+        // Given back before it is handed on. A write that fails leaves the answer good: the
+        // broken socket shows at the next call.
+        if let Err(err) = self.write_frame(Kind::Taken, &[]).await {
+            tracing::debug!(replica = %self.slot.id, "giving a lent answer back: {err}");
+        }
+        match self.lent.take() {
+            Some(LentAnswer::Copied(answer)) => {
                 metrics::counter!(crate::metrics::ANSWERS_IN_PLACE).increment(1);
                 Ok(answer)
             }
-            Err(why) => {
-                tracing::warn!(
-                    replica = %self.slot.id,
-                    "reading an answer from the replica's memory failed ({why})"
-                );
-                Err(CallError::Protocol(
-                    "its answer could not be read from its memory",
-                ))
-            }
+            _ => Err(CallError::Protocol("no lent answer to take")),
         }
     }
 
@@ -922,6 +957,9 @@ impl ReplicaConn {
     /// skipping unknown kinds.
     pub async fn finish_call(&mut self) -> Result<Reply, CallError> {
         loop {
+            if self.lent.is_some() {
+                return self.take_lent().await.map(Reply::Ok);
+            }
             // Readiness waits on an `AsyncFd` do not spend tokio's cooperative budget: a replica
             // streaming frames must still let the worker's other tasks run.
             tokio::task::consume_budget().await;
@@ -933,7 +971,10 @@ impl ReplicaConn {
                 }
                 Some(Kind::ResultLent) => {
                     self.answered();
-                    return Ok(Reply::Ok(self.take_lent(&payload).await?));
+                    let (addr, len) =
+                        protocol::decode_lent(&payload).map_err(|e| CallError::Protocol(e.0))?;
+                    // Taken at the top of the loop, where a dropped call also resumes it.
+                    self.lent = Some(LentAnswer::At { addr, len });
                 }
                 Some(Kind::ResultErr) => {
                     self.answered();
@@ -1396,6 +1437,43 @@ mod tests {
         assert_eq!(kinds, want.map(|k| k as u8));
     }
 
+    /// A call dropped while it copies a lent answer (at its deadline) leaves that answer for the
+    /// next call, which must not take the next request's answer instead.
+    #[tokio::test]
+    async fn a_call_dropped_while_taking_a_lent_answer_leaves_it_to_the_next() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let region = vec![0u8; 1 << 20];
+        let mut conn = conn_into(ours, &region);
+        // Large enough that its copy is still under way when the call is dropped.
+        let answer = vec![b'a'; 16 << 20];
+        let lent = frame(
+            Kind::ResultLent,
+            &protocol::encode_lent(answer.as_ptr() as u64, answer.len()),
+        );
+        let peer = scripted_peer(theirs, 4, vec![lent, frame(Kind::ResultOk, b"2")]);
+        conn.accept_lent_answers().await.unwrap();
+        let request = [Bytes::from_static(b"{}")];
+        conn.send([&request[..], &request[..]].into_iter(), None)
+            .await
+            .unwrap();
+        // Both answers are in the socket before the first call starts.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let first = match tokio::time::timeout(Duration::ZERO, conn.finish_call()).await {
+            Ok(done) => done.unwrap(),
+            // Dropped part-way, as the dispatcher drops a call at its deadline.
+            Err(_) => conn.finish_call().await.unwrap(),
+        };
+        assert!(
+            matches!(first, Reply::Ok(ref b) if b[..] == answer[..]),
+            "the first request got another answer"
+        );
+        let second = conn.finish_call().await.unwrap();
+        assert!(matches!(second, Reply::Ok(ref b) if &b[..] == b"2"));
+        let kinds = peer.join().unwrap();
+        let want = [Kind::Lend, Kind::Predict, Kind::Predict, Kind::Taken];
+        assert_eq!(kinds, want.map(|k| k as u8));
+    }
+
     #[tokio::test]
     async fn an_answer_lent_without_leave_or_unreadable_fails_the_call() {
         for leave in [false, true] {
@@ -1407,6 +1485,10 @@ mod tests {
             let peer = scripted_peer(theirs, 1 + leave as usize, vec![lent]);
             if leave {
                 conn.accept_lent_answers().await.unwrap();
+                assert!(
+                    conn.lending.is_some(),
+                    "this process can read its own memory"
+                );
             }
             let request = [Bytes::from_static(b"{}")];
             let err = conn.call(&request).await.unwrap_err();

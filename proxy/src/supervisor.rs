@@ -473,7 +473,7 @@ async fn run_in_cgroup(
 }
 
 /// SIGTERM to the process group, SIGKILL after a grace period, then reap.
-async fn stop_process(slot: &Slot, child: &mut Child) {
+async fn stop_process(slot: &Arc<Slot>, child: &mut Child) {
     let pgid = slot.pgid();
     if pgid > 0 {
         let _ = nix::sys::signal::killpg(
@@ -506,21 +506,26 @@ async fn ended(child: &mut Child) {
         #[allow(deprecated)]
         tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
     });
-    match pidfd {
+    if let Some(Ok(fd)) = pidfd {
         // Readable once the process has ended.
-        Some(Ok(fd)) => drop(fd.readable().await),
-        _ => drop(child.wait().await),
+        if fd.readable().await.is_ok() {
+            return;
+        }
     }
+    let _ = child.wait().await;
 }
 
 /// Waits for the child to end and reaps it. In between, while its pid cannot yet be another
-/// process's, the slot takes its last CPU reading and forgets it, which waits for any write into
-/// its memory still under way ([`Slot::end_process`]), so none can reach a process that reuses
-/// the pid.
-async fn reap(slot: &Slot, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+/// process's, the slot forgets it, which waits for any copy into or out of its memory still
+/// under way ([`Slot::end_process`], on a blocking thread, as a large copy can take a while), so
+/// none can reach a process that reuses the pid; then its last CPU reading is taken (a scrape
+/// meanwhile no longer reads it, so it is counted once).
+async fn reap(slot: &Arc<Slot>, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
     ended(child).await;
-    crate::metrics::retire_replica_cpu(slot);
-    slot.end_process();
+    let pid = slot.pgid();
+    let forget = slot.clone();
+    let _ = tokio::task::spawn_blocking(move || forget.end_process()).await;
+    crate::metrics::retire_replica_cpu(slot, pid);
     child.wait().await
 }
 
