@@ -494,8 +494,8 @@ async fn stop_process(slot: &Arc<Slot>, child: &mut Child) {
 }
 
 /// Resolves once the child has ended: without reaping it where the kernel gives a pidfd (Linux
-/// 5.3 on), so its pid stays its own until [`reap`]; by reaping it otherwise.
-async fn ended(child: &mut Child) {
+/// 5.3 on), so its pid stays its own until [`reap`] (true); by reaping it otherwise (false).
+async fn ended(child: &mut Child) -> bool {
     let pidfd = child.id().map(|pid| {
         let pid = rustix::process::Pid::from_raw(pid as i32)
             .ok_or_else(|| std::io::Error::other("pid 0"))?;
@@ -509,20 +509,29 @@ async fn ended(child: &mut Child) {
     if let Some(Ok(fd)) = pidfd {
         // Readable once the process has ended.
         if fd.readable().await.is_ok() {
-            return;
+            return true;
         }
     }
     let _ = child.wait().await;
+    false
 }
 
 /// Waits for the child to end and reaps it. In between, while its pid cannot yet be another
-/// process's, the slot forgets it, which waits for any copy into or out of its memory still
+/// process's: whatever the model forked is killed (the group's id is still its own, so nothing
+/// else can be in it; a replica that crashed would otherwise leave its children running); the
+/// slot forgets it, which waits for any copy into or out of its memory still
 /// under way ([`Slot::end_process`], on a blocking thread, as a large copy can take a while), so
 /// none can reach a process that reuses the pid; then its last CPU reading is taken (a scrape
 /// meanwhile no longer reads it, so it is counted once).
 async fn reap(slot: &Arc<Slot>, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
-    ended(child).await;
+    let unreaped = ended(child).await;
     let pid = slot.pgid();
+    if unreaped && pid > 0 {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     let forget = slot.clone();
     let _ = tokio::task::spawn_blocking(move || forget.end_process()).await;
     crate::metrics::retire_replica_cpu(slot, pid);

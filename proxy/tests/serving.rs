@@ -671,6 +671,46 @@ async fn exceptions_are_500_and_the_replica_keeps_serving() {
     assert!(logs.contains("replica=\"boom-0\""), "{logs}");
 }
 
+/// A replica that dies leaves nothing it forked running: its process group goes with it, also
+/// without cgroups (whose removal kills what is left in them).
+#[tokio::test]
+async fn what_a_dead_replica_forked_goes_with_it() {
+    let server = Server::start(
+        "replica_limits = \"rlimit\"",
+        &[model("forky", "fork_and_die", 1)],
+    );
+    server.wait_ready().await;
+    let pidfile = server.dir.path().join("child.pid");
+    let (status, body) = server
+        .predict(
+            &client(),
+            &key_for("forky"),
+            json!({"pidfile": pidfile.to_str().unwrap()}),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    let child: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Gone, or a zombie nobody has reaped yet: not still sleeping.
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(") ").next().map(|r| r[..1].to_owned()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(state().as_deref(), Some(s) if s != "Z") {
+        assert!(
+            Instant::now() < deadline,
+            "the forked child still runs: {:?}",
+            state()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn dead_replica_gives_502_then_is_replaced() {
     let server = Server::start("", &[model("die", "die", 1)]);
