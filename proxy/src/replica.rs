@@ -183,6 +183,11 @@ impl Slot {
         let _ =
             self.kill_reason
                 .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+        self.kill_group();
+    }
+
+    /// SIGKILLs the current process group, if any, recording no reason.
+    pub fn kill_group(&self) {
         let pgid = self.pgid();
         if pgid > 0 {
             let _ = nix::sys::signal::killpg(

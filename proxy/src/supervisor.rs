@@ -395,7 +395,7 @@ async fn run_in_cgroup(
             let died = tokio::time::timeout(Duration::from_secs(1), ended(&mut child))
                 .await
                 .is_ok();
-            // Whatever it left in its group goes too.
+            // If it did not, it goes (and whatever it left in its group, as it is reaped).
             slot.kill(KillReason::ProtocolError);
             let status = reap(slot, &mut child).await;
             if died {
@@ -487,9 +487,7 @@ async fn stop_process(slot: &Arc<Slot>, child: &mut Child) {
     {
         slot.kill(KillReason::Shutdown);
     }
-    // Whatever else the model left in its group goes too (while its leader is not reaped, the
-    // group's id is still its own).
-    slot.kill(KillReason::Shutdown);
+    // Whatever else the model left in its group goes as it is reaped.
     let _ = reap(slot, child).await;
 }
 
@@ -524,14 +522,10 @@ async fn ended(child: &mut Child) -> bool {
 /// none can reach a process that reuses the pid; then its last CPU reading is taken (a scrape
 /// meanwhile no longer reads it, so it is counted once).
 async fn reap(slot: &Arc<Slot>, child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
-    let unreaped = ended(child).await;
-    let pid = slot.pgid();
-    if unreaped && pid > 0 {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    if ended(child).await {
+        slot.kill_group();
     }
+    let pid = slot.pgid();
     let forget = slot.clone();
     let _ = tokio::task::spawn_blocking(move || forget.end_process()).await;
     crate::metrics::retire_replica_cpu(slot, pid);
