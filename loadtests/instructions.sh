@@ -17,6 +17,8 @@
 # (`--trace-children=yes`, since the replica re-executes itself once). The slow replica makes
 # larger batches than usual, so its per-batch costs are spread thinner than at full speed.
 # RUNTIME=/absolute/path/to/another/replica-runtime counts that build of the replica instead.
+# FLOORS=DIR counts the `floor` and `hop-floor` in DIR (target/pgo/release: the profile-guided
+# ones of `FLOORS=1 loadtests/pgo-build.sh`).
 # TLS=1 serves modelgate over HTTPS (a self-signed certificate, HTTP/1.1 by ALPN); the floors
 # still answer plain HTTP. The counted loadgen run's own handshakes (its first probe and one per
 # connection: two at c=1) fall inside the count, spread over its N requests.
@@ -144,9 +146,10 @@ count_replica() {
   report replica "$(grep -l "^desc: Trigger: dump measured" "$work"/replica.[0-9]* | head -1)"
 }
 
-count floor 18691 ./target/release/floor --listen 127.0.0.1:18691 | tee "$work/result"
+floors=${FLOORS:-./target/release}
+count floor 18691 "$floors/floor" --listen 127.0.0.1:18691 | tee "$work/result"
 # shellcheck disable=SC2086 # HOP_ARGS is a list of arguments
-count hop-floor 18692 ./target/release/hop-floor --listen 127.0.0.1:18692 ${HOP_ARGS-} | tee -a "$work/result"
+count hop-floor 18692 "$floors/hop-floor" --listen 127.0.0.1:18692 ${HOP_ARGS-} | tee -a "$work/result"
 count modelgate 18690 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" | tee -a "$work/result"
 floor=$(awk '$1 == "floor" {print $2}' "$work/result")
 hop=$(awk '$1 == "hop-floor" {print $2}' "$work/result")

@@ -11,13 +11,24 @@
 #      failed request fails the build;
 #   3. the profile merged with llvm-profdata (rustup's llvm-tools component, which this script
 #      installs when it is missing) and a build that uses it (`-Cprofile-use`) in target/pgo.
+# replica-runtime, the other half of every request, goes the same way with a profile of its own
+# (target/pgo-gen-rt, then target/pgo-rt): replica-direct drives the instrumented runtime over
+# its socket, the add model one at a time and with requests written ahead as the proxy batches
+# them, and 1 KB to 1 MB echoes. (Not through the proxy: a replica the proxy stops is ended by
+# SIGTERM, and a process ended by a signal writes no profile; one whose socket closes exits and
+# does.) The result is copied beside modelgate, target/pgo/release/replica-runtime, where
+# modelgate looks for it.
+# FLOORS=1 also builds the reference servers `floor` and `hop-floor` this way (trained by
+# loadgen, as the benchmarks load them) into target/pgo/release, so that a profile-guided
+# modelgate is compared with profile-guided floors (`FLOORS=target/pgo/release` in
+# side-by-side.sh).
 # The profile tells LLVM which code runs per request and which branches it takes: the hot code
 # is inlined and laid out together, code that never ran is marked cold (set apart, optimised for
 # size). Fewer instructions and far fewer instruction-cache misses per request ("A profile-guided
-# build" in docs/PERFORMANCE.md). replica-runtime is built as usual and copied beside modelgate,
-# where modelgate looks for it. The builds take the flags below, not RUSTFLAGS from the
-# environment. Bounded: three release builds (the plain one the other scripts share, the
-# instrumented one, the profile-guided one) and about 35 s of load.
+# build" in docs/PERFORMANCE.md). The builds take the flags below, not RUSTFLAGS from the
+# environment. Bounded: five release builds (the plain one the other scripts share, and an
+# instrumented and a profile-guided one each of modelgate and replica-runtime; two more with
+# FLOORS=1) and about 45 s of load (55 s with FLOORS=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -37,8 +48,17 @@ raw=$PWD/target/pgo-gen/profraw
 # CARGO_ENCODED_RUSTFLAGS holds one flag per field, so a path with spaces stays whole.
 CARGO_TARGET_DIR=target/pgo-gen CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$raw" \
   cargo build -q --release -p modelgate
-# The build scripts of that build wrote profiles of their own, and earlier runs theirs.
-rm -rf "$raw"
+# The runtime in a target directory of its own: other flags would rebuild the shared crates.
+raw_rt=$PWD/target/pgo-gen-rt/profraw
+CARGO_TARGET_DIR=target/pgo-gen-rt CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$raw_rt" \
+  cargo build -q --release -p replica-runtime
+raw_floors=$PWD/target/pgo-gen-floors/profraw
+if [ "${FLOORS:-0}" = 1 ]; then
+  CARGO_TARGET_DIR=target/pgo-gen-floors CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$raw_floors" \
+    cargo build -q --release -p modelgate-loadtests --bin floor --bin hop-floor
+fi
+# The build scripts of those builds wrote profiles of their own, and earlier runs theirs.
+rm -rf "$raw" "$raw_rt" "$raw_floors"
 
 mkdir -p "$work/models"
 cat >"$work/models/echo.py" <<'PY'
@@ -61,7 +81,7 @@ cat >"$work/check.py" <<'PY'
 import json, sys
 r = json.load(sys.stdin)
 assert r["error_total"] == 0, r
-print(f"  {r['ok']:>7} answers:", *sys.argv[1:], file=sys.stderr)
+print(f"  {r.get('ok', r.get('sent')):>7} answers:", *sys.argv[1:], file=sys.stderr)
 PY
 
 # The CPUs this script may use; the first pass puts the server on the first and loadgen on the
@@ -136,11 +156,55 @@ short_load
 stop
 ls "$raw"/*.profraw >/dev/null
 
-echo "== merged profile and optimised build (target/pgo)" >&2
+# direct ARGS...: one checked replica-direct run of the instrumented runtime, pinned as `train`
+# pins its load; the runtime writes its profile as it exits, when replica-direct hangs up.
+direct() {
+  # shellcheck disable=SC2046 # pin's words are meant to split
+  $(pin 1) target/release/replica-direct --runtime target/pgo-gen-rt/release/replica-runtime \
+    ${cpus[1]:+--runtime-cpu ${cpus[0]}} --warmup 0.2 "$@" | python3 "$work/check.py" "$@"
+}
+echo "== training replica-runtime, over its socket" >&2
+direct --duration 1
+direct --duration 1 --spin
+direct --duration 2 --pipeline 16
+for bytes in 1000 100000 1000000; do
+  direct --duration 1 --dir "$work/models" --file echo.py --function echo --payload-bytes $bytes --expect-echo
+done
+ls "$raw_rt"/*.profraw >/dev/null
+
+if [ "${FLOORS:-0}" = 1 ]; then
+  echo "== training floor and hop-floor" >&2
+  # floor_train NAME ARGS...: starts floor or hop-floor, loads it as side-by-side.sh does.
+  floor_train() {
+    local name=$1; shift
+    # shellcheck disable=SC2046 # pin's words are meant to split
+    $(pin 0) "target/pgo-gen-floors/release/$name" --listen 127.0.0.1:18950 "$@" >/dev/null 2>"$work/log" &
+    server=$!
+    for _ in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:18950/ && break; sleep 0.1; done
+    url=(--url http://127.0.0.1:18950/model)
+    train any --expect 8 --concurrency 1 --duration 1
+    train any --expect 8 --concurrency 16 --duration 2
+    stop
+  }
+  floor_train floor
+  floor_train hop-floor --batch 16
+  ls "$raw_floors"/*.profraw >/dev/null
+fi
+
+echo "== merged profiles and optimised builds (target/pgo)" >&2
 mkdir -p target/pgo
 "$profdata" merge -o target/pgo/modelgate.profdata "$raw"/*.profraw
+"$profdata" merge -o target/pgo/replica-runtime.profdata "$raw_rt"/*.profraw
 CARGO_TARGET_DIR=target/pgo CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/modelgate.profdata" \
   cargo build -q --release -p modelgate
+CARGO_TARGET_DIR=target/pgo-rt CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/replica-runtime.profdata" \
+  cargo build -q --release -p replica-runtime
 # modelgate looks for replica-runtime beside itself unless told otherwise.
-cp target/release/replica-runtime target/pgo/release/
+cp target/pgo-rt/release/replica-runtime target/pgo/release/
+if [ "${FLOORS:-0}" = 1 ]; then
+  "$profdata" merge -o target/pgo/floors.profdata "$raw_floors"/*.profraw
+  CARGO_TARGET_DIR=target/pgo-floors CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$PWD/target/pgo/floors.profdata" \
+    cargo build -q --release -p modelgate-loadtests --bin floor --bin hop-floor
+  cp target/pgo-floors/release/floor target/pgo-floors/release/hop-floor target/pgo/release/
+fi
 echo "$PWD/target/pgo/release/modelgate"

@@ -17,8 +17,11 @@
 # 80 % of each server's median c=16 rate, and the bare floor runs an open loop at modelgate's
 # rate: the tail this host gives a server that forwards nothing, at the same load (a host that
 # stalls its vCPU for milliseconds puts every server's p99 over 1 ms). All four servers run for
-# the whole run; each sits idle while another is measured. MG=/path/to/modelgate measures that build instead (e.g. the
-# profile-guided one of loadtests/pgo-build.sh). Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
+# the whole run; each sits idle while another is measured. MG=/path/to/modelgate measures that
+# build instead (e.g. the profile-guided one of loadtests/pgo-build.sh); hop-floor and the direct
+# replica then run the replica-runtime beside it, as modelgate does. FLOORS=DIR takes `floor` and
+# `hop-floor` from DIR (FLOORS=target/pgo/release: the profile-guided ones of `FLOORS=1
+# loadtests/pgo-build.sh`). Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -26,6 +29,10 @@ ROUNDS=${ROUNDS:-1}
 KEY=bench-add-key-0123456789abcdef
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 mg=${MG:-./target/release/modelgate}
+# The runtime modelgate runs: the one beside it, else this tree's.
+rt=$(dirname "$mg")/replica-runtime
+[ -x "$rt" ] || rt=./target/release/replica-runtime
+floors=${FLOORS:-./target/release}
 out=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$out"; }
@@ -44,10 +51,10 @@ print(int(0.8 * statistics.median(r['achieved_rps'] for r in rounds.load('$out')
 }
 
 echo "== starting: (d) bare hyper floor, (a) modelgate, (e) hop-floor, (b) FastAPI + uvicorn" >&2
-taskset -c 0 ./target/release/floor --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
+taskset -c 0 "$floors/floor" --listen 127.0.0.1:18901 >/dev/null & pids+=($!)
 taskset -c 0 "$mg" serve --config loadtests/configs/add-1replica.toml >/dev/null 2>"$out/modelgate.log" & pids+=($!)
 # shellcheck disable=SC2086 # HOP_ARGS is a list of arguments
-taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18903 ${HOP_ARGS---batch 16} >/dev/null & pids+=($!)
+taskset -c 0 "$floors/hop-floor" --runtime "$rt" --listen 127.0.0.1:18903 ${HOP_ARGS---batch 16} >/dev/null & pids+=($!)
 venv=${VENV:-$out/venv}
 [ -x "$venv/bin/uvicorn" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install -q fastapi 'uvicorn[standard]'; }
 (cd loadtests/peers && MODEL_DIR="$PWD/../../examples/add_numbers" ACCESS_KEY=$KEY \
@@ -67,7 +74,7 @@ for round in $(seq 1 "$ROUNDS"); do
     load "$name-c1-r$round" "$url" 1
     load "$name-c16-r$round" "$url" 16
   done
-  taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
+  taskset -c 1 ./target/release/replica-direct --runtime "$rt" --runtime-cpu 0 \
     --warmup 1 --duration "$DURATION" ${SPIN:+--spin} >"$out/direct-r$round.json"
   load "fastapi-c1-r$round" http://127.0.0.1:18902/model 1
   load "fastapi-c16-r$round" http://127.0.0.1:18902/model 16
@@ -82,7 +89,7 @@ for round in $(seq 1 "$ROUNDS"); do
   load "floor-openmg-r$round" http://127.0.0.1:18901/model 1 --mode open --rate "$mg_rate" --connections 32
 done
 
-echo "modelgate: $mg"
+echo "modelgate: $mg; replica-runtime: $rt; floors: $floors"
 python3 - "$out" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")

@@ -83,6 +83,17 @@ pub fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     Ok((header.kind, payload))
 }
 
+/// Resolves at SIGINT or SIGTERM: a server stopped either way then returns from `main` and exits
+/// normally, which an instrumented build (`loadtests/pgo-build.sh`) needs to write its profile.
+pub async fn stopped() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// The runtime a server under test runs on, chosen as modelgate chooses: tokio's current-thread
 /// scheduler when the process may run on one CPU, the multi-thread one with a worker per CPU
 /// otherwise. So a floor pinned beside modelgate schedules its tasks the way modelgate does.

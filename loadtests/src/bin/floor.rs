@@ -108,18 +108,24 @@ async fn serve() {
         "floor listening on http://{}",
         listener.local_addr().expect("addr")
     );
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(
-                    TokioIo::new(stream),
-                    hyper::service::service_fn(move |req| answer(req, echo)),
-                )
-                .await;
-        });
+    let serve = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(move |req| answer(req, echo)),
+                    )
+                    .await;
+            });
+        }
+    };
+    tokio::select! {
+        _ = serve => {}
+        _ = modelgate_loadtests::stopped() => {}
     }
 }

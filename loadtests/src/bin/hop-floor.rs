@@ -473,7 +473,7 @@ async fn serve() {
     };
     tokio::select! {
         _ = serve => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = modelgate_loadtests::stopped() => {}
     }
     let _ = child.kill();
     let _ = child.wait();
