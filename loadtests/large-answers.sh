@@ -3,7 +3,8 @@
 # crosses every hop twice), side by side in one run, servers on CPU 0 and the client on CPU 1:
 #   floor     floor --echo: bare hyper reading the body (into one buffer) and answering its `request` in the
 #             success envelope: what HTTP alone costs for that many bytes each way;
-#   modelgate this tree's proxy and one replica of the echo model;
+#   modelgate this tree's proxy and one replica of the echo model (MG="<modelgate>
+#             [<replica-runtime>]" another build, e.g. the profile-guided one);
 #   baseline  BASELINE="<modelgate> <replica-runtime>", another build in the same rounds, e.g. this
 #             tree's proxy with a runtime from before lent answers (which then never lends);
 #   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
@@ -27,8 +28,9 @@ config() { # file port data [runtime]
     model_toml echo "$KEY" false "$work/models" echo.py echo
   } >"$1"
 }
-config "$work/c.toml" 18635 "$work/data"
-taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+read -r mg mg_rt <<<"${MG:-./target/release/modelgate}"
+config "$work/c.toml" 18635 "$work/data" "${mg_rt:-}"
+taskset -c 0 "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 taskset -c 0 ./target/release/floor --listen 127.0.0.1:18636 --echo >"$work/floor.log" &
 floor=$!
