@@ -4,7 +4,7 @@
 # alternation (off, on, off, on, ...) so both see the same machine; run-to-run noise here is about
 # +-15 us at p50, so the summary is the median over ROUNDS rounds. modelgate and its replicas are
 # pinned to CPU 0, loadgen to CPU 1. Bounded: 4 x ROUNDS (default 6) runs of 0.5 s warm-up +
-# DURATION s (default 3), against 127.0.0.1 only.
+# DURATION s (default 3), against 127.0.0.1 only. MG=/path/to/modelgate measures that build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
@@ -15,7 +15,7 @@ work=$(mktemp -d)
   model_toml add-open bench-open-key-0123456789abcdef false
   model_toml add-auth bench-auth-key-0123456789abcdef true
 } >"$work/c.toml"
-taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 trap 'kill -INT $server; wait $server; rm -rf "$work"' EXIT
 wait_ready 18610 "$work/log"

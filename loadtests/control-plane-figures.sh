@@ -7,6 +7,7 @@
 # starting the embedded interpreter and importing the add model (`replica-runtime check`, which
 # imports and exits), median of 5. Python's `site` runs the environment's .pth files there, so a
 # slow one shows in this line rather than as a slower modelgate.
+# MG=/path/to/modelgate measures that build (e.g. the profile-guided one, with its runtime).
 # Bounded: 5 checks, three builds, a few deployments, one 8 s load run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ cat > "$work/c.toml" <<TOML
 listen = "127.0.0.1:18700"
 data_dir = "data"
 TOML
-./target/release/modelgate serve --config "$work/c.toml" >"$work/out" 2>"$work/log" &
+"${MG:-./target/release/modelgate}" serve --config "$work/c.toml" >"$work/out" 2>"$work/log" &
 server=$!
 trap 'kill -INT $server; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 A=http://127.0.0.1:18700/api/v2

@@ -7,6 +7,7 @@
 #   4. a payload sweep (1 KB, 100 KB, 1 MB, 5 MB): requests of that size to a model that answers
 #      their length, and through an echo model (the same size back), each against the same replica
 #      code called directly over its socket, to isolate what the proxy adds per size.
+# MG=/path/to/modelgate serves with that build (e.g. the profile-guided one, with its runtime).
 # Bounded: every run is 0.5 s warm-up + DURATION s (default 3); about 30 runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ model() { # name path file function auth
   model echo "$work/models" scenarios.py echo false
   model size "$work/models" scenarios.py size false
 } > "$work/c.toml"
-taskset -c 0 ./target/release/modelgate serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
+taskset -c 0 "${MG:-./target/release/modelgate}" serve --config "$work/c.toml" >/dev/null 2>"$work/log" &
 server=$!
 trap 'kill -INT $server; wait $server; rm -rf "$work"' EXIT
 for _ in $(seq 1 6000); do curl -sf http://127.0.0.1:18620/readyz >/dev/null && break; sleep 0.1; done
