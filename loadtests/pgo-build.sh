@@ -12,11 +12,12 @@
 #   3. the profile merged with llvm-profdata (rustup's llvm-tools component, which this script
 #      installs when it is missing) and a build that uses it (`-Cprofile-use`) in target/pgo.
 # replica-runtime, the other half of every request, goes the same way with a profile of its own
-# (target/pgo-gen-rt, then target/pgo-rt): replica-direct drives the instrumented runtime over
-# its socket, the add model one at a time and with requests written ahead as the proxy batches
-# them, and 1 KB to 1 MB echoes. (Not through the proxy: a replica the proxy stops is ended by
-# SIGTERM, and a process ended by a signal writes no profile; one whose socket closes exits and
-# does.) The result is copied beside modelgate, target/pgo/release/replica-runtime, where
+# (target/pgo-gen-rt, then target/pgo-rt): the instrumented runtime serves behind the
+# instrumented proxy in every pass above (large requests written into its memory and large
+# answers lent included), and replica-direct then drives it over its socket: the add model one at
+# a time and with requests written ahead as the proxy batches them, and 1 KB to 1 MB echoes. A
+# replica writes its profile as it exits, which it does when the proxy stops it (SIGTERM) or its
+# socket closes. The result is copied beside modelgate, target/pgo/release/replica-runtime, where
 # modelgate looks for it.
 # FLOORS=1 also builds the reference servers `floor` and `hop-floor` this way (trained by
 # loadgen, as the benchmarks load them) into target/pgo/release, so that a profile-guided
@@ -71,7 +72,7 @@ echo_key=pgo-echo-key-0123456789abcdef
 # config WORKERS: the training configuration, with a runtime of WORKERS threads.
 config() {
   printf '[server]\nlisten = "127.0.0.1:18950"\ndata_dir = "%s"\nreplica_runtime = "%s"\nworker_threads = %s\n' \
-    "$work/data" "$PWD/target/release/replica-runtime" "$1"
+    "$work/data" "$PWD/target/pgo-gen-rt/release/replica-runtime" "$1"
   model_toml add-open "$open" false
   model_toml add-auth "$auth" true
   model_toml echo "$echo_key" false "$work/models" echo.py echo

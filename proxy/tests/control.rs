@@ -901,3 +901,90 @@ async fn a_build_log_streams_while_the_build_runs() {
     let (_, done) = api.get(&format!("{base}/{bid}")).await;
     assert_eq!(done["status"], "built");
 }
+
+/// A redeploy drains the old build's replicas for at most the shutdown grace, then stops them
+/// with SIGTERM, here while a request is still under way. The replica running it answers it,
+/// once, instead of dying halfway (until then, the request failed), and the model's `atexit`
+/// functions run as it exits.
+#[tokio::test]
+async fn a_replica_stopped_after_the_drain_bound_finishes_the_request_it_is_running() {
+    let server = Server::start("shutdown_grace_secs = 1", &[]);
+    let api = Api {
+        server: &server,
+        c: client(),
+    };
+    let project = tempfile::tempdir().unwrap();
+    let dir = project.path();
+    let calls = dir.join("calls");
+    let exits = dir.join("exits");
+    let write = |version: u32| {
+        std::fs::write(
+            dir.join("model.py"),
+            format!(
+                "import atexit, time\n\n\
+                 atexit.register(lambda: open({exits:?}, 'a').write('v{version}\\n'))\n\n\
+                 def predict(args):\n    \
+                     open({calls:?}, 'a').write('v{version}\\n')\n    \
+                     time.sleep(args['secs'])\n    \
+                     return {{'version': {version}}}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write(1);
+    let (pid, mid, key) = api.project_and_model("finisher", dir).await;
+    let (b1, log) = api.build(pid, mid, "model.py", "predict").await;
+    assert_eq!(b1["status"], "built", "{log}");
+    api.deploy(pid, mid, b1["id"].as_i64().unwrap(), 1, json!({}))
+        .await;
+    write(2);
+    let (b2, log) = api.build(pid, mid, "model.py", "predict").await;
+    assert_eq!(b2["status"], "built", "{log}");
+
+    let c = client();
+    let in_flight = tokio::spawn({
+        let (c, url, key) = (c.clone(), server.url("/model"), key.clone());
+        async move {
+            let r = c
+                .post(url)
+                .json(&json!({"accessKey": key, "request": {"secs": 3}}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    });
+    // The request is running in the old replica when the new build is deployed, and still is
+    // when the 1 s drain bound ends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&calls)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    api.deploy(pid, mid, b2["id"].as_i64().unwrap(), 1, json!({}))
+        .await;
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, &body["response"]),
+        (200, &json!({"version": 1})),
+        "{body}\n{}",
+        server.logs()
+    );
+    assert_eq!(std::fs::read_to_string(&calls).unwrap(), "v1\n", "run once");
+    // The old replica exited through its atexit functions; the new one serves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&exits).unwrap_or_default() != "v1\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the old replica's atexit functions did not run: {:?}\n{}",
+            std::fs::read_to_string(&exits),
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, body) = server.predict(&c, &key, json!({"secs": 0})).await;
+    assert_eq!((s, &body["response"]), (200, &json!({"version": 2})));
+}

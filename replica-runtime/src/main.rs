@@ -2,8 +2,9 @@
 //!
 //! `serve` connects to the Unix socket the proxy is listening on, imports the model, says
 //! [`Kind::Ready`] (or [`Kind::LoadFailed`] with the traceback on stderr) and then answers one
-//! request at a time until the proxy closes the socket. `check` only imports the module and resolves
-//! the function, for build-time validation.
+//! request at a time until the proxy closes the socket or stops it with SIGTERM, which is noticed
+//! between requests (see [`Stop`]). `check` only imports the module and resolves the function, for
+//! build-time validation.
 //!
 //! The model's own stdout and stderr are this process's, which the proxy reads line by line into
 //! the replica's log.
@@ -18,6 +19,8 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use modelgate_protocol::glibc::Tunable;
@@ -213,6 +216,8 @@ fn serve(
         in_place: region.as_ref().map(Region::announce),
     };
     write_json_frame(&writer, Kind::Ready, &ready)?;
+    // Only now: SIGTERM during the import ends the process at once, as it did before.
+    let stop = Stop::install()?;
 
     // Only grows, and is zeroed only as it grows: a large request is read over the bytes of the
     // last one instead of being zeroed first (a 5 MB memset per request otherwise).
@@ -222,15 +227,26 @@ fn serve(
     let mut lend = false;
     let mut lent: Option<Vec<u8>> = None;
     loop {
+        // The request under way when SIGTERM came has been answered; the ones the proxy sent
+        // behind it were not started, and it sends them to another replica when this one hangs
+        // up.
+        if stop.requested() {
+            break;
+        }
         if reader.buffer().is_empty() {
             writer.flush()?;
-            wait_readable(reader.get_ref())?;
+            if wait_readable(reader.get_ref(), &stop)? {
+                break;
+            }
         }
         let mut header = [0u8; protocol::HEADER_LEN];
         match reader.read_exact(&mut header) {
             Ok(()) => {}
             // The proxy closed the socket: it is stopping this replica or has gone away.
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(ExitCode::SUCCESS),
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                model.run_exit_handlers();
+                return Ok(ExitCode::SUCCESS);
+            }
             Err(err) => return Err(err),
         }
         let header = protocol::decode_header(header)
@@ -298,26 +314,92 @@ fn serve(
                 write_json_frame(&writer, Kind::ResultErr, &err)?;
                 // The interpreter's state is suspect and the proxy replaces this process:
                 // requests it already sent behind this one must not run here (they go to
-                // the replacement), so read and drop the rest until the proxy hangs up.
-                io::copy(&mut reader, &mut io::sink())?;
+                // the replacement), so read and drop the rest until the proxy hangs up or
+                // stops it.
+                let mut scrap = [0u8; 64 * 1024];
+                loop {
+                    if reader.buffer().is_empty() && wait_readable(reader.get_ref(), &stop)? {
+                        break;
+                    }
+                    match reader.read(&mut scrap) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                        Err(err) => return Err(err),
+                    }
+                }
                 return Ok(ExitCode::FAILURE);
             }
             Err(err) => write_json_frame(&writer, Kind::ResultErr, &err)?,
         }
     }
+    // Stopped by SIGTERM: the answers held go out, and a lent one stays until the proxy has
+    // copied it (if it never says so, its SIGKILL after the grace period ends this).
+    writer.flush()?;
+    while lent.is_some() {
+        let mut header = [0u8; protocol::HEADER_LEN];
+        match reader.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(err) => return Err(err),
+        }
+        let header = protocol::decode_header(header)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        // Requests are not started now; their payloads are read past.
+        io::copy(
+            &mut (&mut reader).take(header.payload_len as u64),
+            &mut io::sink(),
+        )?;
+        if Kind::from_u8(header.kind) == Some(Kind::Taken) {
+            lent = None;
+        }
+    }
+    model.run_exit_handlers();
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Blocks until the socket has data (or the proxy hung up). A read blocked in `recv` is also
-/// woken each time the proxy reads an answer and frees buffer space (Linux wakes a Unix socket's
-/// one wait queue for both directions), which costs two context switches per request on the
-/// core the proxy shares; `poll` for input only is woken by input only.
-fn wait_readable(stream: &UnixStream) -> io::Result<()> {
+/// SIGTERM, the proxy's way of stopping a replica (it sends SIGKILL after a grace period). Left to
+/// the default action it would kill the process in the middle of a request, which the proxy would
+/// then run again on another replica, and the model's `atexit` functions would not run. Caught, it
+/// is noticed between requests: the one under way is answered, and the process exits as it does
+/// when the proxy hangs up.
+struct Stop {
+    requested: Arc<AtomicBool>,
+    /// Readable once SIGTERM has come: wakes [`wait_readable`].
+    wake: UnixStream,
+}
+
+impl Stop {
+    fn install() -> io::Result<Stop> {
+        use signal_hook::consts::SIGTERM;
+        let requested = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(SIGTERM, requested.clone())?;
+        let (wake, notify) = UnixStream::pair()?;
+        signal_hook::low_level::pipe::register(SIGTERM, notify)?;
+        Ok(Stop { requested, wake })
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+}
+
+/// Blocks until the socket has data (or the proxy hung up), or SIGTERM came (true). A read
+/// blocked in `recv` is also woken each time the proxy reads an answer and frees buffer space
+/// (Linux wakes a Unix socket's one wait queue for both directions), which costs two context
+/// switches per request on the core the proxy shares; `poll` for input only is woken by input
+/// only.
+fn wait_readable(stream: &UnixStream, stop: &Stop) -> io::Result<bool> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    let mut fds = [
+        PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+        PollFd::new(stop.wake.as_fd(), PollFlags::POLLIN),
+    ];
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(stop.requested() || fds[1].any().unwrap_or(false)),
+            Err(nix::errno::Errno::EINTR) if stop.requested() => return Ok(true),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(err) => return Err(err.into()),
         }

@@ -126,6 +126,20 @@ impl Model {
             .to_owned()
     }
 
+    /// Runs the functions the model registered with `atexit`, as the interpreter does when a
+    /// Python program ends (the interpreter itself is never finalised here). Their exceptions are
+    /// printed to stderr, the replica's log, by `atexit` itself.
+    pub fn run_exit_handlers(&self) {
+        Python::attach(|py| {
+            if let Err(err) = py
+                .import("atexit")
+                .and_then(|atexit| atexit.call_method0("_run_exitfuncs"))
+            {
+                err.display(py);
+            }
+        })
+    }
+
     /// Calls the function with the JSON `request` and returns its JSON-encoded result.
     pub fn predict(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
         Python::attach(|py| {

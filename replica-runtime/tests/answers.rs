@@ -1,6 +1,8 @@
 //! A replica holds an answer while the next request can start at once, and sends it with the
 //! ones after it; a request that turns out slow does not hold the answers before it for long.
-//! Requests of any length follow each other on one connection.
+//! Requests of any length follow each other on one connection. Stopped with SIGTERM, a replica
+//! still answers the request under way, starts none after it, and runs the model's `atexit`
+//! functions as it exits.
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -283,6 +285,81 @@ fn large_answers_are_lent_one_at_a_time_and_kept_until_taken() {
     assert!(read_lent(&child, &lent) == big('d').as_bytes());
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Waits up to 10 s for the replica to exit; kills it and fails if it does not.
+fn exits_within_10s(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the replica did not exit within 10 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+#[test]
+fn sigterm_lets_the_request_under_way_finish_and_starts_no_other() {
+    let (mut child, mut stream, dir) = replica("sigterm-busy", "note_at_exit");
+    let first = dir.0.join("first");
+    let second = dir.0.join("second");
+    // Two requests in one write, as the proxy sends a batch: the first takes 0.5 s.
+    let mut out = Vec::new();
+    for (path, secs) in [(&first, 0.5), (&second, 0.0)] {
+        let request = serde_json::json!({"path": path, "secs": secs}).to_string();
+        out.extend_from_slice(&encode_header(Kind::Predict, request.len()));
+        out.extend_from_slice(request.as_bytes());
+    }
+    stream.write_all(&out).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    sigterm(&child);
+
+    // The request under way is answered...
+    let (kind, payload) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultOk));
+    let answer: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(answer["noted"], first.to_str().unwrap());
+    // ...the one behind it is not started (the proxy sends it to another replica), and the
+    // replica exits cleanly, running the atexit function the first request registered.
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut rest).unwrap();
+    assert!(rest.is_empty(), "no answer after SIGTERM: {rest:?}");
+    assert!(exits_within_10s(&mut child).success());
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), "ran");
+    assert!(!second.exists(), "the request behind the stop ran");
+}
+
+#[test]
+fn an_idle_replica_exits_at_once_on_sigterm_running_atexit_functions() {
+    let (mut child, mut stream, dir) = replica("sigterm-idle", "note_at_exit");
+    let note = dir.0.join("note");
+    send(
+        &mut stream,
+        serde_json::json!({"path": note}).to_string().as_bytes(),
+    );
+    assert_eq!(read_frame(&mut stream).0, Some(Kind::ResultOk));
+    assert!(!note.exists(), "atexit ran before the exit");
+    let stopped = Instant::now();
+    sigterm(&child);
+    assert!(exits_within_10s(&mut child).success());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "an idle replica waited {:?} to stop",
+        stopped.elapsed()
+    );
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "ran");
 }
 
 mod tempfile_dir {
