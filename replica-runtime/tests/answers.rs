@@ -362,6 +362,35 @@ fn an_idle_replica_exits_at_once_on_sigterm_running_atexit_functions() {
     assert_eq!(std::fs::read_to_string(&note).unwrap(), "ran");
 }
 
+/// A replica stopped while an answer is lent keeps it until the proxy has taken it: the proxy
+/// is copying it out of the replica's memory.
+#[test]
+fn a_replica_stopped_with_an_answer_lent_keeps_it_until_taken() {
+    let (mut child, mut stream, _dir) = replica("sigterm-lent", "echo");
+    let big = format!(r#"{{"pad":"{}"}}"#, "e".repeat(100_000));
+    send_frame(&mut stream, Kind::Lend, &[]);
+    send(&mut stream, big.as_bytes());
+    let (kind, lent) = read_frame(&mut stream);
+    assert_eq!(kind, Some(Kind::ResultLent));
+    sigterm(&child);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with an answer lent"
+    );
+    // A request sent now is not started; the answer is still there, unchanged.
+    send(&mut stream, br#"{"small":1}"#);
+    assert!(
+        read_lent(&child, &lent) == big.as_bytes(),
+        "the lent answer changed"
+    );
+    send_frame(&mut stream, Kind::Taken, &[]);
+    assert!(exits_within_10s(&mut child).success());
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut rest).unwrap();
+    assert!(rest.is_empty(), "answered after SIGTERM: {rest:?}");
+}
+
 mod tempfile_dir {
     /// A directory under the system's temporary directory, removed on drop.
     pub struct Dir(pub std::path::PathBuf);
