@@ -217,7 +217,7 @@ fn serve(
     };
     write_json_frame(&writer, Kind::Ready, &ready)?;
     // Only now: SIGTERM during the import ends the process at once, as it did before.
-    let stop = Stop::install()?;
+    let stop = Stop::install(&model)?;
 
     // Only grows, and is zeroed only as it grows: a large request is read over the bytes of the
     // last one instead of being zeroed first (a 5 MB memset per request otherwise).
@@ -359,10 +359,15 @@ fn serve(
 }
 
 /// SIGTERM, the proxy's way of stopping a replica (it sends SIGKILL after a grace period). Left to
-/// the default action it would kill the process in the middle of a request, which the proxy would
-/// then run again on another replica, and the model's `atexit` functions would not run. Caught, it
-/// is noticed between requests: the one under way is answered, and the process exits as it does
-/// when the proxy hangs up.
+/// the default action it would kill the process in the middle of a request, and the model's
+/// `atexit` functions would not run. Caught, it is noticed between requests: the one under way is
+/// answered, and the process exits as it does when the proxy hangs up.
+///
+/// A process the model forks inherits the handler, and the wake-up socket with it. So processes
+/// forked through Python (`os.fork`, multiprocessing) get SIGTERM's default action back as they
+/// start ([`python::Model::reset_sigterm_in_forked_children`]), and `terminate()` still ends them.
+/// A byte on the wake-up socket from one forked otherwise (by a C library, say) is not taken for a
+/// stop: only this process's own flag is.
 struct Stop {
     requested: Arc<AtomicBool>,
     /// Readable once SIGTERM has come: wakes [`wait_readable`].
@@ -370,17 +375,29 @@ struct Stop {
 }
 
 impl Stop {
-    fn install() -> io::Result<Stop> {
+    fn install(model: &python::Model) -> io::Result<Stop> {
         use signal_hook::consts::SIGTERM;
+        // First, so no process forked from here on keeps the handler.
+        model
+            .reset_sigterm_in_forked_children()
+            .map_err(io::Error::other)?;
         let requested = Arc::new(AtomicBool::new(false));
+        // Registered before the wake-up, so the flag is set by the time the socket is readable.
         signal_hook::flag::register(SIGTERM, requested.clone())?;
         let (wake, notify) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
         signal_hook::low_level::pipe::register(SIGTERM, notify)?;
         Ok(Stop { requested, wake })
     }
 
     fn requested(&self) -> bool {
-        self.requested.load(Ordering::Relaxed)
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Empties the wake-up socket of bytes that did not come with this process's own SIGTERM.
+    fn forget_wakes(&self) {
+        let mut scrap = [0u8; 64];
+        while matches!((&self.wake).read(&mut scrap), Ok(n) if n > 0) {}
     }
 }
 
@@ -398,7 +415,15 @@ fn wait_readable(stream: &UnixStream, stop: &Stop) -> io::Result<bool> {
     ];
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => return Ok(stop.requested() || fds[1].any().unwrap_or(false)),
+            Ok(_) if stop.requested() => return Ok(true),
+            Ok(_) => {
+                if fds[1].any().unwrap_or(false) {
+                    stop.forget_wakes();
+                }
+                if fds[0].any().unwrap_or(false) {
+                    return Ok(false);
+                }
+            }
             Err(nix::errno::Errno::EINTR) if stop.requested() => return Ok(true),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(err) => return Err(err.into()),

@@ -140,6 +140,22 @@ impl Model {
         })
     }
 
+    /// Gives SIGTERM its default action back in every process forked through Python from now on
+    /// (`os.register_at_fork`), so the replica's own handler does not keep a model's
+    /// multiprocessing workers alive when they are terminated.
+    pub fn reset_sigterm_in_forked_children(&self) -> Result<(), String> {
+        Python::attach(|py| {
+            let globals = PyDict::new(py);
+            py.run(
+                c"import os, signal\n\
+                  os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))\n",
+                Some(&globals),
+                None,
+            )
+            .map_err(|err| err.to_string())
+        })
+    }
+
     /// Calls the function with the JSON `request` and returns its JSON-encoded result.
     pub fn predict(&self, request: &[u8]) -> Result<Vec<u8>, ModelError> {
         Python::attach(|py| {

@@ -391,6 +391,49 @@ fn a_replica_stopped_with_an_answer_lent_keeps_it_until_taken() {
     assert!(rest.is_empty(), "answered after SIGTERM: {rest:?}");
 }
 
+/// A process the model forks does not keep the replica's SIGTERM handler: its `terminate()` ends
+/// it, and that SIGTERM does not stop the replica.
+#[test]
+fn a_forked_child_of_the_model_is_ended_by_sigterm_and_does_not_stop_the_replica() {
+    let (mut child, mut stream, _dir) = replica("sigterm-fork", "terminate_child");
+    for _ in 0..2 {
+        send(&mut stream, b"{}");
+        let (kind, payload) = read_frame(&mut stream);
+        assert_eq!(
+            kind,
+            Some(Kind::ResultOk),
+            "{}",
+            String::from_utf8_lossy(&payload)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(
+            answer["exitcode"], -15,
+            "the child was not ended by SIGTERM"
+        );
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the replica stopped");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A child forked behind Python's back keeps the replica's handler, and its SIGTERM wakes the
+/// replica through the socket they share; the replica, not signalled itself, goes on serving.
+#[test]
+fn a_sigterm_to_a_child_forked_behind_pythons_back_does_not_stop_the_replica() {
+    let (mut child, mut stream, _dir) = replica("sigterm-raw-fork", "raw_fork_terminated");
+    for _ in 0..2 {
+        send(&mut stream, b"{}");
+        assert_eq!(
+            read_frame(&mut stream),
+            (Some(Kind::ResultOk), br#""ok""#.to_vec())
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "the replica stopped");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 mod tempfile_dir {
     /// A directory under the system's temporary directory, removed on drop.
     pub struct Dir(pub std::path::PathBuf);
