@@ -472,12 +472,15 @@ async fn run_in_cgroup(
     }
 }
 
-/// SIGTERM to the process group, SIGKILL after a grace period, then reap.
+/// SIGTERM to the replica, SIGKILL to its process group after a grace period, then reap.
 async fn stop_process(slot: &Arc<Slot>, child: &mut Child) {
-    let pgid = slot.pgid();
-    if pgid > 0 {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pgid),
+    // The replica alone (it leads its group, so the group id is its pid, still its own until it
+    // is reaped): it answers the request under way and exits, and the processes the model
+    // started keep working for that request meanwhile. What is left of them goes as it is reaped.
+    let pid = slot.pgid();
+    if pid > 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
     }

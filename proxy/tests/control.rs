@@ -905,7 +905,8 @@ async fn a_build_log_streams_while_the_build_runs() {
 /// A redeploy drains the old build's replicas for at most the shutdown grace, then stops them
 /// with SIGTERM, here while a request is still under way. The replica running it answers it,
 /// once, instead of dying halfway (until then, the request failed), and the model's `atexit`
-/// functions run as it exits.
+/// functions run as it exits. The request's work runs in a process the model forked
+/// (multiprocessing), which the stop leaves working: SIGTERM goes to the replica alone.
 #[tokio::test]
 async fn a_replica_stopped_after_the_drain_bound_finishes_the_request_it_is_running() {
     let server = Server::start("shutdown_grace_secs = 1", &[]);
@@ -921,11 +922,12 @@ async fn a_replica_stopped_after_the_drain_bound_finishes_the_request_it_is_runn
         std::fs::write(
             dir.join("model.py"),
             format!(
-                "import atexit, time\n\n\
+                "import atexit, multiprocessing, time\n\n\
                  atexit.register(lambda: open({exits:?}, 'a').write('v{version}\\n'))\n\n\
                  def predict(args):\n    \
                      open({calls:?}, 'a').write('v{version}\\n')\n    \
-                     time.sleep(args['secs'])\n    \
+                     with multiprocessing.get_context('fork').Pool(1) as pool:\n        \
+                         pool.apply(time.sleep, (args['secs'],))\n    \
                      return {{'version': {version}}}\n"
             ),
         )
@@ -947,7 +949,7 @@ async fn a_replica_stopped_after_the_drain_bound_finishes_the_request_it_is_runn
         async move {
             let r = c
                 .post(url)
-                .json(&json!({"accessKey": key, "request": {"secs": 3}}))
+                .json(&json!({"accessKey": key, "request": {"secs": 5}}))
                 .send()
                 .await
                 .unwrap();
@@ -966,7 +968,15 @@ async fn a_replica_stopped_after_the_drain_bound_finishes_the_request_it_is_runn
     }
     api.deploy(pid, mid, b2["id"].as_i64().unwrap(), 1, json!({}))
         .await;
+    let deployed = Instant::now();
     let (status, body) = in_flight.await.unwrap();
+    // The stop came about 1.2 s after the new build was serving (the drain bound and its 200 ms
+    // head start): the request was still running then, or this test proves nothing.
+    assert!(
+        deployed.elapsed() > Duration::from_millis(1_600),
+        "the request ended {:?} after the redeploy, before the stop",
+        deployed.elapsed()
+    );
     assert_eq!(
         (status, &body["response"]),
         (200, &json!({"version": 1})),

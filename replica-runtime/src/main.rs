@@ -244,7 +244,7 @@ fn serve(
             Ok(()) => {}
             // The proxy closed the socket: it is stopping this replica or has gone away.
             Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
-                model.run_exit_handlers();
+                run_exit_functions(&model);
                 return Ok(ExitCode::SUCCESS);
             }
             Err(err) => return Err(err),
@@ -314,54 +314,87 @@ fn serve(
                 write_json_frame(&writer, Kind::ResultErr, &err)?;
                 // The interpreter's state is suspect and the proxy replaces this process:
                 // requests it already sent behind this one must not run here (they go to
-                // the replacement), so read and drop the rest until the proxy hangs up or
-                // stops it.
-                let mut scrap = [0u8; 64 * 1024];
-                loop {
-                    if reader.buffer().is_empty() && wait_readable(reader.get_ref(), &stop)? {
-                        break;
-                    }
-                    match reader.read(&mut scrap) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                        Err(err) => return Err(err),
-                    }
-                }
+                // the replacement), so read past the rest until the proxy hangs up or stops
+                // it. No atexit functions either.
+                writer.flush()?;
+                read_past_requests(&mut reader, &mut lent, &stop)?;
                 return Ok(ExitCode::FAILURE);
             }
             Err(err) => write_json_frame(&writer, Kind::ResultErr, &err)?,
         }
     }
     // Stopped by SIGTERM: the answers held go out, and a lent one stays until the proxy has
-    // copied it (if it never says so, its SIGKILL after the grace period ends this).
+    // copied it.
     writer.flush()?;
-    while lent.is_some() {
+    read_past_requests(&mut reader, &mut lent, &stop)?;
+    run_exit_functions(&model);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads past what the proxy sends, starting no request, until it hangs up or, once stopped,
+/// until no answer is lent: a `Taken` gives that back (if none comes, the proxy's SIGKILL after
+/// its grace period ends the wait).
+fn read_past_requests(
+    reader: &mut BufReader<UnixStream>,
+    lent: &mut Option<Vec<u8>>,
+    stop: &Stop,
+) -> io::Result<()> {
+    loop {
+        if stop.requested() && lent.is_none() {
+            return Ok(());
+        }
+        // Stopped with an answer lent, the read below blocks until the proxy says more.
+        if reader.buffer().is_empty() && !stop.requested() && wait_readable(reader.get_ref(), stop)?
+        {
+            continue;
+        }
         let mut header = [0u8; protocol::HEADER_LEN];
         match reader.read_exact(&mut header) {
             Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(err) => return Err(err),
         }
         let header = protocol::decode_header(header)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        // Requests are not started now; their payloads are read past.
         io::copy(
-            &mut (&mut reader).take(header.payload_len as u64),
+            &mut (&mut *reader).take(header.payload_len as u64),
             &mut io::sink(),
         )?;
         if Kind::from_u8(header.kind) == Some(Kind::Taken) {
-            lent = None;
+            *lent = None;
         }
     }
+}
+
+/// The longest the model's `atexit` functions may run as the process ends.
+const EXIT_FUNCTIONS_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the model's `atexit` functions, as a Python program's end does, within
+/// [`EXIT_FUNCTIONS_LIMIT`]: one that waits on something that never comes (multiprocessing's
+/// joins a child that never ends) must not keep a replica alive after a proxy that is gone, and
+/// nobody else would end it then.
+fn run_exit_functions(model: &python::Model) {
+    std::thread::spawn(|| {
+        std::thread::sleep(EXIT_FUNCTIONS_LIMIT);
+        eprintln!(
+            "replica-runtime: the model's atexit functions ran over {EXIT_FUNCTIONS_LIMIT:?}; ending the process"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(std::process::id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
     model.run_exit_handlers();
-    Ok(ExitCode::SUCCESS)
 }
 
 /// SIGTERM, the proxy's way of stopping a replica (it sends SIGKILL after a grace period). Left to
 /// the default action it would kill the process in the middle of a request, and the model's
 /// `atexit` functions would not run. Caught, it is noticed between requests: the one under way is
 /// answered, and the process exits as it does when the proxy hangs up.
+///
+/// The proxy sends SIGTERM to the replica alone, not to its process group: the processes the model
+/// started keep working for the request under way, and what is left of them is killed once the
+/// replica has ended.
 ///
 /// A process the model forks inherits the handler, and the wake-up socket with it. So processes
 /// forked through Python (`os.fork`, multiprocessing) get SIGTERM's default action back as they
@@ -419,6 +452,10 @@ fn wait_readable(stream: &UnixStream, stop: &Stop) -> io::Result<bool> {
             Ok(_) => {
                 if fds[1].any().unwrap_or(false) {
                     stop.forget_wakes();
+                    // The stop may have come between the check and the emptying.
+                    if stop.requested() {
+                        return Ok(true);
+                    }
                 }
                 if fds[0].any().unwrap_or(false) {
                     return Ok(false);

@@ -142,13 +142,24 @@ impl Model {
 
     /// Gives SIGTERM its default action back in every process forked through Python from now on
     /// (`os.register_at_fork`), so the replica's own handler does not keep a model's
-    /// multiprocessing workers alive when they are terminated.
+    /// multiprocessing workers alive when they are terminated. SIGTERM is blocked across the
+    /// fork, so one sent to the child before it has reset the action is not lost to the
+    /// handler: it stays pending and ends the child as it unblocks.
     pub fn reset_sigterm_in_forked_children(&self) -> Result<(), String> {
         Python::attach(|py| {
             let globals = PyDict::new(py);
             py.run(
-                c"import os, signal\n\
-                  os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))\n",
+                c"import os, signal, threading
+saved = threading.local()
+def before():
+    saved.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+def after_in_parent():
+    signal.pthread_sigmask(signal.SIG_SETMASK, saved.mask)
+def after_in_child():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, saved.mask)
+os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
+",
                 Some(&globals),
                 None,
             )

@@ -315,15 +315,23 @@ fn sigterm_lets_the_request_under_way_finish_and_starts_no_other() {
     let (mut child, mut stream, dir) = replica("sigterm-busy", "note_at_exit");
     let first = dir.0.join("first");
     let second = dir.0.join("second");
-    // Two requests in one write, as the proxy sends a batch: the first takes 0.5 s.
+    let started = dir.0.join("started");
+    // Two requests in one write, as the proxy sends a batch: the first takes 2 s.
     let mut out = Vec::new();
-    for (path, secs) in [(&first, 0.5), (&second, 0.0)] {
-        let request = serde_json::json!({"path": path, "secs": secs}).to_string();
+    for request in [
+        serde_json::json!({"path": first, "secs": 2, "started": started}),
+        serde_json::json!({"path": second}),
+    ] {
+        let request = request.to_string();
         out.extend_from_slice(&encode_header(Kind::Predict, request.len()));
         out.extend_from_slice(request.as_bytes());
     }
     stream.write_all(&out).unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the first request never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     sigterm(&child);
 
     // The request under way is answered...
@@ -432,6 +440,32 @@ fn a_sigterm_to_a_child_forked_behind_pythons_back_does_not_stop_the_replica() {
     assert!(child.try_wait().unwrap().is_none(), "the replica stopped");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The model's atexit functions get 5 s as the replica ends, here on EOF (the proxy gone): one
+/// that never returns does not keep the process alive.
+#[test]
+fn atexit_functions_that_never_return_are_cut_short() {
+    use std::os::unix::process::ExitStatusExt;
+    let (mut child, mut stream, dir) = replica("atexit-hang", "note_at_exit");
+    let note = dir.0.join("note");
+    send(
+        &mut stream,
+        serde_json::json!({"path": note, "hang": true})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(read_frame(&mut stream).0, Some(Kind::ResultOk));
+    let hung_up = Instant::now();
+    drop(stream);
+    let status = exits_within_10s(&mut child);
+    assert_eq!(status.signal(), Some(nix::libc::SIGKILL), "{status:?}");
+    assert!(
+        hung_up.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        hung_up.elapsed()
+    );
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "ran");
 }
 
 mod tempfile_dir {
