@@ -944,18 +944,7 @@ async fn a_replica_stopped_after_the_drain_bound_finishes_the_request_it_is_runn
     assert_eq!(b2["status"], "built", "{log}");
 
     let c = client();
-    let in_flight = tokio::spawn({
-        let (c, url, key) = (c.clone(), server.url("/model"), key.clone());
-        async move {
-            let r = c
-                .post(url)
-                .json(&json!({"accessKey": key, "request": {"secs": 5}}))
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
-    });
+    let in_flight = server.predict_in_background(&c, &key, json!({"secs": 5}));
     // The request is running in the old replica when the new build is deployed, and still is
     // when the 1 s drain bound ends.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -879,21 +879,7 @@ async fn sigkill_of_a_replica_mid_request_fails_that_request_only() {
         .predict(&c, &key_for("slow"), json!({"secs": 0}))
         .await;
     let victim = first["response"]["pid"].as_i64().unwrap() as i32;
-    let in_flight = {
-        let (c, url, key) = (c.clone(), server.url("/model"), key_for("slow"));
-        tokio::spawn(async move {
-            let r = c
-                .post(url)
-                .json(&json!({"accessKey": key, "request": {"secs": 5}}))
-                .send()
-                .await
-                .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<serde_json::Value>().await.unwrap(),
-            )
-        })
-    };
+    let in_flight = server.predict_in_background(&c, &key_for("slow"), json!({"secs": 5}));
     tokio::time::sleep(Duration::from_millis(300)).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim),
@@ -1256,21 +1242,8 @@ async fn sigterm_drains_in_flight_requests_and_leaves_no_child() {
     let children = server.children();
     assert_eq!(children.len(), 2, "two replica processes");
     let c = client();
-    let in_flight = tokio::spawn({
-        let (c, url, key) = (c.clone(), server.url("/model"), key_for("slow"));
-        async move {
-            let r = c
-                .post(url)
-                .json(&json!({"accessKey": key, "request": {"secs": 1, "seq": 5}}))
-                .send()
-                .await
-                .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<serde_json::Value>().await.unwrap(),
-            )
-        }
-    });
+    let in_flight =
+        server.predict_in_background(&c, &key_for("slow"), json!({"secs": 1, "seq": 5}));
     // An idle keep-alive connection, which the drain must close rather than wait for.
     let mut idle = TcpStream::connect(&server.addr).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -217,6 +217,22 @@ impl Server {
         }
     }
 
+    /// Sends one prediction from a task of its own, for a request that must be in flight while
+    /// the test does something else: resolves to the status and the JSON body.
+    pub fn predict_in_background(
+        &self,
+        client: &reqwest::Client,
+        key: &str,
+        request: serde_json::Value,
+    ) -> tokio::task::JoinHandle<(u16, serde_json::Value)> {
+        let (c, url) = (client.clone(), self.url("/model"));
+        let body = serde_json::json!({ "accessKey": key, "request": request });
+        tokio::spawn(async move {
+            let r = c.post(url).json(&body).send().await.expect("request sent");
+            (r.status().as_u16(), r.json().await.expect("JSON body"))
+        })
+    }
+
     pub async fn predict(
         &self,
         client: &reqwest::Client,
