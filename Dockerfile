@@ -13,8 +13,8 @@ ENV PYO3_PYTHON=python3
 # PGO=1 (the default) builds modelgate and replica-runtime with profile-guided optimisation, as
 # loadtests/pgo-build.sh does: an instrumented build serves a short, checked load of the bundled
 # add model on 127.0.0.1 inside this stage, over plain HTTP and over TLS (a throwaway
-# certificate made with openssl), an instrumented runtime answers the same model over its
-# socket, and their profiles shape the final builds (five release builds instead of one; 20-25 %
+# certificate made with openssl), with an instrumented runtime as its replica, which also
+# answers the same model over its socket alone; their profiles shape the final builds (five release builds instead of one; 20-25 %
 # fewer instructions per request in the proxy over HTTP, 19 % over TLS, 8 % in the replica,
 # docs/PERFORMANCE.md). It fetches rustup's llvm-tools component. PGO=0 is a plain release build.
 ARG PGO=1
