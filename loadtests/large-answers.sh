@@ -7,7 +7,8 @@
 #             [<replica-runtime>]" another build, e.g. the profile-guided one);
 #   baseline  BASELINE="<modelgate> <replica-runtime>", another build in the same rounds, e.g. this
 #             tree's proxy with a runtime from before lent answers (which then never lends);
-#   direct    the same replica code called over its Unix socket, no HTTP, no proxy.
+#   direct    the same replica code called over its Unix socket, no HTTP, no proxy (the runtime
+#             MG names, else this tree's).
 # Every answer is checked. The table shows each one's median p50 over ROUNDS rounds (default 3)
 # of DURATION s (default 3), and every round's. Bounded: ROUNDS x sizes x 4 runs of
 # 0.5 + DURATION s, 127.0.0.1 only.
@@ -57,7 +58,8 @@ for round in $(seq 1 "$ROUNDS"); do
     load modelgate 18635 "$n"
     [ -z "$baseline" ] || load baseline 18637 "$n"
     printf 'direct\t%s\t' "$n"
-    taskset -c 1 ./target/release/replica-direct --runtime-cpu 0 --dir "$work/models" --file echo.py \
+    taskset -c 1 ./target/release/replica-direct --runtime "${mg_rt:-target/release/replica-runtime}" \
+      --runtime-cpu 0 --dir "$work/models" --file echo.py \
       --function echo --payload-bytes "$n" --expect-echo --warmup 0.5 --duration "$D"
   done
 done | tee "$work/runs" >&2
