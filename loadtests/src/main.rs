@@ -333,10 +333,14 @@ async fn send(plan: &Plan, h1: &mut H1, req: Request<Full<Bytes>>) -> Answer {
 /// when the exchange ended: the answer's last byte, or the failure. Checking the answer comes
 /// after that instant, so with one request in flight a large answer's parse is not counted as
 /// the server's latency (with more, one worker's check can still delay reading another's answer
-/// on the client's CPU).
-async fn exchange(plan: &Plan, h1: &mut H1) -> (Result<u16, Failure>, Instant) {
-    match fetch(plan, h1).await {
-        Ok((status, body, done)) => (check(plan, status, &body), done),
+/// on the client's CPU). The answer is read into `answer`, the worker's own buffer.
+async fn exchange(
+    plan: &Plan,
+    h1: &mut H1,
+    answer: &mut Vec<u8>,
+) -> (Result<u16, Failure>, Instant) {
+    match fetch(plan, h1, answer).await {
+        Ok((status, done)) => (check(plan, status, answer), done),
         Err(failure) => {
             // A failed or abandoned exchange may leave the connection mid-request: never reuse it.
             *h1 = None;
@@ -345,8 +349,15 @@ async fn exchange(plan: &Plan, h1: &mut H1) -> (Result<u16, Failure>, Instant) {
     }
 }
 
-/// Sends one request and reads its whole answer: status, body, and when its last byte came.
-async fn fetch(plan: &Plan, h1: &mut H1) -> Result<(u16, Bytes, Instant), Failure> {
+/// Sends one request and reads its whole answer into `body`: returns the status and when the
+/// last byte came.
+///
+/// `body` is the worker's own buffer, emptied and filled again for every answer, so that it
+/// keeps its capacity. Collecting each answer into a buffer of its own put a fresh allocation
+/// of the answer's size on the clock of every request: for megabytes, memory the kernel had to
+/// fault in page by page, which the client charged to the server (about 1 ms of a 5 MB echo
+/// here, docs/PERFORMANCE.md).
+async fn fetch(plan: &Plan, h1: &mut H1, body: &mut Vec<u8>) -> Result<(u16, Instant), Failure> {
     let mut req = Request::new(Full::new(plan.body.clone()));
     *req.method_mut() = hyper::Method::POST;
     *req.uri_mut() = plan.uri.clone();
@@ -354,13 +365,14 @@ async fn fetch(plan: &Plan, h1: &mut H1) -> Result<(u16, Bytes, Instant), Failur
     let attempt = async {
         let resp = send(plan, h1, req).await?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await;
-        let done = Instant::now();
-        Ok((
-            status,
-            body.map_err(|e| fail("transport", e))?.to_bytes(),
-            done,
-        ))
+        let mut incoming = resp.into_body();
+        body.clear();
+        while let Some(frame) = incoming.frame().await {
+            if let Ok(data) = frame.map_err(|e| fail("transport", e))?.into_data() {
+                body.extend_from_slice(&data);
+            }
+        }
+        Ok((status, Instant::now()))
     };
     let timeout = plan.args.timeout;
     match tokio::time::timeout(timeout, attempt).await {
@@ -371,7 +383,7 @@ async fn fetch(plan: &Plan, h1: &mut H1) -> Result<(u16, Bytes, Instant), Failur
 
 /// Whether an answer is one the run expects: an accepted status and, for a 200, `success: true`
 /// with the expected `response`.
-fn check(plan: &Plan, status: u16, body: &Bytes) -> Result<u16, Failure> {
+fn check(plan: &Plan, status: u16, body: &[u8]) -> Result<u16, Failure> {
     let text = || String::from_utf8_lossy(body).into_owned();
     if !plan.args.expect_status.contains(&status) {
         return Err(fail(format!("status_{status}"), text()));
@@ -472,9 +484,9 @@ impl Plan {
 }
 
 async fn worker(plan: Arc<Plan>) {
-    let mut h1 = None;
+    let (mut h1, mut answer) = (None, Vec::new());
     while let Some(began) = plan.next_start().await {
-        let (outcome, done) = exchange(&plan, &mut h1).await;
+        let (outcome, done) = exchange(&plan, &mut h1, &mut answer).await;
         let broken = matches!(&outcome, Err(f) if f.kind == "transport" || f.kind == "tls");
         plan.record(began, outcome, done);
         if broken && plan.args.mode == Mode::Closed {
