@@ -15,12 +15,20 @@
 # in the list, so none is always measured first or last. SPIN=1 makes the clients poll instead
 # of sleeping between answers. Prints medians of ROUNDS (default 5) and each server's share per
 # round (its p50 minus the direct replica's in that round). MG=/path/to/modelgate measures that
-# build instead (e.g. loadtests/pgo-build.sh's). Bounded: ROUNDS x 6 runs of 1 + DURATION s (default 3).
+# build instead (e.g. loadtests/pgo-build.sh's); hop-floor, blocking-floor --hop and the direct
+# replica then run the replica-runtime beside it, as modelgate does, so every share is of one
+# runtime. FLOORS=DIR takes `floor` and `hop-floor` from DIR (target/pgo/release: the
+# profile-guided ones of `FLOORS=1 loadtests/pgo-build.sh`). Bounded: ROUNDS x 6 runs of
+# 1 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 mg=${MG:-./target/release/modelgate}
+# The runtime modelgate runs: the one beside it, else this tree's.
+rt=$(dirname "$mg")/replica-runtime
+[ -x "$rt" ] || rt=./target/release/replica-runtime
+floors=${FLOORS:-./target/release}
 ROUNDS=${ROUNDS:-5}
 D=${DURATION:-3}
 KEY=proxy-share-key-0123456789
@@ -29,10 +37,10 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 add_config "$work/c.toml" 18915 "$work/data" "$KEY"
-taskset -c 0 ./target/release/floor --listen 127.0.0.1:18910 >"$work/floor.log" & pids+=($!)
+taskset -c 0 "$floors/floor" --listen 127.0.0.1:18910 >"$work/floor.log" & pids+=($!)
 taskset -c 0 ./target/release/blocking-floor --listen 127.0.0.1:18911 >"$work/bfloor.log" & pids+=($!)
-taskset -c 0 ./target/release/hop-floor --listen 127.0.0.1:18912 >"$work/hop.log" & pids+=($!)
-taskset -c 0 ./target/release/blocking-floor --hop --listen 127.0.0.1:18913 >"$work/bhop.log" & pids+=($!)
+taskset -c 0 "$floors/hop-floor" --runtime "$rt" --listen 127.0.0.1:18912 >"$work/hop.log" & pids+=($!)
+taskset -c 0 ./target/release/blocking-floor --hop --runtime "$rt" --listen 127.0.0.1:18913 >"$work/bhop.log" & pids+=($!)
 taskset -c 0 "$mg" serve --config "$work/c.toml" >/dev/null 2>"$work/mg.log" & pids+=($!)
 listening_addr floor "$work/floor.log" >/dev/null
 listening_addr blocking-floor "$work/bfloor.log" >/dev/null
@@ -45,7 +53,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for i in "${!order[@]}"; do
     s=${order[$(( (i + round - 1) % ${#order[@]} ))]}
     if [ "${s%:*}" = direct ]; then
-      taskset -c 1 ./target/release/replica-direct --runtime target/release/replica-runtime --runtime-cpu 0 \
+      taskset -c 1 ./target/release/replica-direct --runtime "$rt" --runtime-cpu 0 \
         --warmup 1 --duration "$D" ${SPIN:+--spin} >"$work/direct-r$round.json"
     else
       bench_load --url "http://127.0.0.1:${s#*:}/model" --access-key "$KEY" --expect 8 \
@@ -53,7 +61,7 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
   done
 done
-echo "modelgate: $mg"
+echo "modelgate: $mg; replica-runtime: $rt; floors: $floors"
 python3 - "$work" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")
