@@ -53,32 +53,47 @@ async fn close_h2(client: reqwest::Client) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-/// `modelgate serve` starts itself again, once, in the same process, with its allocator setting
-/// (a larger glibc per-thread cache), and its replicas inherit it.
+/// `modelgate serve` starts itself again, once, in the same process, with its allocator settings
+/// (a larger glibc per-thread cache; heap thresholds that keep large bodies' memory), and its
+/// replicas inherit them: they want the same thresholds, so they need not start again.
 #[tokio::test]
 async fn serve_runs_with_its_allocator_setting() {
     let server = Server::start("", &[model("add", "add", 1)]);
     server.wait_ready().await;
-    // glibc rewrites the variable in place once it has read it, so only the first setting shows.
+    // glibc splits the variable in place once it has read it: each setting shows as an entry.
     let environ = |pid: u32| {
         let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         raw.split(|&b| b == 0)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .collect::<Vec<_>>()
     };
+    let settings = |env: &[String]| {
+        let first = env.iter().position(|v| v.starts_with("GLIBC_TUNABLES="));
+        let first = first.unwrap_or_else(|| panic!("no GLIBC_TUNABLES: {env:?}"));
+        let mut all = vec![env[first]["GLIBC_TUNABLES=".len()..].to_string()];
+        all.extend(
+            env[first + 1..]
+                .iter()
+                .take_while(|v| v.starts_with("glibc."))
+                .cloned(),
+        );
+        all
+    };
+    let wanted = [
+        "glibc.malloc.tcache_count=64",
+        "glibc.malloc.mmap_threshold=33554432",
+        "glibc.malloc.trim_threshold=33554432",
+    ];
     let env = environ(server.pid());
     assert!(env.iter().any(|v| v == "MODELGATE_MALLOC_SET=1"), "{env:?}");
-    assert!(
-        env.iter()
-            .any(|v| v.starts_with("GLIBC_TUNABLES=glibc.malloc.tcache_count=64")),
-        "{env:?}"
-    );
+    assert_eq!(settings(&env), wanted, "{env:?}");
     let replica = server.children()[0];
     let env = environ(replica);
     assert!(env.iter().any(|v| v == "MODELGATE_MALLOC_SET=1"), "{env:?}");
+    assert_eq!(settings(&env), wanted, "{env:?}");
     assert!(
-        env.iter().any(|v| v == "MODELGATE_REPLICA_MALLOC_SET=1"),
-        "{env:?}"
+        !env.iter().any(|v| v == "MODELGATE_REPLICA_MALLOC_SET=1"),
+        "the replica started again for settings it had: {env:?}"
     );
     let (status, body) = server
         .predict(
