@@ -94,6 +94,18 @@ pub async fn stopped() {
     }
 }
 
+/// Starts the running floor again, once, with modelgate's allocator settings
+/// (`modelgate_protocol::glibc::PROXY`), so that a floor and modelgate are measured on the same
+/// allocator, and a replica a floor starts inherits what modelgate's replicas inherit. Call it
+/// first thing in `main`, before any thread starts.
+pub fn allocator_like_modelgate(program: &str) {
+    modelgate_protocol::glibc::restart_with(
+        program,
+        &modelgate_protocol::glibc::PROXY,
+        "MODELGATE_FLOOR_MALLOC_SET",
+    );
+}
+
 /// The runtime a server under test runs on, chosen as modelgate chooses: tokio's current-thread
 /// scheduler when the process may run on one CPU, the multi-thread one with a worker per CPU
 /// otherwise. So a floor pinned beside modelgate schedules its tasks the way modelgate does.

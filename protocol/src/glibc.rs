@@ -19,6 +19,47 @@ pub struct Tunable {
     pub older: Option<&'static str>,
 }
 
+/// A replica's settings, which the proxy takes too: blocks under 32 MiB come from the heap, and
+/// up to 32 MiB freed at its top is kept for the next request, at most what the process already
+/// used. With glibc's self-adjusting thresholds a large body's blocks were mapped and unmapped,
+/// or freed together into more than it keeps at the top of the heap, so every request faulted
+/// its pages in again, at about 2.8 µs a page on the machine of `docs/PERFORMANCE.md`:
+/// - in a replica, a 5 MB request makes a few allocations of its size at once (the bytes read
+///   and the values built from them): about 2,400 page faults, half its CPU time;
+/// - in the proxy, a large request arrives in read buffers of up to about 400 KB, all alive until
+///   its body is written into the replica: 56 faults a 5 MB request in `recv`, and that
+///   request's p50 went from 2.59 to 2.18 ms without them.
+pub const HEAP_THRESHOLDS: [Tunable; 2] = [
+    Tunable {
+        name: "glibc.malloc.mmap_threshold",
+        value: "33554432",
+        older: Some("MALLOC_MMAP_THRESHOLD_"),
+    },
+    Tunable {
+        name: "glibc.malloc.trim_threshold",
+        value: "33554432",
+        older: Some("MALLOC_TRIM_THRESHOLD_"),
+    },
+];
+
+/// `modelgate serve`'s settings, which its replicas inherit (so they need not start again):
+/// [`HEAP_THRESHOLDS`], and a larger per-thread cache. glibc keeps up to 7 freed blocks of each
+/// small size per thread (its tcache) to hand out again without its arena's slower paths. The
+/// proxy frees a batch's requests together and allocates the next batch's together, more than 7
+/// of a size at c=16, so most missed it; with 64 they do not (1,100–1,400 fewer instructions a
+/// request at c=16, about 6 %). The cache holds only blocks freed, at most 64 of each size up to
+/// 1,032 bytes per thread. The load tests' floors run with the same settings, so that they are
+/// measured on the same allocator.
+pub const PROXY: [Tunable; 3] = [
+    Tunable {
+        name: "glibc.malloc.tcache_count",
+        value: "64",
+        older: None,
+    },
+    HEAP_THRESHOLDS[0],
+    HEAP_THRESHOLDS[1],
+];
+
 /// `GLIBC_TUNABLES` with each of `wanted` that the environment does not set already (in
 /// `current`, or by its older variable: `is_set`) appended; `None` when nothing is missing.
 pub fn with_tunables(

@@ -112,43 +112,6 @@ enum Command {
     },
 }
 
-/// glibc's allocator settings for `modelgate serve`; replicas inherit them (they want the same
-/// two thresholds, `replica-runtime`'s own `MALLOC_TUNABLES`).
-///
-/// - **tcache_count**: glibc keeps up to 7 freed blocks of each small size per thread (its
-///   tcache) to hand out again without its arena's slower paths. The proxy frees a batch's
-///   requests together and allocates the next batch's together, more than 7 of a size at c=16,
-///   so most missed it; with 64 they do not (1,100–1,400 fewer instructions a request at c=16,
-///   about 6 %). The cache holds only blocks freed, at most 64 of each size up to 1,032 bytes
-///   per thread.
-/// - **mmap_threshold, trim_threshold**: a large request arrives in read buffers of up to about
-///   400 KB, all alive until its body is written into the replica. With glibc's self-adjusting
-///   thresholds those come from the heap and are trimmed back to the kernel once freed (anything
-///   over twice the largest block at the heap's top), so every large request faulted its pages
-///   in again: 56 faults a 5 MB request, at about 2.8 µs each here, plus the zeroing. With these,
-///   blocks under 32 MiB come from the heap and up to 32 MiB freed at its top is kept for the
-///   next request: a 5 MB request's p50 fell from 2.59 to 2.18 ms (five alternating rounds). The
-///   proxy keeps at most what it already used, up to 32 MiB more than glibc's defaults would.
-///
-/// Figures in `docs/PERFORMANCE.md`.
-const MALLOC_TUNABLES: [modelgate_protocol::glibc::Tunable; 3] = [
-    modelgate_protocol::glibc::Tunable {
-        name: "glibc.malloc.tcache_count",
-        value: "64",
-        older: None,
-    },
-    modelgate_protocol::glibc::Tunable {
-        name: "glibc.malloc.mmap_threshold",
-        value: "33554432",
-        older: Some("MALLOC_MMAP_THRESHOLD_"),
-    },
-    modelgate_protocol::glibc::Tunable {
-        name: "glibc.malloc.trim_threshold",
-        value: "33554432",
-        older: Some("MALLOC_TRIM_THRESHOLD_"),
-    },
-];
-
 /// Set in the environment of the restarted `modelgate serve`, so it never restarts twice.
 const RESTARTED: &str = "MODELGATE_MALLOC_SET";
 
@@ -188,7 +151,12 @@ fn main() -> ExitCode {
             check,
         } => {
             if !check {
-                modelgate_protocol::glibc::restart_with("modelgate", &MALLOC_TUNABLES, RESTARTED);
+                // Its allocator settings (`glibc::PROXY`), which replicas inherit.
+                modelgate_protocol::glibc::restart_with(
+                    "modelgate",
+                    &modelgate_protocol::glibc::PROXY,
+                    RESTARTED,
+                );
             }
             serve(config, listen, data_dir, check)
         }

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use modelgate_protocol::glibc::Tunable;
 use modelgate_protocol::{self as protocol, Kind, ModelError, Ready};
 
 #[derive(Parser)]
@@ -79,27 +78,6 @@ struct ModelArgs {
     memory_limit_bytes: Option<u64>,
 }
 
-/// glibc's allocator settings for a replica, with the older environment variable that sets each
-/// the same way. A large request (the proxy takes up to 5 MB) makes a few allocations of its size
-/// at once: the bytes read and the values built from them. With glibc's
-/// self-adjusting thresholds, such allocations are mapped and unmapped, or freed together into
-/// more than it keeps at the top of the heap, so every request faults its pages in again: about
-/// 2,400 page faults, half the replica's CPU time, for a 5 MB request on the machine of
-/// `docs/PERFORMANCE.md`. With these, allocations under 32 MiB come from the heap and up to
-/// 32 MiB freed at its top is kept for the next request (at most what the replica already used).
-const MALLOC_TUNABLES: [Tunable; 2] = [
-    Tunable {
-        name: "glibc.malloc.mmap_threshold",
-        value: "33554432",
-        older: Some("MALLOC_MMAP_THRESHOLD_"),
-    },
-    Tunable {
-        name: "glibc.malloc.trim_threshold",
-        value: "33554432",
-        older: Some("MALLOC_TRIM_THRESHOLD_"),
-    },
-];
-
 /// Set in the environment of the restarted process, so it never restarts twice whatever glibc
 /// does with `GLIBC_TUNABLES`.
 const RESTARTED: &str = "MODELGATE_REPLICA_MALLOC_SET";
@@ -122,7 +100,13 @@ fn main() -> ExitCode {
         } => {
             // Whoever starts replicas (the proxy, the load tests, a container) need not know;
             // the model sees the variable in its environment, and programs it starts inherit it.
-            protocol::glibc::restart_with("replica-runtime", &MALLOC_TUNABLES, RESTARTED);
+            // Its allocator settings (`glibc::HEAP_THRESHOLDS`), unless it has them already (from
+            // modelgate, say).
+            protocol::glibc::restart_with(
+                "replica-runtime",
+                &protocol::glibc::HEAP_THRESHOLDS,
+                RESTARTED,
+            );
             // Before the interpreter starts, so the model's import is inside the limits too.
             for procs in &join_cgroup {
                 if let Err(err) = std::fs::write(procs, b"0") {

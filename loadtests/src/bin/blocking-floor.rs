@@ -42,6 +42,7 @@ const MAX_BODY: usize = 1 << 20;
 type Replica = Arc<Mutex<(UnixStream, Vec<u8>)>>;
 
 fn main() {
+    modelgate_loadtests::allocator_like_modelgate("blocking-floor");
     let args = Args::parse();
     // The replica inherits this process's CPU affinity, as modelgate's replicas do.
     // The replica ends when its socket closes, that is when this process does.

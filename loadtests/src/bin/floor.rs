@@ -95,6 +95,7 @@ async fn answer(
 }
 
 fn main() {
+    modelgate_loadtests::allocator_like_modelgate("floor");
     modelgate_loadtests::server_runtime().block_on(serve());
 }
 

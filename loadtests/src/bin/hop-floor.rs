@@ -399,6 +399,7 @@ async fn answer(
 }
 
 fn main() {
+    modelgate_loadtests::allocator_like_modelgate("hop-floor");
     modelgate_loadtests::server_runtime().block_on(serve());
 }
 

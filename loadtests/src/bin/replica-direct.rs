@@ -79,6 +79,8 @@ impl<T: Write> Write for Spin<T> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Its replica then runs with what modelgate's replicas inherit.
+    modelgate_loadtests::allocator_like_modelgate("replica-direct");
     let args = Args::parse();
     let cmd = match args.runtime_cpu {
         Some(cpu) => {
