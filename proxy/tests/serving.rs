@@ -60,7 +60,8 @@ async fn close_h2(client: reqwest::Client) {
 async fn serve_runs_with_its_allocator_setting() {
     let server = Server::start("", &[model("add", "add", 1)]);
     server.wait_ready().await;
-    // glibc splits the variable in place once it has read it: each setting shows as an entry.
+    // glibc may split the variable in place once it has read it, so that each setting after the
+    // first shows as an entry of its own: both forms are read.
     let environ = |pid: u32| {
         let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         raw.split(|&b| b == 0)
@@ -70,14 +71,14 @@ async fn serve_runs_with_its_allocator_setting() {
     let settings = |env: &[String]| {
         let first = env.iter().position(|v| v.starts_with("GLIBC_TUNABLES="));
         let first = first.unwrap_or_else(|| panic!("no GLIBC_TUNABLES: {env:?}"));
-        let mut all = vec![env[first]["GLIBC_TUNABLES=".len()..].to_string()];
-        all.extend(
-            env[first + 1..]
-                .iter()
-                .take_while(|v| v.starts_with("glibc."))
-                .cloned(),
-        );
-        all
+        let rest = env[first + 1..]
+            .iter()
+            .take_while(|v| v.starts_with("glibc."));
+        std::iter::once(&env[first]["GLIBC_TUNABLES=".len()..])
+            .chain(rest.map(String::as_str))
+            .flat_map(|v| v.split(':'))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
     };
     let wanted = [
         "glibc.malloc.tcache_count=64",
