@@ -21,7 +21,10 @@
 # build instead (e.g. the profile-guided one of loadtests/pgo-build.sh); hop-floor and the direct
 # replica then run the replica-runtime beside it, as modelgate does. FLOORS=DIR takes `floor` and
 # `hop-floor` from DIR (FLOORS=target/pgo/release: the profile-guided ones of `FLOORS=1
-# loadtests/pgo-build.sh`). Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
+# loadtests/pgo-build.sh`). loadgen speaks HTTP/1.1 itself (`--raw`), the cheapest client it has:
+# with hyper's client, the bare floor and hop-floor at c=16 were held to what loadgen could send
+# from one CPU (CPU 0 idle 10-12 % under the floor); RAW=0 uses hyper's client, as every figure
+# before the twentieth session of 2026-12-02 did. Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -33,6 +36,8 @@ mg=${MG:-./target/release/modelgate}
 rt=$(dirname "$mg")/replica-runtime
 [ -x "$rt" ] || rt=./target/release/replica-runtime
 floors=${FLOORS:-./target/release}
+raw=--raw
+[ "${RAW:-1}" = 1 ] || raw=
 out=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$out"; }
@@ -41,7 +46,7 @@ wait_up() { for _ in $(seq 1 600); do curl -s -o /dev/null "$1" && return 0; sle
 load() { # name url conc [extra...]
   local name=$1 url=$2 c=$3; shift 3
   taskset -c 1 ./target/release/loadgen --url "$url" --access-key "$KEY" --expect 8 \
-    --concurrency "$c" --warmup 1 --duration "$DURATION" --json ${SPIN:+--spin} "$@" >"$out/$name.json"
+    --concurrency "$c" --warmup 1 --duration "$DURATION" --json ${SPIN:+--spin} $raw "$@" >"$out/$name.json"
 }
 # open_rate NAME: 80 % of NAME's c=16 maximum, the median of every round's, with the same kind of
 # client. (One round's maximum can come from a lucky spell the open loop then cannot keep up with.)
@@ -89,7 +94,7 @@ for round in $(seq 1 "$ROUNDS"); do
   load "floor-openmg-r$round" http://127.0.0.1:18901/model 1 --mode open --rate "$mg_rate" --connections 32
 done
 
-echo "modelgate: $mg; replica-runtime: $rt; floors: $floors"
+echo "modelgate: $mg; replica-runtime: $rt; floors: $floors; client: loadgen ${raw:-(hyper)}"
 python3 - "$out" <<'PY'
 import os, statistics, sys
 sys.path.insert(0, "loadtests")

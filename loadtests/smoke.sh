@@ -44,6 +44,7 @@ url="http://$addr/model"
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --concurrency 4 --warmup 0.5 --duration 2
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --mode open --rate 300 --warmup 0.5 --duration 2
 ./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --http2 --concurrency 4 --warmup 0.5 --duration 1
+./target/debug/loadgen --url "$url" --access-key "$key" --expect 8 --raw --concurrency 4 --warmup 0.5 --duration 1
 # Without the API key every request is refused, and loadgen says so.
 if MODELGATE_API_KEY= ./target/debug/loadgen --url "$url" --access-key "$key" --concurrency 1 --warmup 0 --duration 0.3 --json >"$work/refused" 2>&1; then
   echo "requests without an API key were served"; cat "$work/refused"; exit 1

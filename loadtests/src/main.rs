@@ -105,6 +105,13 @@ struct Args {
     /// microsecond, instead of a pacer thread that sleeps between slots.
     #[arg(long)]
     spin: bool,
+    /// Speak HTTP/1.1 over the socket directly instead of through hyper's client: the request's
+    /// bytes prepared once and written whole, the answer's head parsed with `httparse`, its body
+    /// read to its `Content-Length`. The client's own cost per request is lower, so a fast server
+    /// at high concurrency is not held to what this one CPU can send (plain http:// only;
+    /// answers must carry `Content-Length`).
+    #[arg(long, conflicts_with = "http2")]
+    raw: bool,
     /// Statuses that count as success, comma-separated (e.g. `200,429` under overload).
     #[arg(long, value_delimiter = ',', default_value = "200")]
     expect_status: Vec<u16>,
@@ -135,6 +142,8 @@ struct Plan {
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+    /// `--raw`: the whole request (head and body) as it goes on the wire.
+    raw: Option<Bytes>,
     workers: u32,
     start: Instant,
     measure_start: Instant,
@@ -215,6 +224,22 @@ fn plan(mut args: Args) -> Result<Plan, String> {
         limit = limit.min(u64::try_from(slots).unwrap_or(u64::MAX));
         workers = args.connections;
     }
+    let raw = match (args.raw, &tls) {
+        (false, _) => None,
+        (true, Some(_)) => return Err("--raw is for http:// URLs".into()),
+        (true, None) => {
+            let mut wire = format!("POST {path} HTTP/1.1\r\n").into_bytes();
+            for (name, value) in &headers {
+                wire.extend_from_slice(name.as_str().as_bytes());
+                wire.extend_from_slice(b": ");
+                wire.extend_from_slice(value.as_bytes());
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            wire.extend_from_slice(body.as_bytes());
+            Some(Bytes::from(wire))
+        }
+    };
     let start = Instant::now();
     let (measure_start, end) = (start + args.warmup, start + args.warmup + args.duration);
     Ok(Plan {
@@ -223,6 +248,7 @@ fn plan(mut args: Args) -> Result<Plan, String> {
         uri,
         headers,
         body: body.into(),
+        raw,
         workers,
         start,
         measure_start,
@@ -239,6 +265,22 @@ fn plan(mut args: Args) -> Result<Plan, String> {
 
 /// A worker's own HTTP/1.1 connection; `None` until dialled, or after it failed.
 type H1 = Option<http1::SendRequest<Full<Bytes>>>;
+
+/// What a worker keeps between its requests.
+#[derive(Default)]
+struct Conn {
+    h1: H1,
+    /// `--raw`: the socket, `None` until dialled or after it failed.
+    raw: Option<TcpStream>,
+    /// `--raw`: where an answer's head is read.
+    head: Vec<u8>,
+    /// The last answer's body. Emptied and filled again for every answer, so that it keeps its
+    /// capacity: collecting each answer into a buffer of its own put a fresh allocation of the
+    /// answer's size on the clock of every request, for megabytes memory the kernel had to fault
+    /// in page by page, which the client charged to the server (about 1 ms of a 5 MB echo here,
+    /// docs/PERFORMANCE.md).
+    answer: Vec<u8>,
+}
 
 /// Why one request did not count as ok: `kind` is the report's error bucket.
 struct Failure {
@@ -280,11 +322,17 @@ fn tls_connector(ca: &std::path::Path, http2: bool) -> Result<tokio_rustls::TlsC
 /// A connection to the server, without TLS (left) or with it (right).
 type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-async fn dial(plan: &Plan) -> Result<TokioIo<Stream>, Failure> {
+/// A TCP connection to the server, with Nagle off: it would add delay to every exchange of
+/// small requests and answers.
+async fn dial_tcp(plan: &Plan) -> Result<TcpStream, Failure> {
     let connect = |e| fail("transport", format!("connect {}: {e}", plan.addr));
     let tcp = TcpStream::connect(&plan.addr).await.map_err(connect)?;
-    // Small request/response pairs: Nagle would add delay to every exchange.
     tcp.set_nodelay(true).map_err(connect)?;
+    Ok(tcp)
+}
+
+async fn dial(plan: &Plan) -> Result<TokioIo<Stream>, Failure> {
+    let tcp = dial_tcp(plan).await?;
     let Some((connector, name)) = &plan.tls else {
         return Ok(TokioIo::new(Either::Left(tcp)));
     };
@@ -333,30 +381,25 @@ async fn send(plan: &Plan, h1: &mut H1, req: Request<Full<Bytes>>) -> Answer {
 /// when the exchange ended: the answer's last byte, or the failure. Checking the answer comes
 /// after that instant, so with one request in flight a large answer's parse is not counted as
 /// the server's latency (with more, one worker's check can still delay reading another's answer
-/// on the client's CPU). The answer is read into `answer`, the worker's own buffer.
-async fn exchange(
-    plan: &Plan,
-    h1: &mut H1,
-    answer: &mut Vec<u8>,
-) -> (Result<u16, Failure>, Instant) {
-    match fetch(plan, h1, answer).await {
-        Ok((status, done)) => (check(plan, status, answer), done),
+/// on the client's CPU).
+async fn exchange(plan: &Plan, conn: &mut Conn) -> (Result<u16, Failure>, Instant) {
+    let fetched = match &plan.raw {
+        Some(wire) => fetch_raw(plan, wire, conn).await,
+        None => fetch(plan, &mut conn.h1, &mut conn.answer).await,
+    };
+    match fetched {
+        Ok((status, done)) => (check(plan, status, &conn.answer), done),
         Err(failure) => {
             // A failed or abandoned exchange may leave the connection mid-request: never reuse it.
-            *h1 = None;
+            conn.h1 = None;
+            conn.raw = None;
             (Err(failure), Instant::now())
         }
     }
 }
 
-/// Sends one request and reads its whole answer into `body`: returns the status and when the
-/// last byte came.
-///
-/// `body` is the worker's own buffer, emptied and filled again for every answer, so that it
-/// keeps its capacity. Collecting each answer into a buffer of its own put a fresh allocation
-/// of the answer's size on the clock of every request: for megabytes, memory the kernel had to
-/// fault in page by page, which the client charged to the server (about 1 ms of a 5 MB echo
-/// here, docs/PERFORMANCE.md).
+/// Sends one request and reads its whole answer into `body` ([`Conn::answer`]): returns the
+/// status and when the last byte came.
 async fn fetch(plan: &Plan, h1: &mut H1, body: &mut Vec<u8>) -> Result<(u16, Instant), Failure> {
     let mut req = Request::new(Full::new(plan.body.clone()));
     *req.method_mut() = hyper::Method::POST;
@@ -371,6 +414,63 @@ async fn fetch(plan: &Plan, h1: &mut H1, body: &mut Vec<u8>) -> Result<(u16, Ins
             if let Ok(data) = frame.map_err(|e| fail("transport", e))?.into_data() {
                 body.extend_from_slice(&data);
             }
+        }
+        Ok((status, Instant::now()))
+    };
+    let timeout = plan.args.timeout;
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(fail("timeout", format!("no answer in {timeout:?}"))),
+    }
+}
+
+/// [`fetch`] for `--raw`: writes `wire`, reads the answer's head into [`Conn::head`] and its body
+/// into [`Conn::answer`].
+async fn fetch_raw(plan: &Plan, wire: &[u8], conn: &mut Conn) -> Result<(u16, Instant), Failure> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let transport = |e: std::io::Error| fail("transport", e);
+    let attempt = async {
+        let stream = match &mut conn.raw {
+            Some(stream) => stream,
+            None => conn.raw.insert(dial_tcp(plan).await?),
+        };
+        stream.write_all(wire).await.map_err(transport)?;
+        conn.head.clear();
+        let (status, head_len, body_len) = loop {
+            conn.head.reserve(4096);
+            if stream.read_buf(&mut conn.head).await.map_err(transport)? == 0 {
+                return Err(fail("transport", "connection closed before an answer"));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut head = httparse::Response::new(&mut headers);
+            let parsed = head.parse(&conn.head).map_err(|e| fail("transport", e))?;
+            if let httparse::Status::Complete(head_len) = parsed {
+                let length = head
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"));
+                let length = length
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .ok_or_else(|| fail("transport", "--raw: an answer without Content-Length"))?;
+                break (head.code.unwrap_or(0), head_len, length);
+            }
+        };
+        conn.answer.clear();
+        conn.answer.extend_from_slice(&conn.head[head_len..]);
+        while conn.answer.len() < body_len {
+            conn.answer.reserve(body_len - conn.answer.len());
+            if stream.read_buf(&mut conn.answer).await.map_err(transport)? == 0 {
+                return Err(fail("transport", "connection closed in an answer"));
+            }
+        }
+        if conn.answer.len() > body_len {
+            return Err(fail("transport", "bytes past the end of an answer"));
         }
         Ok((status, Instant::now()))
     };
@@ -484,9 +584,9 @@ impl Plan {
 }
 
 async fn worker(plan: Arc<Plan>) {
-    let (mut h1, mut answer) = (None, Vec::new());
+    let mut conn = Conn::default();
     while let Some(began) = plan.next_start().await {
-        let (outcome, done) = exchange(&plan, &mut h1, &mut answer).await;
+        let (outcome, done) = exchange(&plan, &mut conn).await;
         let broken = matches!(&outcome, Err(f) if f.kind == "transport" || f.kind == "tls");
         plan.record(began, outcome, done);
         if broken && plan.args.mode == Mode::Closed {
