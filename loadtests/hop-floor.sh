@@ -10,11 +10,15 @@
 # every server at c=1, c=16, and open loop at 80 % of the rate it reached at c=16 in that round.
 # Prints medians over ROUNDS (default 5) and, per round, modelgate / hop and modelgate / floor.
 # SPIN=1 makes the client poll instead of sleeping between answers (loadgen --spin), in the open
-# loop too, whose rate is then 80 % of what the polling client reached.
+# loop too, whose rate is then 80 % of what the polling client reached. The client is
+# `loadgen --raw`, cheap enough to keep the floor busy at c=16 (RAW=0: hyper's client, as before
+# the twentieth session of 2026-12-02).
 # Bounded: ROUNDS x 4 servers x 3 runs of 0.5 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
+raw=--raw
+[ "${RAW:-1}" = 1 ] || raw=
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 ROUNDS=${ROUNDS:-5}
 D=${DURATION:-3}
@@ -38,7 +42,7 @@ start() { # name
 for round in $(seq 1 "$ROUNDS"); do
   for s in mg hop hopb floor; do
     start $s
-    run() { bench_load --url http://127.0.0.1:18670/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" "$@"; }
+    run() { bench_load --url http://127.0.0.1:18670/model --access-key "$KEY" --expect 8 --warmup 0.5 --duration "$D" $raw "$@"; }
     printf '%s\t%s\tc1\t' "$round" $s; run --concurrency 1 ${SPIN:+--spin}
     printf '%s\t%s\tc16\t' "$round" $s; run --concurrency 16 ${SPIN:+--spin} | tee "$work/c16"
     rate=$(python3 -c "import json; print(int(0.8 * json.load(open('$work/c16'))['achieved_rps']))")

@@ -7,11 +7,15 @@
 #      "50 80"); the floor open loop at modelgate's 80 % rate (under half of what the floor can
 #      do), which shows this machine's own stalls with no proxy and no replica in the way; and
 #      the floor at 80 % of its own maximum, the same load relative to what it can do.
-# SPIN=1 makes every client poll instead of sleeping (loadgen --spin), maxima included.
+# SPIN=1 makes every client poll instead of sleeping (loadgen --spin), maxima included. The
+# client is `loadgen --raw`, cheap enough to find the floor's own maximum (RAW=0: hyper's client,
+# as before the twentieth session of 2026-12-02).
 # Bounded: (2 + ROUNDS x (PCTS + 2)) runs of 0.5 + DURATION s (defaults: ROUNDS=3, DURATION=5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
+raw=--raw
+[ "${RAW:-1}" = 1 ] || raw=
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
 add_config "$work/c.toml" 18660 "$work/data" open-loop-key-0123456789
@@ -26,7 +30,7 @@ ROUNDS=${ROUNDS:-3}
 load() { # url, loadgen arguments...
   local url=$1; shift
   bench_load --url "$url" --access-key open-loop-key-0123456789 --expect 8 \
-    --warmup 0.5 --duration "$D" ${SPIN:+--spin} "$@"
+    --warmup 0.5 --duration "$D" ${SPIN:+--spin} $raw "$@"
 }
 rps() { python3 -c "import json,sys; print(int(json.load(sys.stdin)['achieved_rps']))"; }
 max=$(load http://127.0.0.1:18660/model --concurrency 16 | rps)
