@@ -11,14 +11,12 @@
 # Prints medians over ROUNDS (default 5) and, per round, modelgate / hop and modelgate / floor.
 # SPIN=1 makes the client poll instead of sleeping between answers (loadgen --spin), in the open
 # loop too, whose rate is then 80 % of what the polling client reached. The client is
-# `loadgen --raw`, cheap enough to keep the floor busy at c=16 (RAW=0: hyper's client, as before
-# the twentieth session of 2026-12-02).
+# `loadgen --raw` (RAW=0: hyper's client; lib.sh's `loadgen_client`).
 # Bounded: ROUNDS x 4 servers x 3 runs of 0.5 + DURATION s (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
-raw=--raw
-[ "${RAW:-1}" = 1 ] || raw=
+raw=$(loadgen_client)
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 ROUNDS=${ROUNDS:-5}
 D=${DURATION:-3}

@@ -37,6 +37,14 @@ bench_load() {
   taskset -c 1 ./target/release/loadgen --json "$@" | tail -n 1
 }
 
+# loadgen_client: the loadgen flag for scripts that hold servers to the bare floor at c=16:
+# `--raw` (HTTP/1.1 written and parsed by loadgen itself, cheap enough that one CPU keeps the
+# floor busy; hyper's client could not), or nothing with RAW=0 (hyper's client, as every figure
+# before the twentieth session of 2026-12-02).
+loadgen_client() {
+  [ "${RAW:-1}" = 0 ] || echo --raw
+}
+
 # add_config FILE PORT DATA_DIR ACCESS_KEY [REPLICA_RUNTIME]: writes a modelgate config that serves
 # the bundled add model (one replica, authentication off) on 127.0.0.1:PORT.
 add_config() {

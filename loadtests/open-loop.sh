@@ -8,14 +8,12 @@
 #      do), which shows this machine's own stalls with no proxy and no replica in the way; and
 #      the floor at 80 % of its own maximum, the same load relative to what it can do.
 # SPIN=1 makes every client poll instead of sleeping (loadgen --spin), maxima included. The
-# client is `loadgen --raw`, cheap enough to find the floor's own maximum (RAW=0: hyper's client,
-# as before the twentieth session of 2026-12-02).
+# client is `loadgen --raw` (RAW=0: hyper's client; lib.sh's `loadgen_client`).
 # Bounded: (2 + ROUNDS x (PCTS + 2)) runs of 0.5 + DURATION s (defaults: ROUNDS=3, DURATION=5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . loadtests/lib.sh
-raw=--raw
-[ "${RAW:-1}" = 1 ] || raw=
+raw=$(loadgen_client)
 cargo build -q --release -p modelgate -p replica-runtime -p modelgate-loadtests
 work=$(mktemp -d)
 add_config "$work/c.toml" 18660 "$work/data" open-loop-key-0123456789

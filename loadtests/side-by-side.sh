@@ -21,12 +21,11 @@
 # build instead (e.g. the profile-guided one of loadtests/pgo-build.sh); hop-floor and the direct
 # replica then run the replica-runtime beside it, as modelgate does. FLOORS=DIR takes `floor` and
 # `hop-floor` from DIR (FLOORS=target/pgo/release: the profile-guided ones of `FLOORS=1
-# loadtests/pgo-build.sh`). loadgen speaks HTTP/1.1 itself (`--raw`), the cheapest client it has:
-# with hyper's client, the bare floor and hop-floor at c=16 were held to what loadgen could send
-# from one CPU (CPU 0 idle 10-12 % under the floor); RAW=0 uses hyper's client, as every figure
-# before the twentieth session of 2026-12-02 did. Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
+# loadtests/pgo-build.sh`). The client is `loadgen --raw` (RAW=0: hyper's client; lib.sh's
+# `loadgen_client`). Bounded: ROUNDS x about 13 runs of 1 + DURATION s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtests/lib.sh
 DURATION=${DURATION:-5}
 ROUNDS=${ROUNDS:-1}
 KEY=bench-add-key-0123456789abcdef
@@ -36,8 +35,7 @@ mg=${MG:-./target/release/modelgate}
 rt=$(dirname "$mg")/replica-runtime
 [ -x "$rt" ] || rt=./target/release/replica-runtime
 floors=${FLOORS:-./target/release}
-raw=--raw
-[ "${RAW:-1}" = 1 ] || raw=
+raw=$(loadgen_client)
 out=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$out"; }
