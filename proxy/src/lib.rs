@@ -25,6 +25,7 @@ pub mod replica;
 pub mod routing;
 pub mod server;
 pub mod supervisor;
+pub mod timer;
 
 use std::future::Future;
 use std::path::PathBuf;

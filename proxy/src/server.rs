@@ -21,6 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::error::{json_response, ApiError, Body};
 use crate::predict::{self, PredictLimits};
 use crate::routing::Routes;
+use crate::timer::CoarseTimer;
 
 /// Shared state of the HTTP front.
 #[derive(Clone)]
@@ -191,11 +192,16 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
+    // The timer is what makes the header-read timeout fire at all; hyper sets and cancels it once
+    // per request, which the coarse timer makes cheap (crate::timer). Its ticker stops with this
+    // function.
+    let (header_timer, ticker) =
+        CoarseTimer::new(CoarseTimer::resolution_for(settings.header_read_timeout));
+    let _ticker = AbortOnDrop(tokio::spawn(ticker));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        // The timer is what makes the header-read timeout fire at all.
-        .timer(TokioTimer::new())
+        .timer(header_timer)
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true);
     builder
@@ -291,6 +297,15 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain bound reached with requests still open; closing them");
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1333,6 +1333,88 @@ async fn header_read_timeout_closes_slow_clients() {
     .unwrap();
 }
 
+/// The header-read timeout runs from each wait for a request head, not from the connection's
+/// start: a keep-alive connection whose requests keep coming within it stays open for longer
+/// than it, and is closed once it stays idle, or sends half a head, for that long.
+#[tokio::test]
+async fn header_read_timeout_runs_from_each_wait_for_a_head() {
+    let server = Server::start("header_read_timeout_secs = 1", &[model("add", "add", 1)]);
+    server.wait_ready().await;
+    let addr = server.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let body = format!(
+            r#"{{"accessKey":"{}","request":{{"a":1,"b":1}}}}"#,
+            key_for("add")
+        );
+        let req = format!(
+            "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // One request; its answer, read whole by its Content-Length.
+        let call = |s: &mut TcpStream| {
+            s.write_all(req.as_bytes()).unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&answer).into_owned();
+                if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                        .unwrap();
+                    if rest.len() >= len {
+                        return text;
+                    }
+                }
+            }
+        };
+        // Reads until the server closes; how long that took.
+        let until_closed = |s: &mut TcpStream| {
+            let started = Instant::now();
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return started.elapsed(),
+                    Ok(_) => continue,
+                }
+            }
+        };
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let opened = Instant::now();
+        // Five requests 0.5 s apart: 2 s on one connection, with a 1 s header timeout.
+        for i in 0..5 {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let answer = call(&mut s);
+            assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+        }
+        assert!(opened.elapsed() >= Duration::from_secs(2));
+        // Then idle: closed after the timeout.
+        let idle = until_closed(&mut s);
+        assert!(
+            idle >= Duration::from_millis(900) && idle < Duration::from_secs(5),
+            "{idle:?}"
+        );
+        // Half a head after an answer: closed after the timeout too.
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(call(&mut s).starts_with("HTTP/1.1 200"));
+        s.write_all(b"POST /model HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let waited = until_closed(&mut s);
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_slow_body_gets_408_and_the_connection_closes_while_others_are_served() {
     let server = Server::start("body_read_timeout_secs = 1", &[model("add", "add", 1)]);
