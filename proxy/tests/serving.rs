@@ -1333,6 +1333,18 @@ async fn header_read_timeout_closes_slow_clients() {
     .unwrap();
 }
 
+/// An HTTP/1.1 prediction of the add model (1 + 1), as bytes to write on a raw connection.
+fn raw_add_request() -> String {
+    let body = format!(
+        r#"{{"accessKey":"{}","request":{{"a":1,"b":1}}}}"#,
+        key_for("add")
+    );
+    format!(
+        "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// The header-read timeout runs from each wait for a request head, not from the connection's
 /// start: a keep-alive connection whose requests keep coming within it stays open for longer
 /// than it, and is closed once it stays idle, or sends half a head, for that long.
@@ -1342,14 +1354,7 @@ async fn header_read_timeout_runs_from_each_wait_for_a_head() {
     server.wait_ready().await;
     let addr = server.addr.clone();
     tokio::task::spawn_blocking(move || {
-        let body = format!(
-            r#"{{"accessKey":"{}","request":{{"a":1,"b":1}}}}"#,
-            key_for("add")
-        );
-        let req = format!(
-            "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let req = raw_add_request();
         // One request; its answer, read whole by its Content-Length.
         let call = |s: &mut TcpStream| {
             s.write_all(req.as_bytes()).unwrap();
@@ -1357,13 +1362,21 @@ async fn header_read_timeout_runs_from_each_wait_for_a_head() {
             let mut buf = [0u8; 4096];
             loop {
                 let n = s.read(&mut buf).unwrap();
-                assert!(n > 0, "closed mid-answer: {}", String::from_utf8_lossy(&answer));
+                assert!(
+                    n > 0,
+                    "closed mid-answer: {}",
+                    String::from_utf8_lossy(&answer)
+                );
                 answer.extend_from_slice(&buf[..n]);
                 let text = String::from_utf8_lossy(&answer).into_owned();
                 if let Some((head, rest)) = text.split_once("\r\n\r\n") {
                     let len: usize = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
                         .unwrap();
                     if rest.len() >= len {
                         return text;
@@ -1464,15 +1477,7 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     let addr = server.addr.clone();
     tokio::task::spawn_blocking(move || {
         let request = |s: &mut TcpStream| {
-            let body = format!(
-                r#"{{"accessKey":"{}","request":{{"a":1,"b":1}}}}"#,
-                key_for("add")
-            );
-            let req = format!(
-                "POST /model HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(req.as_bytes()).unwrap();
+            s.write_all(raw_add_request().as_bytes()).unwrap();
             let mut buf = [0u8; 4096];
             let n = s.read(&mut buf).unwrap_or(0);
             String::from_utf8_lossy(&buf[..n]).into_owned()
@@ -1486,7 +1491,8 @@ async fn connections_past_the_limit_wait_until_one_closes() {
         }
         // A third connects (the kernel queues it) but is not served while both are open.
         let mut c = TcpStream::connect(&addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
         let waiting = request(&mut c);
         assert_eq!(waiting, "", "served past the connection limit");
         // One closes: the third is taken and answered.
