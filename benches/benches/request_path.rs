@@ -290,6 +290,36 @@ fn metrics_render(c: &mut Criterion) {
     c.bench_function("metrics_render/1000_models", |b| b.iter(|| handle.render()));
 }
 
+/// What hyper's header-read timeout costs on each timer: per request, hyper asks for a sleep
+/// (its deadline from the timer's `now`), polls it once while the connection waits for the next
+/// head (registering it), and drops it when the head arrives.
+fn header_timer(c: &mut Criterion) {
+    use hyper::rt::Timer;
+    use std::task::{Context, Waker};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = rt.enter();
+    let arm_and_cancel = |timer: &dyn Timer| {
+        let mut sleep = timer.sleep_until(timer.now() + Duration::from_secs(10));
+        let pending = sleep
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending();
+        assert!(pending);
+    };
+    let tokio_timer = hyper_util::rt::TokioTimer::new();
+    c.bench_function("header_timer/tokio", |b| {
+        b.iter(|| arm_and_cancel(&tokio_timer))
+    });
+    // The ticker is not run: no sleep here reaches its deadline.
+    let (coarse, _ticker) = modelgate::timer::CoarseTimer::new(Duration::from_millis(250));
+    c.bench_function("header_timer/coarse", |b| {
+        b.iter(|| arm_and_cancel(&coarse))
+    });
+}
+
 criterion_group!(
     benches,
     parse,
@@ -297,6 +327,7 @@ criterion_group!(
     authentication,
     pool,
     metrics_recording,
-    metrics_render
+    metrics_render,
+    header_timer
 );
 criterion_main!(benches);
