@@ -113,7 +113,7 @@ fn lock(shard: &Mutex<Slab<Entry>>) -> MutexGuard<'_, Slab<Entry>> {
 /// This thread's shard: threads take shards in turn the first time they ask.
 fn shard_index(shards: usize) -> usize {
     if shards == 1 {
-        // One CPU: no thread-local lookup (about 60 instructions).
+        // One CPU: no thread-local lookup.
         return 0;
     }
     static NEXT: AtomicUsize = AtomicUsize::new(0);
