@@ -193,11 +193,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     // The timer is what makes the header-read timeout fire at all; hyper sets and cancels it once
-    // per request, which the coarse timer makes cheap (crate::timer). Its ticker stops with this
-    // function.
+    // per request, which the coarse timer makes cheap (crate::timer). Its ticker ends when the
+    // builders and the last connection are gone.
     let (header_timer, ticker) =
         CoarseTimer::new(CoarseTimer::resolution_for(settings.header_read_timeout));
-    let _ticker = AbortOnDrop(tokio::spawn(ticker));
+    tokio::spawn(ticker);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -297,15 +297,6 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain bound reached with requests still open; closing them");
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -22,7 +22,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,15 @@ struct Shared {
     shards: Box<[Mutex<Slab<Entry>>]>,
     /// Set by the ticker before it parks; a registration that sees it wakes the ticker.
     parked: AtomicBool,
-    unpark: Notify,
+    /// Held by the ticker too, which holds the rest weakly: notified on a registration while it
+    /// is parked, and when the last timer and sleep are gone (it then ends).
+    unpark: Arc<Notify>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.unpark.notify_one();
+    }
 }
 
 struct Entry {
@@ -54,7 +62,8 @@ struct Entry {
 }
 
 impl CoarseTimer {
-    /// A timer and its ticker, which must run (spawned on the runtime) for sleeps to end.
+    /// A timer and its ticker, which must run (spawned on the runtime) for sleeps to end. The
+    /// ticker ends once the timer, its clones and its sleeps are all dropped.
     pub fn new(resolution: Duration) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let shards = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -64,14 +73,14 @@ impl CoarseTimer {
             resolution: resolution.max(Duration::from_millis(1)),
             shards: (0..shards).map(|_| Mutex::new(Slab::new())).collect(),
             parked: AtomicBool::new(false),
-            unpark: Notify::new(),
+            unpark: Arc::new(Notify::new()),
         });
-        (
-            CoarseTimer {
-                shared: shared.clone(),
-            },
-            tick(shared),
-        )
+        let ticker = tick(
+            Arc::downgrade(&shared),
+            shared.unpark.clone(),
+            shared.resolution,
+        );
+        (CoarseTimer { shared }, ticker)
     }
 
     /// The resolution for a timeout: a twentieth of it, between 10 and 250 ms.
@@ -188,17 +197,20 @@ impl Drop for CoarseSleep {
 }
 
 /// The ticker: every `resolution`, wakes the sleeps past their deadline; parks while there are
-/// none.
-async fn tick(shared: Arc<Shared>) {
-    let mut interval = tokio::time::interval(shared.resolution);
+/// none, and ends when the timer is gone.
+async fn tick(shared: Weak<Shared>, unpark: Arc<Notify>, resolution: Duration) {
+    let mut interval = tokio::time::interval(resolution);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut due: Vec<Waker> = Vec::new();
     let mut empty_looks = 0;
     loop {
         interval.tick().await;
+        let Some(timer) = shared.upgrade() else {
+            return;
+        };
         let now = Instant::now();
         let mut registered = 0;
-        for shard in shared.shards.iter() {
+        for shard in timer.shards.iter() {
             let mut entries = lock(shard);
             registered += entries.len();
             for (_, entry) in entries.iter_mut() {
@@ -212,18 +224,25 @@ async fn tick(shared: Arc<Shared>) {
             waker.wake();
         }
         empty_looks = if registered == 0 { empty_looks + 1 } else { 0 };
-        if empty_looks >= EMPTY_LOOKS_BEFORE_PARKING {
-            let unparked = shared.unpark.notified();
-            tokio::pin!(unparked);
-            unparked.as_mut().enable();
-            shared.parked.store(true, Ordering::SeqCst);
-            if shared.shards.iter().all(|s| lock(s).is_empty()) {
-                unparked.await;
-            }
-            shared.parked.store(false, Ordering::SeqCst);
-            empty_looks = 0;
-            interval.reset();
+        if empty_looks < EMPTY_LOOKS_BEFORE_PARKING {
+            continue;
         }
+        let unparked = unpark.notified();
+        tokio::pin!(unparked);
+        unparked.as_mut().enable();
+        timer.parked.store(true, Ordering::SeqCst);
+        let none = timer.shards.iter().all(|s| lock(s).is_empty());
+        // Not held while parked, so that dropping the timer ends the ticker.
+        drop(timer);
+        if none {
+            unparked.await;
+        }
+        let Some(timer) = shared.upgrade() else {
+            return;
+        };
+        timer.parked.store(false, Ordering::SeqCst);
+        empty_looks = 0;
+        interval.reset();
     }
 }
 
@@ -314,6 +333,33 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(timer.registered(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_ticker_ends_with_the_timer() {
+        let (timer, ticker) = CoarseTimer::new(RES);
+        let ticker = tokio::spawn(ticker);
+        let mut sleep = timer.sleep(Duration::from_secs(60));
+        assert!(futures_poll(&mut sleep).is_pending());
+        drop(timer);
+        // A sleep keeps it going.
+        tokio::time::sleep(RES * 3).await;
+        assert!(!ticker.is_finished());
+        drop(sleep);
+        tokio::time::timeout(Duration::from_secs(5), ticker)
+            .await
+            .expect("the ticker ended")
+            .unwrap();
+        // And from parked.
+        let (timer, ticker) = CoarseTimer::new(RES);
+        let ticker = tokio::spawn(ticker);
+        tokio::time::sleep(RES * (EMPTY_LOOKS_BEFORE_PARKING + 6)).await;
+        assert!(timer.shared.parked.load(Ordering::SeqCst));
+        drop(timer);
+        tokio::time::timeout(Duration::from_secs(5), ticker)
+            .await
+            .expect("the ticker ended")
+            .unwrap();
     }
 
     /// One poll of a sleep with this task's waker.
