@@ -180,7 +180,13 @@ impl Future for CoarseSleep {
                 }
                 match &entry.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => entry.waker = Some(cx.waker().clone()),
+                    _ => {
+                        // The old waker is dropped after the lock: dropping a waker may drop
+                        // its task, and with it another sleep of this shard.
+                        let stale = entry.waker.replace(cx.waker().clone());
+                        drop(entries);
+                        drop(stale);
+                    }
                 }
                 Poll::Pending
             }
@@ -191,7 +197,9 @@ impl Future for CoarseSleep {
 impl Drop for CoarseSleep {
     fn drop(&mut self) {
         if let Some((shard, key)) = self.slot.take() {
-            lock(&self.shared.shards[shard]).remove(key);
+            // The entry (and its waker) is dropped after the lock, as in `poll`.
+            let entry = lock(&self.shared.shards[shard]).remove(key);
+            drop(entry);
         }
     }
 }
