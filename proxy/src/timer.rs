@@ -181,8 +181,9 @@ impl Future for CoarseSleep {
                 match &entry.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => {
-                        // The old waker is dropped after the lock: dropping a waker may drop
-                        // its task, and with it another sleep of this shard.
+                        // The old waker is dropped after the lock: where a waker owns its
+                        // task's future (some executors' do), dropping the last one drops the
+                        // future, and perhaps another sleep of this shard with it.
                         let stale = entry.waker.replace(cx.waker().clone());
                         drop(entries);
                         drop(stale);
