@@ -28,6 +28,7 @@ use crate::error::{json_response, ApiError, Body};
 use crate::pool::AcquireError;
 use crate::replica::Reply;
 use crate::routing::{ModelRoute, Routes};
+use crate::timer::timeout_at_unless_ready;
 use modelgate_protocol::ModelErrorKind;
 
 /// Answers up to this size are copied into one buffer with their envelope; larger ones are
@@ -154,7 +155,7 @@ async fn phases(
         read_ahead(routes, auth, limits, head, body, started).await?
     } else {
         let read = read_envelope(body, head, limits.max_request_bytes, |_| {});
-        let envelope = tokio::time::timeout_at(started + limits.body_timeout, read)
+        let envelope = timeout_at_unless_ready(started + limits.body_timeout, read)
             .await
             .map_err(body_timeout(limits))??;
         (envelope, None)
@@ -278,7 +279,7 @@ fn model_failed(err: modelgate_protocol::ModelError) -> ApiError {
 }
 
 /// The error of a body not read within the body timeout.
-fn body_timeout(limits: &PredictLimits) -> impl FnOnce(tokio::time::error::Elapsed) -> ApiError {
+fn body_timeout<E>(limits: &PredictLimits) -> impl FnOnce(E) -> ApiError {
     let secs = limits.body_timeout.as_secs_f64();
     move |_| ApiError::BodyTimeout { secs }
 }

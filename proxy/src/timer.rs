@@ -255,6 +255,53 @@ async fn tick(shared: Weak<Shared>, unpark: Arc<Notify>, resolution: Duration) {
     }
 }
 
+/// [`tokio::time::timeout_at`] for a future that is usually ready at once (a request body that
+/// arrived with its head): polls it first, and makes tokio's timer only when it is pending.
+/// tokio's `Timeout` makes its `Sleep` up front, which takes a runtime handle (a thread-local
+/// lookup, and an atomic operation each way) even when it is never polled, and carries it inline,
+/// which makes every request's future larger; here it is boxed, on the rare path.
+pub(crate) fn timeout_at_unless_ready<F: Future>(
+    deadline: tokio::time::Instant,
+    fut: F,
+) -> UnlessReady<F> {
+    UnlessReady {
+        fut,
+        deadline,
+        sleep: None,
+    }
+}
+
+/// The deadline of a [`timeout_at_unless_ready`] passed first.
+#[derive(Debug)]
+pub(crate) struct TimedOut;
+
+pin_project_lite::pin_project! {
+    /// The future of [`timeout_at_unless_ready`].
+    pub(crate) struct UnlessReady<F> {
+        #[pin]
+        fut: F,
+        deadline: tokio::time::Instant,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future> Future for UnlessReady<F> {
+    type Output = Result<F::Output, TimedOut>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.project();
+        if let Poll::Ready(out) = me.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        let deadline = *me.deadline;
+        me.sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+            .as_mut()
+            .poll(cx)
+            .map(|()| Err(TimedOut))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +416,37 @@ mod tests {
             .await
             .expect("the ticker ended")
             .unwrap();
+    }
+
+    #[test]
+    fn a_ready_future_needs_no_timer() {
+        // A runtime without a time driver, where tokio's own timeout panics: a future that is
+        // ready at once must not reach it.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let out = rt.block_on(timeout_at_unless_ready(
+            tokio::time::Instant::now(),
+            std::future::ready(7),
+        ));
+        assert_eq!(out.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_pending_future_gets_its_timeout() {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+        let out = timeout_at_unless_ready(deadline, std::future::pending::<()>()).await;
+        assert!(out.is_err());
+        assert!(tokio::time::Instant::now() >= deadline);
+        // Ready later, before the deadline: its output.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send(5).unwrap();
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let out = timeout_at_unless_ready(deadline, rx).await;
+        assert_eq!(out.unwrap().unwrap(), 5);
     }
 
     /// One poll of a sleep with this task's waker.
